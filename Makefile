@@ -1,0 +1,49 @@
+# Pinaka — make targets. `make test` is what CI runs (.ci/run).
+GO      ?= go
+GOBIN   := $(shell $(GO) env GOPATH)/bin
+export PATH := $(PATH):$(GOBIN)
+
+.PHONY: all build run test deps lint unit fuzz e2e h2spec bench clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o bin/pinaka ./cmd/pinaka
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/pinaka-bench ./cmd/pinaka-bench
+
+run:
+	$(GO) run ./cmd/pinaka serve --dev
+
+deps:
+	./scripts/deps.sh
+
+# Everything CI checks, in order: formatting and vet, unit and integration
+# tests with the race detector, short fuzz runs, h2spec, browser and curl
+# end-to-end tests.
+test: deps lint unit fuzz h2spec e2e
+
+lint:
+	@out=$$(gofmt -l . | grep -v '^cmd/.tmp' || true); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -count=1 -timeout 15m ./...
+
+# Each fuzz target runs briefly; the committed seed corpora run in `unit`.
+FUZZTIME ?= 15s
+fuzz:
+	$(GO) test -run='^$$' -fuzz='^FuzzParseAuthority$$' -fuzztime=$(FUZZTIME) ./internal/egress
+	$(GO) test -run='^$$' -fuzz='^FuzzTokenFromHeader$$' -fuzztime=$(FUZZTIME) ./internal/auth
+	$(GO) test -run='^$$' -fuzz='^FuzzRemoveHopByHop$$' -fuzztime=$(FUZZTIME) ./internal/proxy
+
+h2spec:
+	./e2e/h2spec.sh
+
+e2e:
+	./e2e/run.sh
+
+bench:
+	./bench/run.sh
+
+clean:
+	rm -rf bin

@@ -1,0 +1,220 @@
+// Command pinaka-bench is a load generator for HTTP proxies (Pinaka, or any
+// other CONNECT/forwarding proxy). It runs its own origins on loopback and
+// measures tunnel throughput, tunnel setup rate and latency, plain-HTTP
+// forwarding and the proxy's memory per idle tunnel; the same workloads run
+// without a proxy so that each figure has a baseline from the same run.
+//
+//	pinaka-bench [flags]                          run workloads
+//	pinaka-bench table [-o FILE] REPORT.json...   merge -json reports into a markdown table
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var err error
+	if len(os.Args) > 1 && os.Args[1] == "table" {
+		err = tableMain(os.Args[2:], os.Stdout)
+	} else {
+		err = benchMain(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "pinaka-bench:", err)
+		if errors.Is(err, errWorkloadFailed) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+// errWorkloadFailed is returned after the report was written when at least
+// one workload failed, so scripts can keep the report and still notice.
+var errWorkloadFailed = errors.New("some workloads failed")
+
+func benchMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("pinaka-bench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		proxyURL  = fs.String("proxy", "", "proxy URL, https://host:port or http://host:port; empty: measure the direct baseline only")
+		proxyH2   = fs.Bool("proxy-h2", false, "speak HTTP/2 to the proxy (ALPN h2; needs an https proxy)")
+		insecure  = fs.Bool("insecure", false, "do not verify the proxy's certificate")
+		bearer    = fs.String("bearer", "", "send Proxy-Authorization: Bearer TOKEN")
+		basic     = fs.String("basic", "", "send Proxy-Authorization: Basic with TOKEN as password")
+		pidList   = fs.String("pid", "", "proxy process id(s), comma-separated, whose RSS is summed for the memory workload")
+		workloads = fs.String("workloads", "all", "comma-separated workloads: "+strings.Join(allWorkloads, ","))
+		label     = fs.String("label", "", "name of this target in reports (default: direct, or the proxy URL)")
+		jsonOut   = fs.Bool("json", false, "write the report as JSON")
+		baseline  = fs.Bool("baseline", true, "with -proxy, also measure the direct baseline and report ratios")
+		cfg       benchConfig
+	)
+	fs.DurationVar(&cfg.duration, "duration", 3*time.Second, "length of each measurement")
+	fs.DurationVar(&cfg.timeout, "timeout", 10*time.Second, "timeout for each dial, CONNECT or request")
+	fs.IntVar(&cfg.tunnels, "tunnels", 16, "tunnels for the downN/upN workloads (HTTP/2: streams on one connection)")
+	fs.IntVar(&cfg.clients, "clients", 16, "concurrent workers for setup and forwarding")
+	fs.IntVar(&cfg.idleTunnels, "idle-tunnels", 1000, "tunnels held open by the memory workload")
+	fs.IntVar(&cfg.perConn, "streams-per-conn", 100, "HTTP/2 streams per connection in the memory workload")
+	fs.DurationVar(&cfg.settle, "settle", 2*time.Second, "memory workload: wait after opening the tunnels before reading RSS")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if *bearer != "" && *basic != "" {
+		return errors.New("-bearer and -basic are exclusive")
+	}
+	if cfg.duration <= 0 || cfg.timeout <= 0 || cfg.tunnels < 1 || cfg.clients < 1 || cfg.idleTunnels < 1 || cfg.perConn < 1 {
+		return errors.New("-duration, -timeout, -tunnels, -clients, -idle-tunnels and -streams-per-conn must be positive")
+	}
+	for _, s := range strings.Split(*pidList, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		pid, err := strconv.Atoi(s)
+		if err != nil || pid <= 0 {
+			return fmt.Errorf("parsing -pid %q: not a process id", s)
+		}
+		cfg.pids = append(cfg.pids, pid)
+	}
+	names, err := parseWorkloads(*workloads)
+	if err != nil {
+		return err
+	}
+
+	o, err := startOrigin()
+	if err != nil {
+		return err
+	}
+	defer o.Close()
+
+	direct := &bench{cfg: cfg, origin: o}
+	rep := Report{Label: "direct", Protocol: protoDirect, Duration: cfg.duration.String()}
+	target := direct
+	if *proxyURL != "" {
+		pc, err := newProxyClient(*proxyURL, *insecure, authHeader(*bearer, *basic))
+		if err != nil {
+			return err
+		}
+		if *proxyH2 && pc.tls == nil {
+			return errors.New("-proxy-h2 needs an https:// proxy")
+		}
+		target = &bench{cfg: cfg, origin: o, proxy: pc, h2: *proxyH2}
+		rep.Label, rep.Proxy, rep.Protocol = *proxyURL, *proxyURL, protoH1
+		if *proxyH2 {
+			rep.Protocol = protoH2
+		}
+	}
+	if *label != "" {
+		rep.Label = *label
+	}
+
+	baselines := map[string]Result{}
+	failed := false
+	for _, w := range names {
+		if !target.applies(w) {
+			if *workloads != "all" {
+				rep.Results = append(rep.Results, Result{Workload: w, Error: "not applicable to " + rep.Protocol})
+			}
+			continue
+		}
+		var base *Result
+		if bw := baselineOf(w); *baseline && target != direct && bw != "" {
+			br, ok := baselines[bw]
+			if !ok {
+				fmt.Fprintf(stderr, "%s: running %s (direct baseline)\n", rep.Label, bw)
+				br = direct.run(ctx, bw)
+				baselines[bw] = br
+			}
+			base = &br
+		}
+		fmt.Fprintf(stderr, "%s: running %s (%s)\n", rep.Label, w, rep.Protocol)
+		r := target.run(ctx, w)
+		if base != nil && base.Error == "" && r.Error == "" {
+			r.Baseline = &base.Value
+			r.Ratio = ratio(r.Value, base.Value)
+		}
+		if r.Error != "" {
+			failed = true
+			fmt.Fprintf(stderr, "%s: %s failed: %s\n", rep.Label, w, r.Error)
+		}
+		rep.Results = append(rep.Results, r)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+
+	if *jsonOut {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(rep); err != nil {
+			return fmt.Errorf("writing report: %w", err)
+		}
+	} else if err := writeText(stdout, rep); err != nil {
+		return fmt.Errorf("writing report: %w", err)
+	}
+	if failed {
+		return errWorkloadFailed
+	}
+	return nil
+}
+
+func parseWorkloads(s string) ([]string, error) {
+	if s == "all" {
+		return allWorkloads, nil
+	}
+	var names []string
+	for _, w := range strings.Split(s, ",") {
+		w = strings.TrimSpace(w)
+		if !slices.Contains(allWorkloads, w) {
+			return nil, fmt.Errorf("unknown workload %q (known: %s)", w, strings.Join(allWorkloads, ","))
+		}
+		names = append(names, w)
+	}
+	return names, nil
+}
+
+func tableMain(args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("pinaka-bench table", flag.ContinueOnError)
+	out := fs.String("o", "", "also write the table to this file")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var reports []Report
+	for _, path := range fs.Args() {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("reading report: %w", err)
+		}
+		var rep Report
+		if err := json.Unmarshal(data, &rep); err != nil {
+			return fmt.Errorf("parsing report %s: %w", path, err)
+		}
+		reports = append(reports, rep)
+	}
+	var b strings.Builder
+	if err := writeTable(&b, reports); err != nil {
+		return err
+	}
+	if *out != "" {
+		if err := os.WriteFile(*out, []byte(b.String()), 0o644); err != nil {
+			return fmt.Errorf("writing table: %w", err)
+		}
+	}
+	_, err := io.WriteString(stdout, b.String())
+	return err
+}

@@ -1,0 +1,294 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+)
+
+// Report is the output of one pinaka-bench run: every workload against one
+// target (a proxy over one protocol, or the direct baseline).
+type Report struct {
+	Label    string   `json:"label"`
+	Proxy    string   `json:"proxy,omitempty"`
+	Protocol string   `json:"protocol"` // protoDirect, protoH1 or protoH2
+	Duration string   `json:"duration"` // per measurement
+	Results  []Result `json:"results"`
+}
+
+const (
+	protoDirect = "direct"
+	protoH1     = "HTTP/1.1"
+	protoH2     = "HTTP/2"
+)
+
+// baselineOf names the direct workload that workload w is compared with.
+// Tunnel setup on a warm HTTP/2 connection is still compared with a full
+// TCP+TLS setup to the origin: that is what a client without the proxy pays.
+// Memory has no baseline.
+func baselineOf(w string) string {
+	switch w {
+	case wSetupWarm:
+		return wSetup
+	case wMemory:
+		return ""
+	}
+	return w
+}
+
+// targetKind says how a row's target is checked.
+type targetKind int
+
+const (
+	noTarget      targetKind = iota
+	minRatio                 // ratio to the direct baseline >= v
+	minValue                 // absolute value >= v
+	maxValue                 // absolute value <= v
+	minSquidValue            // absolute value >= the Squid column's
+)
+
+type target struct {
+	kind targetKind
+	v    float64
+}
+
+func (t target) String() string {
+	switch t.kind {
+	case minRatio:
+		return fmt.Sprintf("≥%.2f×", t.v)
+	case minValue:
+		return fmt.Sprintf("≥%s", formatNumber(t.v))
+	case maxValue:
+		return fmt.Sprintf("≤%s", formatNumber(t.v))
+	case minSquidValue:
+		return "≥ Squid"
+	}
+	return ""
+}
+
+// met reports whether a cell meets the target; ok is false when the target
+// cannot be checked (no target, or the figure it depends on is missing).
+func (t target) met(value float64, r *float64, squid *float64) (met, ok bool) {
+	switch t.kind {
+	case minRatio:
+		if r == nil {
+			return false, false
+		}
+		return *r >= t.v, true
+	case minValue:
+		return value >= t.v, true
+	case maxValue:
+		return value <= t.v, true
+	case minSquidValue:
+		if squid == nil {
+			return false, false
+		}
+		return value >= *squid, true
+	}
+	return false, false
+}
+
+// row is one line of the results table.
+type row struct {
+	proto, workload string
+	title           string // %d is replaced by the result's N
+	target          target
+}
+
+// squidLabel is the column the "≥ Squid" target compares with.
+const squidLabel = "Squid"
+
+// tableRows fixes the order and wording of the table and the targets from
+// the performance issue.
+var tableRows = []row{
+	{protoH1, wDown1, "HTTP/1.1 CONNECT, 1 tunnel, download", target{minRatio, 0.60}},
+	{protoH1, wUp1, "HTTP/1.1 CONNECT, 1 tunnel, upload", target{minRatio, 0.55}},
+	{protoH1, wDownN, "HTTP/1.1 CONNECT, %d tunnels, download", target{}},
+	{protoH1, wUpN, "HTTP/1.1 CONNECT, %d tunnels, upload", target{}},
+	{protoH2, wDown1, "HTTP/2 CONNECT, 1 tunnel, download", target{minRatio, 0.40}},
+	{protoH2, wUp1, "HTTP/2 CONNECT, 1 tunnel, upload", target{minRatio, 0.40}},
+	{protoH2, wDownN, "HTTP/2 CONNECT, %d tunnels on one connection, download", target{minRatio, 0.40}},
+	{protoH2, wUpN, "HTTP/2 CONNECT, %d tunnels on one connection, upload", target{minRatio, 0.40}},
+	{protoH1, wSetup, "HTTP/1.1 tunnel setup, new TLS connection + CONNECT, %d workers", target{minSquidValue, 0}},
+	{protoH2, wSetup, "HTTP/2 tunnel setup, new TLS connection + CONNECT stream, %d workers", target{}},
+	{protoH2, wSetupWarm, "HTTP/2 tunnel setup, CONNECT streams on one warm connection, %d workers", target{minValue, 8000}},
+	{protoH1, wForward, "HTTP/1.1 plain forwarding, %d keep-alive clients, 1 KB", target{minRatio, 0.30}},
+	{protoH2, wForward, "HTTP/2 plain forwarding, %d streams on one connection, 1 KB", target{minRatio, 0.25}},
+	{protoH1, wMemory, "HTTP/1.1 proxy memory per idle tunnel (%d tunnels)", target{maxValue, 24}},
+	{protoH2, wMemory, "HTTP/2 proxy memory per idle tunnel stream (%d streams)", target{maxValue, 12}},
+}
+
+// writeTable renders reports as one markdown table: a row per protocol and
+// workload, a column for the direct baseline and one per proxy label
+// (reports with the same label, e.g. its HTTP/1.1 and HTTP/2 runs, share a
+// column). Ratios are to the direct report given in the same call.
+func writeTable(w io.Writer, reports []Report) error {
+	direct := map[string]Result{}
+	var labels []string
+	cells := map[string]map[string]Result{} // label -> proto/workload -> result
+	for _, rep := range reports {
+		if rep.Protocol == protoDirect {
+			for _, r := range rep.Results {
+				if _, dup := direct[r.Workload]; !dup {
+					direct[r.Workload] = r
+				}
+			}
+			continue
+		}
+		if !slices.Contains(labels, rep.Label) {
+			labels = append(labels, rep.Label)
+			cells[rep.Label] = map[string]Result{}
+		}
+		for _, r := range rep.Results {
+			cells[rep.Label][rep.Protocol+"/"+r.Workload] = r
+		}
+	}
+
+	var b strings.Builder
+	b.WriteString("| workload | target | direct |")
+	for _, l := range labels {
+		fmt.Fprintf(&b, " %s |", l)
+	}
+	b.WriteString("\n|---|---|---|")
+	b.WriteString(strings.Repeat("---|", len(labels)))
+	b.WriteString("\n")
+
+	for _, row := range tableRows {
+		key := row.proto + "/" + row.workload
+		n, present := 0, false
+		for _, l := range labels {
+			if r, ok := cells[l][key]; ok {
+				n, present = r.N, true
+				break
+			}
+		}
+		if !present {
+			continue
+		}
+		title := row.title
+		if strings.Contains(title, "%d") {
+			title = fmt.Sprintf(title, n)
+		}
+		var base *Result
+		if bw := baselineOf(row.workload); bw != "" {
+			if r, ok := direct[bw]; ok {
+				base = &r
+			}
+		}
+		fmt.Fprintf(&b, "| %s | %s | ", title, row.target)
+		if base != nil {
+			b.WriteString(formatCell(*base, nil, ""))
+		} else {
+			b.WriteString("—")
+		}
+		b.WriteString(" |")
+		var squid *float64
+		if r, ok := cells[squidLabel][key]; ok && r.Error == "" {
+			squid = &r.Value
+		}
+		for _, l := range labels {
+			r, ok := cells[l][key]
+			if !ok {
+				b.WriteString(" n/a |")
+				continue
+			}
+			var rat *float64
+			if base != nil && base.Error == "" {
+				rat = ratio(r.Value, base.Value)
+			} else {
+				rat = r.Ratio
+			}
+			mark := ""
+			if r.Error == "" {
+				if met, ok := row.target.met(r.Value, rat, squid); ok {
+					mark = map[bool]string{true: " ✓", false: " ✗"}[met]
+				}
+			}
+			fmt.Fprintf(&b, " %s |", formatCell(r, rat, mark))
+		}
+		b.WriteString("\n")
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// formatCell renders a result as "value (ratio×)", with latency percentiles
+// for rate workloads and the error when the workload failed.
+func formatCell(r Result, rat *float64, mark string) string {
+	if r.Error != "" && r.Value == 0 {
+		return "error: " + shorten(r.Error, 80)
+	}
+	var s strings.Builder
+	s.WriteString(formatValue(r.Value, r.Unit))
+	if rat != nil {
+		fmt.Fprintf(&s, " (%.2f×)", *rat)
+	}
+	s.WriteString(mark)
+	if r.P50Ms > 0 || r.P99Ms > 0 {
+		fmt.Fprintf(&s, "<br>p50 %.2f ms, p99 %.2f ms", r.P50Ms, r.P99Ms)
+	}
+	if r.Error != "" {
+		s.WriteString("<br>error: " + shorten(r.Error, 80))
+	}
+	return s.String()
+}
+
+func formatValue(v float64, unit string) string {
+	switch unit {
+	case "KB/tunnel":
+		return fmt.Sprintf("%.1f KB", v)
+	case "tunnels/s":
+		return formatNumber(v) + "/s"
+	}
+	return formatNumber(v) + " " + unit
+}
+
+// formatNumber prints large figures without spurious precision.
+func formatNumber(v float64) string {
+	if v >= 100 || v <= -100 {
+		return fmt.Sprintf("%.0f", v)
+	}
+	return fmt.Sprintf("%.1f", v)
+}
+
+func shorten(s string, n int) string {
+	s = strings.ReplaceAll(s, "|", "/")
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
+
+// writeText prints one report for a terminal.
+func writeText(w io.Writer, rep Report) error {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s (%s", rep.Label, rep.Protocol)
+	if rep.Proxy != "" {
+		fmt.Fprintf(&b, " via %s", rep.Proxy)
+	}
+	fmt.Fprintf(&b, ", %s per measurement)\n", rep.Duration)
+	for _, r := range rep.Results {
+		fmt.Fprintf(&b, "  %-10s n=%-5d %s", r.Workload, r.N, formatText(r))
+		if r.Baseline != nil {
+			fmt.Fprintf(&b, "  baseline %s", formatValue(*r.Baseline, r.Unit))
+		}
+		if r.Ratio != nil {
+			fmt.Fprintf(&b, "  ratio %.2f×", *r.Ratio)
+		}
+		b.WriteString("\n")
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+func formatText(r Result) string {
+	s := formatValue(r.Value, r.Unit)
+	if r.P50Ms > 0 || r.P99Ms > 0 {
+		s += fmt.Sprintf(" (p50 %.2f ms, p99 %.2f ms)", r.P50Ms, r.P99Ms)
+	}
+	if r.Error != "" {
+		s += "  error: " + r.Error
+	}
+	return s
+}

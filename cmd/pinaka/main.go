@@ -1,0 +1,287 @@
+// Command pinaka is a forward proxy for browser traffic: TLS, HTTP/2 and
+// HTTP/1.1 CONNECT, RFC 8441 WebSockets, plain HTTP forwarding, JWT
+// authentication, per-token rate limits, SSRF-safe egress and shipped
+// request records. This file is flags, subcommands and wiring only.
+package main
+
+//go:debug http2xconnect=1
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/auth"
+	"github.com/pinaka-proxy/pinaka/internal/collector"
+	"github.com/pinaka-proxy/pinaka/internal/config"
+	"github.com/pinaka-proxy/pinaka/internal/server"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = ""
+
+const usage = `pinaka — a forward proxy for browser traffic
+
+Usage:
+  pinaka serve [--dev] [--env-file FILE]   run the proxy
+  pinaka token [flags]                     mint a JWT with JWT_SECRET
+  pinaka collector [--env-file FILE]       run the reference log backend (PostgreSQL)
+  pinaka check-config [--env-file FILE]    validate the configuration and print it
+  pinaka version                           print the version
+
+Configuration comes from the environment and an optional .env file (the
+environment wins). See README.md and deploy/pinaka.env.example.
+Run "pinaka COMMAND --help" for a command's flags.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	cmd, rest := args[0], args[1:]
+	var err error
+	switch cmd {
+	case "serve":
+		err = serve(rest, stdout, stderr)
+	case "token":
+		err = token(rest, stdout, stderr)
+	case "collector":
+		err = runCollector(rest, stderr)
+	case "check-config":
+		err = checkConfig(rest, stdout, stderr)
+	case "version", "--version", "-v":
+		fmt.Fprintln(stdout, "pinaka", buildVersion())
+		return 0
+	case "help", "--help", "-h":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "pinaka: unknown command %q\n\n%s", cmd, usage)
+		return 2
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "pinaka %s: %v\n", cmd, err)
+		return 1
+	}
+	return 0
+}
+
+func buildVersion() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "dev"
+}
+
+// loadConfig reads the environment plus the .env file named by --env-file
+// (default ./.env, optional).
+func loadConfig(envFile string, envFileSet, dev bool) (*config.Config, error) {
+	lookup, err := config.EnvWithDotEnv(envFile, envFileSet)
+	if err != nil {
+		return nil, err
+	}
+	return config.Load(lookup, dev)
+}
+
+func newLogger(w io.Writer, level string) *slog.Logger {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(level))
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: l}))
+}
+
+func envFileFlag(fs *flag.FlagSet) *string {
+	return fs.String("env-file", ".env", "read variables from this .env file (the environment wins)")
+}
+
+func flagSet(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("pinaka "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	return fs
+}
+
+func isSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
+}
+
+func serve(args []string, stdout, stderr io.Writer) error {
+	fs := flagSet("serve", stderr)
+	dev := fs.Bool("dev", false, "developer mode: loopback, generated certificate and secret, prints a token")
+	envFile := envFileFlag(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(*envFile, isSet(fs, "env-file"), *dev)
+	if err != nil {
+		return err
+	}
+	log := newLogger(stderr, cfg.LogLevel)
+
+	var certs *server.CertStore
+	if cfg.Dev {
+		if len(cfg.JWTSecret) == 0 {
+			b := make([]byte, 32)
+			_, _ = rand.Read(b)
+			cfg.JWTSecret = []byte(hex.EncodeToString(b))
+		}
+		c, _, _, err := server.SelfSigned(7 * 24 * time.Hour)
+		if err != nil {
+			return err
+		}
+		certs = server.StaticCertStore(c)
+		if cfg.TLSCertPath != "" {
+			if certs, err = server.LoadCertStore(cfg.TLSCertPath, cfg.TLSKeyPath); err != nil {
+				return err
+			}
+		}
+	} else if certs, err = server.LoadCertStore(cfg.TLSCertPath, cfg.TLSKeyPath); err != nil {
+		return fmt.Errorf("TLS_CERT_PATH/TLS_KEY_PATH: %w", err)
+	}
+	if cfg.ProbeNodeRegion == "" {
+		log.Warn("PROBE_NODE_REGION is empty: only tokens with allowed_regions [\"*\"] are accepted")
+	}
+
+	app, err := server.NewApp(cfg, log, server.AppOptions{Certs: certs})
+	if err != nil {
+		return err
+	}
+	if err := app.Start(); err != nil {
+		return err
+	}
+	if cfg.Dev {
+		printDevBanner(stdout, cfg, app.Server.ProxyAddr().String())
+	}
+
+	sig := make(chan os.Signal, 4)
+	signal.Notify(sig, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM)
+	for s := range sig {
+		if s == syscall.SIGHUP {
+			_ = app.Server.Reload()
+			continue
+		}
+		log.Info("signal received, shutting down", "signal", s.String(), "timeout", cfg.ShutdownTimeout.String())
+		signal.Stop(sig)
+		break
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	if err := app.Shutdown(ctx); err != nil {
+		// A drain that hit its deadline is still a clean exit: the
+		// operator chose SHUTDOWN_TIMEOUT.
+		log.Warn("shutdown finished with errors", "err", err)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+func printDevBanner(w io.Writer, cfg *config.Config, addr string) {
+	tok, err := auth.Mint(cfg.JWTSecret, auth.MintOptions{
+		UserID: "dev", TokenID: "dev", Regions: []string{"*"}, TTL: 24 * time.Hour,
+	})
+	if err != nil {
+		fmt.Fprintln(w, "minting dev token:", err)
+		return
+	}
+	fmt.Fprintf(w, `
+Pinaka is running in developer mode on https://%[1]s (self-signed certificate, in-memory secret).
+Token (24h, user "dev", all regions):
+
+  %[2]s
+
+Try it:
+
+  curl -p --proxy https://%[1]s --proxy-insecure --proxy-header "Proxy-Authorization: Bearer %[2]s" https://example.com/
+
+Private and loopback destinations are refused; set EGRESS_ALLOW_CIDRS=127.0.0.0/8 to reach local test servers.
+JWT_SECRET for "pinaka token": %[3]s
+
+`, addr, tok, cfg.JWTSecret)
+}
+
+func token(args []string, stdout, stderr io.Writer) error {
+	fs := flagSet("token", stderr)
+	user := fs.String("user", "", "user_id claim")
+	tokenID := fs.String("token-id", "", "token_id claim (required; used for rate limiting)")
+	regions := fs.String("regions", "", `allowed_regions, comma-separated ("*" for all)`)
+	ttl := fs.Duration("ttl", time.Hour, "lifetime")
+	tokenType := fs.String("type", "", `token_type claim: "manual" or "session" (optional)`)
+	alg := fs.String("alg", "HS256", "HS256, HS384 or HS512")
+	envFile := envFileFlag(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	lookup, err := config.EnvWithDotEnv(*envFile, isSet(fs, "env-file"))
+	if err != nil {
+		return err
+	}
+	secret, _ := lookup("JWT_SECRET")
+	if len(secret) < config.MinSecretBytes {
+		return fmt.Errorf("JWT_SECRET must be set and at least %d bytes", config.MinSecretBytes)
+	}
+	if *tokenID == "" {
+		return errors.New("--token-id is required")
+	}
+	var rs []string
+	for _, r := range strings.Split(*regions, ",") {
+		if r = strings.TrimSpace(r); r != "" {
+			rs = append(rs, r)
+		}
+	}
+	if len(rs) == 0 {
+		return errors.New(`--regions is required (a token without regions is allowed nowhere; "*" means every region)`)
+	}
+	tok, err := auth.Mint([]byte(secret), auth.MintOptions{
+		UserID: *user, TokenID: *tokenID, TokenType: *tokenType, Regions: rs, TTL: *ttl, Algorithm: *alg,
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, tok)
+	return nil
+}
+
+func runCollector(args []string, stderr io.Writer) error {
+	fs := flagSet("collector", stderr)
+	envFile := envFileFlag(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	lookup, err := config.EnvWithDotEnv(*envFile, isSet(fs, "env-file"))
+	if err != nil {
+		return err
+	}
+	cfg, err := collector.LoadConfig(lookup)
+	if err != nil {
+		return err
+	}
+	level, _ := lookup("LOG_LEVEL")
+	if level == "" {
+		level = "info"
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	return collector.Run(ctx, cfg, newLogger(stderr, level))
+}

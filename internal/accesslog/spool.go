@@ -1,0 +1,341 @@
+package accesslog
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+)
+
+// errFull means a parking bound (LOG_SPOOL_MAX_BYTES or the in-memory
+// bound) would be exceeded.
+var errFull = errors.New("bound reached")
+
+// parking holds batches that could not be delivered yet, for the redelivery
+// loop to take oldest first. It is the disk spool when LOG_SPOOL_DIR is set
+// and a bounded in-memory list otherwise.
+type parking interface {
+	put(b *batch) error
+	oldest() (*batch, error) // nil, nil when empty
+	remove(b *batch) error
+	durable() bool // survives a restart
+	bytes() int64
+}
+
+// DeadLetterFile is the file in LOG_SPOOL_DIR that keeps batches the backend
+// rejected as invalid, one JSON object per line.
+const DeadLetterFile = "deadletter.jsonl"
+
+const spoolExt = ".json"
+
+// spool is the disk spool: one file per batch, named <batch_id>.json, plus
+// the dead-letter file. Files are written atomically (temp file, fsync,
+// rename, fsync of the directory) so a crash leaves either the whole batch or
+// nothing. max bounds every byte the spool keeps, dead letters included, so a
+// backend rejecting everything cannot fill the disk.
+type spool struct {
+	dir string
+	max int64
+	log func(msg string, args ...any)
+
+	mu    sync.Mutex
+	names []string // spool files, sorted: UUIDv7 names sort oldest first
+	sizes map[string]int64
+	total int64 // spool files + dead-letter file
+}
+
+// openSpool creates dir if needed and indexes what a previous process left.
+func openSpool(dir string, max int64, logf func(string, ...any)) (*spool, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating spool directory %s: %w", dir, err)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("reading spool directory %s: %w", dir, err)
+	}
+	s := &spool{dir: dir, max: max, log: logf, sizes: map[string]int64{}}
+	for _, e := range entries {
+		name := e.Name()
+		if !e.Type().IsRegular() {
+			continue
+		}
+		switch {
+		case strings.HasSuffix(name, ".tmp"):
+			// A write interrupted by a crash; the batch was still in memory
+			// and is lost with the process, but never half-delivered.
+			if err := os.Remove(filepath.Join(dir, name)); err != nil {
+				return nil, fmt.Errorf("removing stale spool temp file: %w", err)
+			}
+		case strings.HasSuffix(name, spoolExt) || name == DeadLetterFile:
+			info, err := e.Info()
+			if err != nil {
+				return nil, fmt.Errorf("reading spool directory %s: %w", dir, err)
+			}
+			s.total += info.Size()
+			if name != DeadLetterFile {
+				s.names = append(s.names, name)
+				s.sizes[name] = info.Size()
+			}
+		}
+	}
+	slices.Sort(s.names)
+	return s, nil
+}
+
+func (s *spool) durable() bool { return true }
+
+func (s *spool) bytes() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.total
+}
+
+func (s *spool) len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.names)
+}
+
+func (s *spool) reserve(n int64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.total+n > s.max {
+		return fmt.Errorf("spool %s holds %d bytes, LOG_SPOOL_MAX_BYTES is %d: %w", s.dir, s.total, s.max, errFull)
+	}
+	s.total += n
+	return nil
+}
+
+func (s *spool) release(n int64) {
+	s.mu.Lock()
+	s.total -= n
+	s.mu.Unlock()
+}
+
+func (s *spool) put(b *batch) error {
+	n := int64(len(b.body))
+	if err := s.reserve(n); err != nil {
+		return err
+	}
+	name := b.id + spoolExt
+	if err := writeFileAtomic(s.dir, name, b.body); err != nil {
+		s.release(n)
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, dup := s.sizes[name]; dup { // put twice: the file was replaced
+		s.total -= s.sizes[name]
+	} else {
+		i, _ := slices.BinarySearch(s.names, name)
+		s.names = slices.Insert(s.names, i, name)
+	}
+	s.sizes[name] = n
+	return nil
+}
+
+// oldest reads the oldest spool file. A file that does not decode (written
+// by something else, or damaged on disk) is renamed to *.corrupt, logged and
+// skipped, so it cannot block the spool forever.
+func (s *spool) oldest() (*batch, error) {
+	for {
+		s.mu.Lock()
+		if len(s.names) == 0 {
+			s.mu.Unlock()
+			return nil, nil
+		}
+		name := s.names[0]
+		s.mu.Unlock()
+
+		path := filepath.Join(s.dir, name)
+		body, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("reading spool file: %w", err)
+		}
+		b, err := decodeBatch(body)
+		if err == nil {
+			return b, nil
+		}
+		s.log("spool file does not hold a batch; moved aside", "file", path, "error", err)
+		if rerr := os.Rename(path, path+".corrupt"); rerr != nil {
+			return nil, fmt.Errorf("moving aside corrupt spool file: %w", rerr)
+		}
+		s.forget(name)
+	}
+}
+
+func (s *spool) remove(b *batch) error {
+	name := b.id + spoolExt
+	if err := os.Remove(filepath.Join(s.dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("removing delivered spool file: %w", err)
+	}
+	s.forget(name)
+	return nil
+}
+
+func (s *spool) forget(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if i, ok := slices.BinarySearch(s.names, name); ok {
+		s.names = slices.Delete(s.names, i, i+1)
+	}
+	s.total -= s.sizes[name]
+	delete(s.sizes, name)
+}
+
+// deadLetter is one line of the dead-letter file.
+type deadLetter struct {
+	FailedAt time.Time       `json:"failed_at"`
+	BatchID  string          `json:"batch_id"`
+	Status   int             `json:"status"`
+	Response string          `json:"response"`
+	Batch    json.RawMessage `json:"batch"`
+}
+
+// putDeadLetter appends a rejected batch to the dead-letter file and fsyncs
+// it: an operator can fix the cause and replay the "batch" objects.
+func (s *spool) putDeadLetter(b *batch, cause error) error {
+	entry := deadLetter{FailedAt: time.Now().UTC(), BatchID: b.id, Batch: b.body}
+	var se *StatusError
+	if errors.As(cause, &se) {
+		entry.Status, entry.Response = se.Code, se.Body
+	}
+	line, err := json.Marshal(entry)
+	if err != nil {
+		return fmt.Errorf("encoding dead letter: %w", err)
+	}
+	line = append(line, '\n')
+	if err := s.reserve(int64(len(line))); err != nil {
+		return err
+	}
+	if err := appendSync(filepath.Join(s.dir, DeadLetterFile), line); err != nil {
+		s.release(int64(len(line)))
+		return err
+	}
+	return nil
+}
+
+func appendSync(path string, data []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("opening dead-letter file: %w", err)
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("writing dead-letter file: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("syncing dead-letter file: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("closing dead-letter file: %w", err)
+	}
+	return nil
+}
+
+// writeFileAtomic writes dir/name so that after a crash it either holds all
+// of data or does not exist.
+func writeFileAtomic(dir, name string, data []byte) error {
+	f, err := os.CreateTemp(dir, name+".*.tmp")
+	if err != nil {
+		return fmt.Errorf("creating spool file: %w", err)
+	}
+	tmp := f.Name()
+	fail := func(err error) error {
+		f.Close()
+		os.Remove(tmp)
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		return fail(fmt.Errorf("writing spool file: %w", err))
+	}
+	if err := f.Sync(); err != nil {
+		return fail(fmt.Errorf("syncing spool file: %w", err))
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("closing spool file: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("renaming spool file: %w", err)
+	}
+	return syncDir(dir)
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("opening spool directory: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("syncing spool directory: %w", err)
+	}
+	return nil
+}
+
+// memPark keeps undelivered batches in memory when there is no spool
+// directory, up to max bytes of encoded batches.
+type memPark struct {
+	max int64
+
+	mu      sync.Mutex
+	batches []*batch
+	total   int64
+}
+
+func (m *memPark) durable() bool { return false }
+
+func (m *memPark) bytes() int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.total
+}
+
+func (m *memPark) put(b *batch) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := int64(len(b.body))
+	if m.total+n > m.max {
+		return fmt.Errorf("%d bytes of undelivered batches held in memory (no LOG_SPOOL_DIR), bound is %d: %w", m.total, m.max, errFull)
+	}
+	m.batches = append(m.batches, b)
+	m.total += n
+	return nil
+}
+
+func (m *memPark) oldest() (*batch, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.batches) == 0 {
+		return nil, nil
+	}
+	return m.batches[0], nil
+}
+
+func (m *memPark) remove(b *batch) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if i := slices.Index(m.batches, b); i >= 0 {
+		m.batches = slices.Delete(m.batches, i, i+1)
+		m.total -= int64(len(b.body))
+	}
+	return nil
+}
+
+// takeAll empties the list, for the final report at shutdown.
+func (m *memPark) takeAll() []*batch {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	all := m.batches
+	m.batches, m.total = nil, 0
+	return all
+}

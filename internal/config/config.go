@@ -1,0 +1,436 @@
+// Package config reads Pinaka's configuration from the environment and an
+// optional .env file. Variable names are the Rust proxy's, kept unchanged so
+// existing .env files keep working; everything new follows the same style.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/joho/godotenv"
+)
+
+// MinSecretBytes is the shortest JWT_SECRET accepted: HS256 keys shorter than
+// the hash output weaken the MAC.
+const MinSecretBytes = 32
+
+// Config is the effective configuration of one Pinaka process.
+type Config struct {
+	// Listener.
+	ProxyPort        int
+	ProxyBind        string
+	HTTPProxyEnabled bool
+	TLSCertPath      string
+	TLSKeyPath       string
+
+	// Authentication.
+	JWTSecret       []byte
+	JWTLeeway       time.Duration
+	ProbeNodeName   string
+	ProbeNodeRegion string
+
+	// Rate limiting and limits.
+	RateLimitRequestsPerMinute int
+	RateLimitBurstSize         int
+	RateLimitMaxTokens         int
+	MaxConnections             int
+	MaxTunnelsPerToken         int
+	AuthFailuresPerMinute      int
+	MaxHeaderBytes             int
+	MaxConcurrentStreams       uint32
+	HeaderReadTimeout          time.Duration
+	IdleTimeout                time.Duration
+	TunnelIdleTimeout          time.Duration
+	UpstreamDialTimeout        time.Duration
+	UpstreamHeaderTimeout      time.Duration
+
+	// Egress.
+	EgressAllowCIDRs []netip.Prefix
+	EgressDenyCIDRs  []netip.Prefix
+	AllowedPorts     PortSet
+	DNSServers       []string
+	DNSTimeout       time.Duration
+	DNSCacheSize     int
+	AddForwardedFor  bool
+
+	// Records and shipping.
+	BackendURL       string
+	BackendAPIKey    string
+	LogBatchSize     int
+	LogBatchInterval time.Duration
+	LogSpoolDir      string
+	LogSpoolMaxBytes int64
+	LogQueueSize     int
+	LogIncludeQuery  bool
+
+	// Operations.
+	LogLevel        string
+	AdminAddr       string
+	ShutdownTimeout time.Duration
+
+	// Dev is true for `pinaka serve --dev`: the certificate and secret are
+	// generated in memory instead of read from files.
+	Dev bool
+}
+
+// ListenAddr is the proxy listener's host:port.
+func (c *Config) ListenAddr() string {
+	return net.JoinHostPort(c.ProxyBind, strconv.Itoa(c.ProxyPort))
+}
+
+// Lookup returns an environment value and whether it is set.
+type Lookup func(string) (string, bool)
+
+// EnvWithDotEnv returns a Lookup over the process environment that falls back
+// to the named .env file. The environment wins. A missing file is not an
+// error unless required is true (an explicit --env-file).
+func EnvWithDotEnv(path string, required bool) (Lookup, error) {
+	file := map[string]string{}
+	if path != "" {
+		m, err := godotenv.Read(path)
+		switch {
+		case err == nil:
+			file = m
+		case errors.Is(err, os.ErrNotExist) && !required:
+		default:
+			return nil, fmt.Errorf("reading %s: %w", path, err)
+		}
+	}
+	return func(k string) (string, bool) {
+		if v, ok := os.LookupEnv(k); ok {
+			return v, true
+		}
+		v, ok := file[k]
+		return v, ok
+	}, nil
+}
+
+// Load builds and validates a Config. Every problem is reported, each naming
+// its variable, joined into one error.
+func Load(lookup Lookup, dev bool) (*Config, error) {
+	p := parser{lookup: lookup}
+	c := &Config{Dev: dev}
+
+	defPort, defBind := 443, "0.0.0.0"
+	if dev {
+		defPort, defBind = 8443, "127.0.0.1"
+	}
+	c.ProxyPort = p.int("PROXY_PORT", defPort, 1, 65535)
+	c.ProxyBind = p.str("PROXY_BIND", defBind)
+	if c.ProxyBind != "" && net.ParseIP(c.ProxyBind) == nil {
+		p.fail("PROXY_BIND", "must be an IP address, got %q", c.ProxyBind)
+	}
+	c.HTTPProxyEnabled = p.bool("HTTP_PROXY_ENABLED", true)
+	c.TLSCertPath = p.str("TLS_CERT_PATH", "")
+	c.TLSKeyPath = p.str("TLS_KEY_PATH", "")
+	if !dev {
+		p.file("TLS_CERT_PATH", c.TLSCertPath)
+		p.file("TLS_KEY_PATH", c.TLSKeyPath)
+	}
+
+	secret := p.str("JWT_SECRET", "")
+	switch {
+	case secret == "" && !dev:
+		p.fail("JWT_SECRET", "is required")
+	case secret != "" && len(secret) < MinSecretBytes:
+		p.fail("JWT_SECRET", "must be at least %d bytes", MinSecretBytes)
+	}
+	c.JWTSecret = []byte(secret)
+	c.JWTLeeway = p.duration("JWT_LEEWAY", 30*time.Second)
+	host, _ := os.Hostname()
+	c.ProbeNodeName = p.str("PROBE_NODE_NAME", host)
+	c.ProbeNodeRegion = p.str("PROBE_NODE_REGION", "")
+	if c.ProbeNodeRegion == "" && dev {
+		c.ProbeNodeRegion = "dev"
+	}
+
+	c.RateLimitRequestsPerMinute = p.int("RATE_LIMIT_REQUESTS_PER_MINUTE", 10000, 1, 1<<30)
+	c.RateLimitBurstSize = p.int("RATE_LIMIT_BURST_SIZE", 500, 1, 1<<30)
+	c.RateLimitMaxTokens = p.int("RATE_LIMIT_MAX_TOKENS", 10000, 1, 1<<30)
+	c.MaxConnections = p.int("MAX_CONNECTIONS", 10000, 1, 1<<30)
+	c.MaxTunnelsPerToken = p.int("MAX_TUNNELS_PER_TOKEN", 512, 1, 1<<30)
+	c.AuthFailuresPerMinute = p.int("AUTH_FAILURES_PER_MINUTE", 120, 1, 1<<30)
+	c.MaxHeaderBytes = p.int("MAX_HEADER_BYTES", 32<<10, 1<<10, 1<<20)
+	c.MaxConcurrentStreams = uint32(p.int("HTTP2_MAX_CONCURRENT_STREAMS", 250, 1, 10000))
+	c.HeaderReadTimeout = p.duration("HEADER_READ_TIMEOUT", 10*time.Second)
+	c.IdleTimeout = p.duration("IDLE_TIMEOUT", 120*time.Second)
+	c.TunnelIdleTimeout = p.duration("TUNNEL_IDLE_TIMEOUT", 10*time.Minute)
+	c.UpstreamDialTimeout = p.duration("UPSTREAM_CONNECT_TIMEOUT", 10*time.Second)
+	c.UpstreamHeaderTimeout = p.duration("UPSTREAM_RESPONSE_TIMEOUT", 60*time.Second)
+
+	c.EgressAllowCIDRs = p.prefixes("EGRESS_ALLOW_CIDRS")
+	c.EgressDenyCIDRs = p.prefixes("EGRESS_DENY_CIDRS")
+	ports := p.str("ALLOWED_PORTS", DefaultAllowedPorts)
+	ps, err := ParsePortSet(ports)
+	if err != nil {
+		p.fail("ALLOWED_PORTS", "%v", err)
+	}
+	c.AllowedPorts = ps
+	c.DNSServers = p.hostPorts("DNS_SERVERS")
+	c.DNSTimeout = p.duration("DNS_TIMEOUT", 5*time.Second)
+	c.DNSCacheSize = p.int("DNS_CACHE_SIZE", 10000, 1, 1<<24)
+	c.AddForwardedFor = p.bool("ADD_X_FORWARDED_FOR", false)
+
+	c.BackendURL = strings.TrimRight(p.str("BACKEND_URL", ""), "/")
+	if c.BackendURL != "" {
+		u, err := url.Parse(c.BackendURL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			p.fail("BACKEND_URL", "must be an http:// or https:// URL, got %q", c.BackendURL)
+		}
+	}
+	c.BackendAPIKey = p.str("BACKEND_API_KEY", "")
+	c.LogBatchSize = p.int("LOG_BATCH_SIZE", 100, 1, 100000)
+	c.LogBatchInterval = p.duration("LOG_BATCH_INTERVAL", 5*time.Second)
+	c.LogSpoolDir = p.str("LOG_SPOOL_DIR", "")
+	c.LogSpoolMaxBytes = int64(p.int("LOG_SPOOL_MAX_BYTES", 1<<30, 1<<10, 1<<62))
+	c.LogQueueSize = p.int("LOG_QUEUE_SIZE", 100000, 1, 1<<26)
+	c.LogIncludeQuery = p.bool("LOG_INCLUDE_QUERY", false)
+
+	c.LogLevel = "info"
+	if v, ok := lookup("RUST_LOG"); ok && v != "" {
+		c.LogLevel = rustLevel(v)
+	}
+	if v, ok := lookup("LOG_LEVEL"); ok && v != "" {
+		c.LogLevel = strings.ToLower(strings.TrimSpace(v))
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	case "trace":
+		c.LogLevel = "debug"
+	case "warning":
+		c.LogLevel = "warn"
+	default:
+		p.fail("LOG_LEVEL", "must be one of debug, info, warn, error; got %q", c.LogLevel)
+	}
+	c.AdminAddr = p.str("ADMIN_ADDR", "127.0.0.1:9090")
+	if c.AdminAddr != "" && c.AdminAddr != "off" {
+		if _, _, err := net.SplitHostPort(c.AdminAddr); err != nil {
+			p.fail("ADMIN_ADDR", "must be host:port or \"off\", got %q", c.AdminAddr)
+		}
+	}
+	c.ShutdownTimeout = p.duration("SHUTDOWN_TIMEOUT", 30*time.Second)
+
+	if len(p.errs) > 0 {
+		return nil, errors.Join(p.errs...)
+	}
+	return c, nil
+}
+
+// rustLevel maps an env_logger filter ("info", "pinaka=debug,hyper=warn") to
+// a single level: the first bare level, else the first directive's level.
+func rustLevel(v string) string {
+	level := ""
+	for _, d := range strings.Split(v, ",") {
+		d = strings.TrimSpace(d)
+		if i := strings.LastIndexByte(d, '='); i >= 0 {
+			if level == "" {
+				level = d[i+1:]
+			}
+			continue
+		}
+		if d != "" {
+			return strings.ToLower(d)
+		}
+	}
+	if level == "" {
+		return "info"
+	}
+	return strings.ToLower(level)
+}
+
+type parser struct {
+	lookup Lookup
+	errs   []error
+}
+
+func (p *parser) fail(name, format string, args ...any) {
+	p.errs = append(p.errs, fmt.Errorf("%s %s", name, fmt.Sprintf(format, args...)))
+}
+
+func (p *parser) str(name, def string) string {
+	if v, ok := p.lookup(name); ok {
+		return strings.TrimSpace(v)
+	}
+	return def
+}
+
+func (p *parser) int(name string, def, min, max int) int {
+	v, ok := p.lookup(name)
+	if !ok || strings.TrimSpace(v) == "" {
+		return def
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(v))
+	if err != nil {
+		p.fail(name, "must be an integer, got %q", v)
+		return def
+	}
+	if n < min || n > max {
+		p.fail(name, "must be between %d and %d, got %d", min, max, n)
+		return def
+	}
+	return n
+}
+
+func (p *parser) bool(name string, def bool) bool {
+	v, ok := p.lookup(name)
+	if !ok || strings.TrimSpace(v) == "" {
+		return def
+	}
+	switch strings.ToLower(strings.TrimSpace(v)) {
+	case "1", "true", "yes", "on":
+		return true
+	case "0", "false", "no", "off":
+		return false
+	}
+	p.fail(name, "must be true or false, got %q", v)
+	return def
+}
+
+// duration accepts Go durations ("5s", "1m30s") and, like the Rust proxy's
+// plain-number settings, a bare number of seconds.
+func (p *parser) duration(name string, def time.Duration) time.Duration {
+	v, ok := p.lookup(name)
+	v = strings.TrimSpace(v)
+	if !ok || v == "" {
+		return def
+	}
+	if n, err := strconv.Atoi(v); err == nil {
+		if n < 0 {
+			p.fail(name, "must not be negative, got %q", v)
+			return def
+		}
+		return time.Duration(n) * time.Second
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d < 0 {
+		p.fail(name, "must be a duration like 5s or a number of seconds, got %q", v)
+		return def
+	}
+	return d
+}
+
+func (p *parser) file(name, path string) {
+	if path == "" {
+		p.fail(name, "is required (or run `pinaka serve --dev`)")
+		return
+	}
+	st, err := os.Stat(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		p.errs = append(p.errs, fmt.Errorf("%s: no such file: %s", name, path))
+	case err != nil:
+		p.errs = append(p.errs, fmt.Errorf("%s: %w", name, err))
+	case st.IsDir():
+		p.errs = append(p.errs, fmt.Errorf("%s: is a directory: %s", name, path))
+	}
+}
+
+func (p *parser) list(name string) []string {
+	v, _ := p.lookup(name)
+	var out []string
+	for _, f := range strings.Split(v, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// prefixes parses a comma-separated list of CIDRs; a bare address means a
+// single host.
+func (p *parser) prefixes(name string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, f := range p.list(name) {
+		if pr, err := netip.ParsePrefix(f); err == nil {
+			out = append(out, pr.Masked())
+			continue
+		}
+		if a, err := netip.ParseAddr(f); err == nil {
+			out = append(out, netip.PrefixFrom(a, a.BitLen()))
+			continue
+		}
+		p.fail(name, "has an invalid CIDR %q", f)
+	}
+	return out
+}
+
+func (p *parser) hostPorts(name string) []string {
+	var out []string
+	for _, f := range p.list(name) {
+		if _, port, err := net.SplitHostPort(f); err == nil && port != "" {
+			out = append(out, f)
+			continue
+		}
+		if net.ParseIP(f) != nil {
+			out = append(out, net.JoinHostPort(f, "53"))
+			continue
+		}
+		p.fail(name, "entries must be host:port, got %q", f)
+	}
+	return out
+}
+
+// DefaultAllowedPorts is ALLOWED_PORTS when unset.
+const DefaultAllowedPorts = "80,443,1024-65535"
+
+// PortSet is a set of allowed TCP ports, from a list like "80,443,1024-65535".
+type PortSet struct{ ranges [][2]uint16 }
+
+// ParsePortSet parses a comma-separated list of ports and port ranges.
+func ParsePortSet(s string) (PortSet, error) {
+	var ps PortSet
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		lo, hi, isRange := strings.Cut(f, "-")
+		a, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
+		b := a
+		var err2 error
+		if isRange {
+			b, err2 = strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
+		}
+		if err1 != nil || err2 != nil || a == 0 || b < a {
+			return PortSet{}, fmt.Errorf("invalid port or range %q", f)
+		}
+		ps.ranges = append(ps.ranges, [2]uint16{uint16(a), uint16(b)})
+	}
+	if len(ps.ranges) == 0 {
+		return PortSet{}, errors.New("no ports listed")
+	}
+	return ps, nil
+}
+
+// Contains reports whether port is allowed.
+func (ps PortSet) Contains(port uint16) bool {
+	for _, r := range ps.ranges {
+		if port >= r[0] && port <= r[1] {
+			return true
+		}
+	}
+	return false
+}
+
+// String renders the set in ALLOWED_PORTS syntax.
+func (ps PortSet) String() string {
+	var b strings.Builder
+	for i, r := range ps.ranges {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		if r[0] == r[1] {
+			fmt.Fprintf(&b, "%d", r[0])
+		} else {
+			fmt.Fprintf(&b, "%d-%d", r[0], r[1])
+		}
+	}
+	return b.String()
+}

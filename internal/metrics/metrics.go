@@ -1,0 +1,100 @@
+// Package metrics holds Pinaka's Prometheus collectors. They live on one
+// registry per process (no globals) so tests can run several proxies at once.
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metrics are the proxy's counters, gauges and histograms. All names start
+// with pinaka_.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	Requests           *prometheus.CounterVec // protocol, method, status
+	ActiveTunnels      prometheus.Gauge
+	ActiveConnections  prometheus.Gauge
+	BytesUpstream      prometheus.Counter     // client → origin
+	BytesDownstream    prometheus.Counter     // origin → client
+	AuthFailures       *prometheus.CounterVec // reason
+	RateLimited        prometheus.Counter
+	EgressDenied       *prometheus.CounterVec // reason
+	ConnectionsRefused prometheus.Counter     // over MAX_CONNECTIONS
+	DialSeconds        prometheus.Histogram
+
+	ShipQueueDepth    prometheus.Gauge
+	BatchesSent       prometheus.Counter
+	BatchesRetried    prometheus.Counter
+	BatchesSpooled    prometheus.Counter
+	BatchesDeadLetter prometheus.Counter
+	RecordsDropped    *prometheus.CounterVec // reason
+	SpoolBytes        prometheus.Gauge
+}
+
+// New creates the collectors and registers them, with the Go runtime and
+// process collectors, on a fresh registry.
+func New() *Metrics {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m := &Metrics{
+		Registry: reg,
+		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pinaka_requests_total", Help: "Requests and tunnels handled, by client protocol, method and final status.",
+		}, []string{"protocol", "method", "status"}),
+		ActiveTunnels: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "pinaka_active_tunnels", Help: "Tunnels (CONNECT, WebSocket upgrades) open now.",
+		}),
+		ActiveConnections: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "pinaka_active_connections", Help: "Client connections open now.",
+		}),
+		BytesUpstream: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pinaka_upstream_bytes_total", Help: "Bytes relayed from clients to origins.",
+		}),
+		BytesDownstream: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pinaka_downstream_bytes_total", Help: "Bytes relayed from origins to clients.",
+		}),
+		AuthFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pinaka_auth_failures_total", Help: "Requests refused by authentication, by reason.",
+		}, []string{"reason"}),
+		RateLimited: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pinaka_rate_limited_total", Help: "Requests refused with 429.",
+		}),
+		EgressDenied: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pinaka_egress_denied_total", Help: "Requests refused by the egress policy, by reason.",
+		}, []string{"reason"}),
+		ConnectionsRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pinaka_connections_refused_total", Help: "Client connections closed at accept because MAX_CONNECTIONS was reached.",
+		}),
+		DialSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "pinaka_upstream_dial_seconds", Help: "Time to resolve and connect to an origin.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}),
+		ShipQueueDepth: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "pinaka_ship_queue_records", Help: "Records waiting to be batched and shipped.",
+		}),
+		BatchesSent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pinaka_ship_batches_sent_total", Help: "Batches the backend accepted.",
+		}),
+		BatchesRetried: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pinaka_ship_batches_retried_total", Help: "Batch delivery attempts that will be retried.",
+		}),
+		BatchesSpooled: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pinaka_ship_batches_spooled_total", Help: "Batches written to the disk spool.",
+		}),
+		BatchesDeadLetter: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pinaka_ship_batches_dead_letter_total", Help: "Batches the backend rejected with a non-retryable 4xx, kept in the dead-letter file.",
+		}),
+		RecordsDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pinaka_ship_records_dropped_total", Help: "Records dropped because a bound was hit, by reason.",
+		}, []string{"reason"}),
+		SpoolBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "pinaka_ship_spool_bytes", Help: "Bytes in the disk spool.",
+		}),
+	}
+	reg.MustRegister(m.Requests, m.ActiveTunnels, m.ActiveConnections, m.BytesUpstream, m.BytesDownstream,
+		m.AuthFailures, m.RateLimited, m.EgressDenied, m.ConnectionsRefused, m.DialSeconds,
+		m.ShipQueueDepth, m.BatchesSent, m.BatchesRetried, m.BatchesSpooled, m.BatchesDeadLetter,
+		m.RecordsDropped, m.SpoolBytes)
+	return m
+}

@@ -1,0 +1,132 @@
+package proxy
+
+import (
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/egress"
+)
+
+// serveConnect opens a tunnel to the CONNECT authority. The upstream dial
+// happens before the client is answered, so every failure still gets a
+// proper status; then HTTP/1.1 hijacks the connection and HTTP/2 keeps the
+// stream, and bytes flow both ways.
+func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request, q *request) {
+	t, err := egress.ParseAuthority(r.Host, 0)
+	if err != nil {
+		p.failUpstream(w, q, err)
+		return
+	}
+	q.rec.TargetURL = t.String()
+	if err := p.opt.Policy.CheckTarget(t); err != nil {
+		p.failUpstream(w, q, err)
+		return
+	}
+	release, ok := p.acquireTunnel(w, q)
+	if !ok {
+		return
+	}
+	defer release()
+
+	upstream, err := p.opt.Dialer.DialTarget(r.Context(), t)
+	if err != nil {
+		p.failUpstream(w, q, err)
+		return
+	}
+	if r.ProtoMajor == 1 {
+		p.tunnelHTTP1(w, r, q, upstream)
+	} else {
+		p.tunnelHTTP2(w, r, q, connEndpoint(upstream))
+	}
+}
+
+// acquireTunnel enforces MAX_TUNNELS_PER_TOKEN.
+func (p *Proxy) acquireTunnel(w http.ResponseWriter, q *request) (release func(), ok bool) {
+	if p.opt.Tunnels == nil {
+		return func() {}, true
+	}
+	release, ok = p.opt.Tunnels.Acquire(q.rec.TokenID)
+	if !ok {
+		w.Header().Set("Retry-After", "1")
+		p.fail(w, q, http.StatusTooManyRequests, "tunnel_limit", "too many concurrent tunnels for this token")
+	}
+	return release, ok
+}
+
+var connectEstablished = []byte("HTTP/1.1 200 Connection established\r\n\r\n")
+
+func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, upstream net.Conn) {
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		upstream.Close()
+		p.fail(w, q, http.StatusInternalServerError, "hijack_failed", "cannot take over the connection")
+		return
+	}
+	// The server's header timeouts must not cut the tunnel; the idle watch
+	// takes over.
+	_ = conn.SetDeadline(time.Time{})
+	if _, err := conn.Write(connectEstablished); err != nil {
+		conn.Close()
+		upstream.Close()
+		q.rec.StatusCode, q.rec.Error = 499, "client_closed"
+		return
+	}
+	q.rec.StatusCode = http.StatusOK
+	// A client may send its first bytes (a TLS ClientHello) right behind the
+	// CONNECT; they are already in the server's buffer.
+	if n := brw.Reader.Buffered(); n > 0 {
+		b, _ := brw.Reader.Peek(n)
+		nw, err := upstream.Write(b)
+		q.rec.RequestSize += int64(nw)
+		p.opt.Metrics.BytesUpstream.Add(float64(nw))
+		if err != nil {
+			conn.Close()
+			upstream.Close()
+			q.rec.Error = "upstream_write"
+			return
+		}
+	}
+	// The buffered bytes were replayed, so the tunnel reads the conn itself
+	// and the 4 KB bufio buffers can be collected.
+	p.runTunnel(r, q, connEndpoint(conn), connEndpoint(upstream))
+}
+
+func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, r *http.Request, q *request, upstream endpoint) {
+	rc := http.NewResponseController(w)
+	w.WriteHeader(http.StatusOK)
+	if err := rc.Flush(); err != nil {
+		upstream.close()
+		q.rec.StatusCode, q.rec.Error = 499, "client_closed"
+		return
+	}
+	q.rec.StatusCode = http.StatusOK
+	client := endpoint{
+		r:     r.Body,
+		w:     w,
+		flush: rc.Flush,
+		close: r.Body.Close,
+	}
+	p.runTunnel(r, q, client, upstream)
+}
+
+// runTunnel relays and accounts for one tunnel.
+func (p *Proxy) runTunnel(r *http.Request, q *request, client, upstream endpoint) {
+	m := p.opt.Metrics
+	m.ActiveTunnels.Inc()
+	defer m.ActiveTunnels.Dec()
+	res := relay(r.Context(), client, upstream, p.opt.TunnelIdleTimeout, func(up, down int) {
+		if up > 0 {
+			m.BytesUpstream.Add(float64(up))
+		}
+		if down > 0 {
+			m.BytesDownstream.Add(float64(down))
+		}
+	})
+	q.rec.RequestSize += res.up
+	q.rec.ResponseSize += res.down
+	if res.err != nil {
+		q.rec.Error = "tunnel_error"
+		p.log.Debug("tunnel ended with error", "target", q.rec.TargetURL, "err", res.err)
+	}
+}

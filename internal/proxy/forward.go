@@ -1,0 +1,176 @@
+package proxy
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httputil"
+	"strings"
+	"sync"
+
+	"github.com/pinaka-proxy/pinaka/internal/egress"
+)
+
+type requestKey struct{}
+
+// newForwarder builds the plain-HTTP forwarder. httputil.ReverseProxy does
+// the forwarding details: hop-by-hop headers both ways (so they are handled
+// in one place), trailers, 1xx responses, flushing of streamed responses and
+// HTTP/1.1 Upgrade. Its transport never follows redirects: they reach the
+// client as they are.
+func (p *Proxy) newForwarder() http.Handler {
+	return &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			in, out := pr.In, pr.Out
+			if out.URL.Host == "" { // HTTP/2: :scheme http, :authority
+				out.URL.Scheme, out.URL.Host = "http", in.Host
+			}
+			out.Host = out.URL.Host
+			// ReverseProxy has already removed the hop-by-hop headers;
+			// Proxy-Authorization is the one that must never leak, so say
+			// it again where the policy is visible.
+			out.Header.Del("Proxy-Authorization")
+			addVia(out.Header, in)
+			if p.opt.AddForwardedFor {
+				pr.SetXForwarded()
+				out.Header.Del("X-Forwarded-Host")
+				out.Header.Del("X-Forwarded-Proto")
+			}
+		},
+		Transport: p.transport,
+		ModifyResponse: func(res *http.Response) error {
+			addVia(res.Header, res.Request)
+			return nil
+		},
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			q := r.Context().Value(requestKey{}).(*request)
+			if q.rec.StatusCode != 0 {
+				// The response had started: the body broke mid-way.
+				q.rec.Error = "upstream_body"
+				return
+			}
+			p.failUpstream(w, q, err)
+		},
+		BufferPool: bufferPool{},
+		ErrorLog:   slog.NewLogLogger(p.log.Handler(), slog.LevelWarn),
+	}
+}
+
+// serveForward checks the target, then hands the request to the forwarder.
+func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request) {
+	if !p.opt.HTTPProxyEnabled {
+		p.fail(w, q, http.StatusForbidden, "http_proxy_disabled", "plain HTTP forwarding is disabled on this proxy; use CONNECT")
+		return
+	}
+	if r.Method == http.MethodTrace {
+		w.Header().Set("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
+		p.fail(w, q, http.StatusMethodNotAllowed, "method_not_allowed", "TRACE is not forwarded")
+		return
+	}
+	scheme, host := r.URL.Scheme, r.URL.Host
+	if host == "" {
+		scheme, host = "http", r.Host
+	}
+	var defPort uint16 = 80
+	switch strings.ToLower(scheme) {
+	case "http":
+	case "https":
+		defPort = 443
+	default:
+		p.fail(w, q, http.StatusBadRequest, "bad_target", "bad target: unsupported scheme "+scheme)
+		return
+	}
+	if r.URL.User != nil {
+		p.fail(w, q, http.StatusBadRequest, "bad_target", "bad target: userinfo in URL")
+		return
+	}
+	t, err := egress.ParseAuthority(host, defPort)
+	if err == nil {
+		err = p.opt.Policy.CheckTarget(t)
+	}
+	if err != nil {
+		p.failUpstream(w, q, err)
+		return
+	}
+	upgrade := r.Header.Get("Upgrade") != ""
+	if upgrade {
+		release, ok := p.acquireTunnel(w, q)
+		if !ok {
+			return
+		}
+		defer release()
+		p.opt.Metrics.ActiveTunnels.Inc()
+		defer p.opt.Metrics.ActiveTunnels.Dec()
+	}
+
+	cw := &countingWriter{ResponseWriter: w, q: q, p: p}
+	if r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
+		r.Body = &countingBody{ReadCloser: r.Body, q: q, p: p}
+	}
+	r = r.WithContext(context.WithValue(r.Context(), requestKey{}, q))
+	p.forwarder.ServeHTTP(cw, r)
+}
+
+// addVia appends this hop to Via (RFC 9110 §7.6.3).
+func addVia(h http.Header, r *http.Request) {
+	v := "1.1 pinaka"
+	if r != nil && r.ProtoMajor == 2 {
+		v = "2 pinaka"
+	}
+	if prior := h.Get("Via"); prior != "" {
+		v = prior + ", " + v
+	}
+	h.Set("Via", v)
+}
+
+// countingWriter records the status and counts response body bytes.
+type countingWriter struct {
+	http.ResponseWriter
+	q *request
+	p *Proxy
+}
+
+func (c *countingWriter) WriteHeader(code int) {
+	if code >= 200 || code == http.StatusSwitchingProtocols {
+		c.q.rec.StatusCode = code
+	}
+	c.ResponseWriter.WriteHeader(code)
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	if c.q.rec.StatusCode == 0 {
+		c.q.rec.StatusCode = http.StatusOK
+	}
+	n, err := c.ResponseWriter.Write(b)
+	c.q.rec.ResponseSize += int64(n)
+	c.p.opt.Metrics.BytesDownstream.Add(float64(n))
+	return n, err
+}
+
+// Unwrap lets http.ResponseController reach Flush and Hijack.
+func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
+
+// countingBody counts request body bytes. The transport reads it from its
+// own goroutine, but only while the handler waits, so the record is not
+// read concurrently.
+type countingBody struct {
+	io.ReadCloser
+	q  *request
+	p  *Proxy
+	mu sync.Mutex
+}
+
+func (c *countingBody) Read(b []byte) (int, error) {
+	n, err := c.ReadCloser.Read(b)
+	c.mu.Lock()
+	c.q.rec.RequestSize += int64(n)
+	c.mu.Unlock()
+	c.p.opt.Metrics.BytesUpstream.Add(float64(n))
+	return n, err
+}
+
+type bufferPool struct{}
+
+func (bufferPool) Get() []byte  { return *largeBufs.Get().(*[]byte) }
+func (bufferPool) Put(b []byte) { largeBufs.Put(&b) }

@@ -1,0 +1,444 @@
+// Package proxy is Pinaka's request handler: it authenticates every request,
+// applies the rate limit and the egress policy, then tunnels CONNECT
+// (HTTP/1.1 and HTTP/2), bootstraps RFC 8441 WebSockets, or forwards plain
+// HTTP, recording one accesslog.Record per request or tunnel.
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/accesslog"
+	"github.com/pinaka-proxy/pinaka/internal/auth"
+	"github.com/pinaka-proxy/pinaka/internal/egress"
+	"github.com/pinaka-proxy/pinaka/internal/metrics"
+	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
+)
+
+// Recorder receives one record per request or tunnel. It must not block.
+type Recorder interface {
+	Record(accesslog.Record)
+}
+
+// Options configure a Proxy. Auth, Dialer, Policy and Metrics are required;
+// the limiters may be nil (no limit).
+type Options struct {
+	Auth         *auth.Verifier
+	Policy       *egress.Policy
+	Dialer       *egress.Dialer
+	Limiter      *ratelimit.Limiter
+	Tunnels      *ratelimit.TunnelLimiter
+	AuthThrottle *ratelimit.AuthThrottle
+	Records      Recorder
+	Metrics      *metrics.Metrics
+	Log          *slog.Logger
+
+	HTTPProxyEnabled      bool
+	ProbeNode             string
+	Region                string
+	IncludeQuery          bool          // keep the query string in target_url
+	AddForwardedFor       bool          // send X-Forwarded-For upstream
+	TunnelIdleTimeout     time.Duration // close tunnels idle this long
+	UpstreamHeaderTimeout time.Duration
+	// UpstreamTLS verifies origins reached over TLS; nil means the system
+	// roots. Tests set their own CA here.
+	UpstreamTLS *tls.Config
+}
+
+// Proxy is an http.Handler for a forward proxy. Create it with New.
+type Proxy struct {
+	opt       Options
+	log       *slog.Logger
+	transport *http.Transport
+	forwarder http.Handler
+	active    activeSet
+}
+
+// New returns a Proxy.
+func New(o Options) *Proxy {
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	if o.Records == nil {
+		o.Records = discard{}
+	}
+	p := &Proxy{opt: o, log: o.Log}
+	p.transport = &http.Transport{
+		Proxy:                 nil, // never chain to an environment proxy
+		DialContext:           o.Dialer.DialContext,
+		MaxIdleConns:          1024,
+		MaxIdleConnsPerHost:   64,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ResponseHeaderTimeout: o.UpstreamHeaderTimeout,
+		ExpectContinueTimeout: time.Second,
+		// Origins see exactly what the client asked for: no transparent
+		// gzip, which would change bodies and lengths.
+		DisableCompression:     true,
+		TLSClientConfig:        p.upstreamTLS(),
+		MaxResponseHeaderBytes: 1 << 20,
+		WriteBufferSize:        32 << 10,
+		ReadBufferSize:         32 << 10,
+	}
+	p.forwarder = p.newForwarder()
+	return p
+}
+
+// Close releases idle upstream connections.
+func (p *Proxy) Close() { p.transport.CloseIdleConnections() }
+
+// ActiveRequests is the number of requests and tunnels in progress.
+func (p *Proxy) ActiveRequests() int { return p.active.len() }
+
+// Drain waits until every request and tunnel has finished or ctx is done;
+// then it cancels what is left and waits for it to unwind. http.Server's
+// Shutdown does not see hijacked HTTP/1.1 tunnels, so the server calls this
+// alongside it.
+func (p *Proxy) Drain(ctx context.Context) error {
+	if err := p.active.wait(ctx); err == nil {
+		return nil
+	}
+	n := p.active.cancelAll()
+	p.log.Warn("shutdown timeout: closing requests and tunnels still open", "count", n)
+	wctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = p.active.wait(wctx)
+	return fmt.Errorf("closed %d requests and tunnels at the shutdown deadline", n)
+}
+
+// request carries one request's state from ServeHTTP to the record.
+type request struct {
+	rec         accesslog.Record
+	start       time.Time
+	id          *auth.Identity
+	proxyStatus string // RFC 9209 Proxy-Status error type, "" on success
+}
+
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	ctx, done := p.active.add(r.Context())
+	defer done()
+	r = r.WithContext(ctx)
+
+	q := &request{start: time.Now()}
+	q.rec = accesslog.Record{
+		Timestamp: q.start.UTC(),
+		ProbeNode: p.opt.ProbeNode,
+		Region:    p.opt.Region,
+		ClientIP:  clientIP(r),
+		Protocol:  protocolName(r),
+		Method:    r.Method,
+	}
+	defer p.finish(q)
+
+	kind := classify(r)
+	q.rec.TargetURL = p.targetURL(r, kind)
+	if kind == kindSelf {
+		p.serveSelf(w, r, q)
+		return
+	}
+	if !p.authorize(w, r, q) {
+		return
+	}
+	switch kind {
+	case kindConnect:
+		p.serveConnect(w, r, q)
+	case kindExtendedConnect:
+		p.serveExtendedConnect(w, r, q)
+	case kindForward:
+		p.serveForward(w, r, q)
+	}
+}
+
+// authorize runs the checks every request passes before any DNS lookup or
+// dial: failed-auth throttling, authentication, region, rate limit.
+func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bool {
+	ip, _ := netip.ParseAddr(q.rec.ClientIP)
+	if p.opt.AuthThrottle != nil && !p.opt.AuthThrottle.Allowed(ip) {
+		p.opt.Metrics.AuthFailures.WithLabelValues("throttled").Inc()
+		w.Header().Set("Retry-After", "60")
+		p.fail(w, q, http.StatusTooManyRequests, "auth_throttled", "too many failed authentications")
+		return false
+	}
+	id, err := p.opt.Auth.Authenticate(r.Header.Get("Proxy-Authorization"))
+	if id != nil {
+		q.id = id
+		q.rec.TokenID, q.rec.UserID, q.rec.TokenType = id.TokenID, id.UserID, id.TokenType
+	}
+	switch {
+	case errors.Is(err, auth.ErrRegion):
+		p.opt.Metrics.AuthFailures.WithLabelValues("region").Inc()
+		p.fail(w, q, http.StatusForbidden, "region_not_allowed", "token not allowed in region "+strconv.Quote(p.opt.Region))
+		return false
+	case err != nil:
+		reason := "missing"
+		if !errors.Is(err, auth.ErrMissing) {
+			reason = "invalid"
+			if p.opt.AuthThrottle != nil {
+				p.opt.AuthThrottle.Failed(ip)
+			}
+		}
+		p.opt.Metrics.AuthFailures.WithLabelValues(reason).Inc()
+		h := w.Header()
+		h.Add("Proxy-Authenticate", `Bearer realm="pinaka"`)
+		h.Add("Proxy-Authenticate", `Basic realm="pinaka"`)
+		p.log.Debug("authentication failed", "client_ip", q.rec.ClientIP, "reason", err.Error())
+		p.fail(w, q, http.StatusProxyAuthRequired, "auth_"+reason, err.Error())
+		return false
+	}
+	if p.opt.Limiter != nil {
+		if ok, wait := p.opt.Limiter.Allow(id.TokenID); !ok {
+			q.rec.RateLimited = true
+			p.opt.Metrics.RateLimited.Inc()
+			w.Header().Set("Retry-After", strconv.Itoa(int((wait+time.Second-1)/time.Second)))
+			p.fail(w, q, http.StatusTooManyRequests, "rate_limited", "rate limit exceeded")
+			return false
+		}
+	}
+	return true
+}
+
+// finish completes and emits the record.
+func (p *Proxy) finish(q *request) {
+	d := time.Since(q.start)
+	q.rec.DurationMS = d.Milliseconds()
+	if q.rec.StatusCode == 0 {
+		// The handler ended without a response: the client went away.
+		q.rec.StatusCode = 499
+		if q.rec.Error == "" {
+			q.rec.Error = "client_closed"
+		}
+	}
+	q.rec.Success = q.rec.Error == "" && q.rec.StatusCode < 400
+	p.opt.Metrics.Requests.WithLabelValues(q.rec.Protocol, q.rec.Method, strconv.Itoa(q.rec.StatusCode)).Inc()
+	p.opt.Records.Record(q.rec)
+}
+
+// fail answers with status and a short plain-text reason, and marks the
+// record. code is the record's short error code.
+func (p *Proxy) fail(w http.ResponseWriter, q *request, status int, code, reason string) {
+	q.rec.StatusCode = status
+	q.rec.Error = code
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Cache-Control", "no-store")
+	if q.proxyStatus != "" {
+		h.Set("Proxy-Status", "pinaka; error="+q.proxyStatus+"; details="+strconv.Quote(reason))
+	}
+	if status >= 500 || status == http.StatusForbidden || status == http.StatusBadRequest {
+		p.log.Info("request refused", "status", status, "error", code, "reason", reason,
+			"client_ip", q.rec.ClientIP, "token_id", q.rec.TokenID, "target", q.rec.TargetURL)
+	}
+	w.WriteHeader(status)
+	fmt.Fprintln(w, reason)
+}
+
+// failUpstream maps a dial or round-trip error to a status: malformed target
+// 400, denied 403, unknown host and refused 502, timeout 504.
+func (p *Proxy) failUpstream(w http.ResponseWriter, q *request, err error) {
+	status, code, pstatus, reason := classifyError(err)
+	if status == 0 { // the client went away; nobody to answer
+		q.rec.StatusCode, q.rec.Error = 499, code
+		return
+	}
+	if code == "egress_denied" {
+		var de *egress.DeniedError
+		errors.As(err, &de)
+		p.opt.Metrics.EgressDenied.WithLabelValues(de.Reason).Inc()
+	}
+	q.proxyStatus = pstatus
+	p.fail(w, q, status, code, reason)
+}
+
+func classifyError(err error) (status int, code, proxyStatus, reason string) {
+	var te *egress.TargetError
+	var de *egress.DeniedError
+	var dnsErr *net.DNSError
+	var nerr net.Error
+	switch {
+	case errors.As(err, &te):
+		return http.StatusBadRequest, "bad_target", "destination_not_found", te.Error()
+	case errors.As(err, &de):
+		return http.StatusForbidden, "egress_denied", "destination_ip_prohibited", de.Error()
+	case errors.Is(err, context.Canceled):
+		return 0, "client_closed", "", ""
+	case errors.As(err, &dnsErr) && dnsErr.IsNotFound:
+		return http.StatusBadGateway, "dns_not_found", "dns_error", "unknown host " + dnsErr.Name
+	case errors.As(err, &dnsErr) && dnsErr.IsTimeout:
+		return http.StatusGatewayTimeout, "dns_timeout", "dns_timeout", "DNS lookup timed out"
+	case errors.As(err, &dnsErr):
+		return http.StatusBadGateway, "dns_error", "dns_error", "DNS lookup failed"
+	case isRefused(err):
+		return http.StatusBadGateway, "connection_refused", "connection_refused", "connection refused by upstream"
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &nerr) && nerr.Timeout():
+		return http.StatusGatewayTimeout, "upstream_timeout", "connection_timeout", "upstream timed out"
+	}
+	return http.StatusBadGateway, "upstream_error", "proxy_internal_response", "upstream error"
+}
+
+// serveSelf answers requests addressed to the proxy itself (origin-form, or
+// HTTP/2 with :scheme https) with a small page instead of proxying them,
+// which could only loop back here.
+func (p *Proxy) serveSelf(w http.ResponseWriter, r *http.Request, q *request) {
+	p.fail(w, q, http.StatusBadRequest, "not_a_proxy_request",
+		"this is Pinaka, a forward proxy: configure it as your HTTPS proxy instead of browsing to it")
+}
+
+type requestKind int
+
+const (
+	kindSelf requestKind = iota
+	kindConnect
+	kindExtendedConnect
+	kindForward
+)
+
+// classify tells proxy requests from requests for the proxy itself. For
+// HTTP/2, net/http sets r.TLS only when :scheme is https, so a :scheme http
+// request is a forwarding request for :authority.
+func classify(r *http.Request) requestKind {
+	if r.Method == http.MethodConnect {
+		if r.ProtoMajor == 2 && r.Header.Get(":protocol") != "" {
+			return kindExtendedConnect
+		}
+		return kindConnect
+	}
+	if r.ProtoMajor == 2 {
+		if r.TLS == nil && r.Host != "" {
+			return kindForward
+		}
+		return kindSelf
+	}
+	if r.URL.IsAbs() && r.URL.Host != "" {
+		return kindForward
+	}
+	return kindSelf
+}
+
+func (p *Proxy) targetURL(r *http.Request, kind requestKind) string {
+	switch kind {
+	case kindConnect:
+		return r.Host
+	case kindExtendedConnect:
+		scheme := "ws"
+		if r.TLS != nil {
+			scheme = "wss"
+		}
+		u := *r.URL
+		u.Scheme, u.Host = scheme, r.Host
+		return accesslog.TargetURL(&u, p.opt.IncludeQuery)
+	case kindForward:
+		u := *r.URL
+		if u.Host == "" {
+			u.Scheme, u.Host = "http", r.Host
+		}
+		return accesslog.TargetURL(&u, p.opt.IncludeQuery)
+	}
+	return accesslog.TargetURL(r.URL, p.opt.IncludeQuery)
+}
+
+func clientIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+func protocolName(r *http.Request) string {
+	if r.ProtoMajor == 2 {
+		return "HTTP/2"
+	}
+	return "HTTP/1.1"
+}
+
+type discard struct{}
+
+func (discard) Record(accesslog.Record) {}
+
+// activeSet tracks in-flight requests so shutdown can wait for them and, at
+// the deadline, cancel them: including hijacked tunnels that http.Server no
+// longer sees.
+type activeSet struct {
+	mu      sync.Mutex
+	cancels map[*context.CancelFunc]struct{}
+	changed chan struct{} // closed and replaced whenever the set shrinks
+}
+
+func (a *activeSet) add(parent context.Context) (context.Context, func()) {
+	ctx, cancel := context.WithCancel(parent)
+	a.mu.Lock()
+	if a.cancels == nil {
+		a.cancels = make(map[*context.CancelFunc]struct{})
+	}
+	key := &cancel
+	a.cancels[key] = struct{}{}
+	a.mu.Unlock()
+	return ctx, func() {
+		cancel()
+		a.mu.Lock()
+		delete(a.cancels, key)
+		if a.changed != nil {
+			close(a.changed)
+			a.changed = nil
+		}
+		a.mu.Unlock()
+	}
+}
+
+func (a *activeSet) len() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.cancels)
+}
+
+func (a *activeSet) wait(ctx context.Context) error {
+	for {
+		a.mu.Lock()
+		if len(a.cancels) == 0 {
+			a.mu.Unlock()
+			return nil
+		}
+		if a.changed == nil {
+			a.changed = make(chan struct{})
+		}
+		ch := a.changed
+		a.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func (a *activeSet) cancelAll() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for c := range a.cancels {
+		(*c)()
+	}
+	return len(a.cancels)
+}
+
+// upstreamTLS is the TLS configuration for origins reached over TLS by the
+// proxy itself (https:// forwarding, wss:// WebSocket bootstrap).
+func (p *Proxy) upstreamTLS() *tls.Config {
+	if p.opt.UpstreamTLS != nil {
+		return p.opt.UpstreamTLS.Clone()
+	}
+	return &tls.Config{MinVersion: tls.VersionTLS12}
+}
+
+func contextWithTimeout(r *http.Request, d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(r.Context(), d)
+}

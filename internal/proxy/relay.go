@@ -1,0 +1,208 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Relay buffers. An idle tunnel blocks in Read holding a small buffer; a
+// read that fills it switches that direction to a pooled large buffer until
+// reads turn short again. Idle tunnels stay cheap (the ~100 KB of a plain
+// io.Copy pair is the difference between thousands and tens of thousands of
+// tunnels per node) and busy ones still move 64 KB per syscall.
+const (
+	smallBufSize = 1 << 10
+	largeBufSize = 64 << 10
+	// shortRead is the read size below which a direction goes back to its
+	// small buffer. TLS records carry at most 16 KB, so a busy TLS source
+	// reads 16 KB at a time; anything much smaller means the burst is over.
+	shortRead = 4 << 10
+)
+
+var largeBufs = sync.Pool{New: func() any { b := make([]byte, largeBufSize); return &b }}
+
+// endpoint is one side of a tunnel.
+type endpoint struct {
+	r io.Reader
+	w io.Writer
+	// flush pushes written bytes out (HTTP/2 response streams buffer).
+	flush func() error
+	// closeWrite half-closes: the peer reads EOF while we keep reading.
+	// nil when the transport cannot half-close.
+	closeWrite func() error
+	close      func() error
+}
+
+func connEndpoint(c net.Conn) endpoint {
+	e := endpoint{r: c, w: c, close: c.Close}
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		e.closeWrite = cw.CloseWrite
+	}
+	return e
+}
+
+// relayResult is what a tunnel moved.
+type relayResult struct {
+	up, down int64 // client → upstream, upstream → client
+	err      error // first error other than EOF, if any
+}
+
+// relay copies both ways until both directions are done, passing each
+// half-close on to the other side. When the downstream side cannot
+// half-close (HTTP/2 streams end with the handler), the tunnel ends as soon
+// as upstream is done sending. It also ends after idle without traffic, or
+// when ctx is cancelled (shutdown deadline).
+func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, onBytes func(up, down int)) relayResult {
+	var (
+		res       relayResult
+		up, down  atomic.Int64
+		closeOnce sync.Once
+		errOnce   sync.Once
+	)
+	closeBoth := func() {
+		closeOnce.Do(func() {
+			_ = upstream.close()
+			_ = client.close()
+		})
+	}
+	setErr := func(err error) {
+		if err != nil {
+			errOnce.Do(func() { res.err = err })
+		}
+	}
+	act := newIdleWatch(idle, closeBoth)
+	defer act.stop()
+	stopCtx := context.AfterFunc(ctx, func() { setErr(context.Cause(ctx)); closeBoth() })
+	defer stopCtx()
+
+	upDone := make(chan struct{})
+	go func() {
+		defer close(upDone)
+		err := copyAdaptive(upstream, client.r, act, &up, func(n int) { onBytes(n, 0) })
+		if err != nil {
+			setErr(err)
+			closeBoth()
+			return
+		}
+		if upstream.closeWrite == nil || upstream.closeWrite() != nil {
+			closeBoth()
+		}
+	}()
+	err := copyAdaptive(client, upstream.r, act, &down, func(n int) { onBytes(0, n) })
+	switch {
+	case err != nil:
+		setErr(err)
+		closeBoth()
+	case client.closeWrite == nil:
+		// HTTP/2: END_STREAM is sent when the handler returns; the upload
+		// side is over once the stream ends.
+		closeBoth()
+	case client.closeWrite() != nil:
+		closeBoth()
+	}
+	<-upDone
+	closeBoth()
+	res.up, res.down = up.Load(), down.Load()
+	if isClosedErr(res.err) && ctx.Err() == nil {
+		res.err = nil // one side closing while the other reads is the normal end
+	}
+	return res
+}
+
+func copyAdaptive(dst endpoint, src io.Reader, act *idleWatch, total *atomic.Int64, onBytes func(int)) error {
+	small := make([]byte, smallBufSize)
+	buf := small
+	var large *[]byte
+	defer func() {
+		if large != nil {
+			largeBufs.Put(large)
+		}
+	}()
+	for {
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			act.touch()
+			nw, werr := dst.w.Write(buf[:nr])
+			if nw > 0 {
+				total.Add(int64(nw))
+				onBytes(nw)
+			}
+			if werr == nil && nw < nr {
+				werr = io.ErrShortWrite
+			}
+			if werr == nil && dst.flush != nil {
+				werr = dst.flush()
+			}
+			if werr != nil {
+				return werr
+			}
+		}
+		if rerr != nil {
+			if rerr == io.EOF {
+				return nil
+			}
+			return rerr
+		}
+		switch {
+		case large == nil && nr == len(buf):
+			large = largeBufs.Get().(*[]byte)
+			buf = *large
+		case large != nil && nr < shortRead:
+			largeBufs.Put(large)
+			large, buf = nil, small
+		}
+	}
+}
+
+// idleWatch closes a tunnel after idle without traffic. touch is an atomic
+// store, cheap on the data path; the timer re-arms itself lazily.
+type idleWatch struct {
+	idle    time.Duration
+	last    atomic.Int64 // unix nanos of the last traffic
+	timer   *time.Timer
+	onIdle  func()
+	stopped atomic.Bool
+}
+
+func newIdleWatch(idle time.Duration, onIdle func()) *idleWatch {
+	w := &idleWatch{idle: idle, onIdle: onIdle}
+	w.touch()
+	if idle > 0 {
+		w.timer = time.AfterFunc(idle, w.check)
+	}
+	return w
+}
+
+func (w *idleWatch) touch() { w.last.Store(time.Now().UnixNano()) }
+
+func (w *idleWatch) check() {
+	if w.stopped.Load() {
+		return
+	}
+	since := time.Since(time.Unix(0, w.last.Load()))
+	if since >= w.idle {
+		w.onIdle()
+		return
+	}
+	w.timer.Reset(w.idle - since)
+}
+
+func (w *idleWatch) stop() {
+	w.stopped.Store(true)
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+}
+
+func isClosedErr(err error) bool {
+	return err == nil || errors.Is(err, net.ErrClosed) || errors.Is(err, io.ErrClosedPipe) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, context.Canceled)
+}
+
+func isRefused(err error) bool { return errors.Is(err, syscall.ECONNREFUSED) }

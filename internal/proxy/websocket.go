@@ -1,0 +1,173 @@
+package proxy
+
+import (
+	"bufio"
+	"crypto/rand"
+	"crypto/sha1"
+	"crypto/tls"
+	"encoding/base64"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/egress"
+)
+
+// websocketGUID is the key-hashing constant of RFC 6455 §1.3.
+const websocketGUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+// serveExtendedConnect bootstraps a WebSocket over an HTTP/2 stream
+// (RFC 8441): the origin gets an ordinary HTTP/1.1 Upgrade handshake, the
+// client gets 200 once the origin answers 101, then the stream carries the
+// WebSocket bytes both ways.
+func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *request) {
+	if proto := r.Header.Get(":protocol"); !strings.EqualFold(proto, "websocket") {
+		p.fail(w, q, http.StatusNotImplemented, "unsupported_protocol", "extended CONNECT protocol "+proto+" is not supported")
+		return
+	}
+	secure := r.TLS != nil // net/http sets r.TLS only for :scheme https
+	var defPort uint16 = 80
+	if secure {
+		defPort = 443
+	}
+	t, err := egress.ParseAuthority(r.Host, defPort)
+	if err == nil {
+		err = p.opt.Policy.CheckTarget(t)
+	}
+	if err != nil {
+		p.failUpstream(w, q, err)
+		return
+	}
+	release, ok := p.acquireTunnel(w, q)
+	if !ok {
+		return
+	}
+	defer release()
+
+	conn, err := p.opt.Dialer.DialTarget(r.Context(), t)
+	if err != nil {
+		p.failUpstream(w, q, err)
+		return
+	}
+	if secure {
+		cfg := p.upstreamTLS()
+		cfg.ServerName = t.Host
+		cfg.NextProtos = []string{"http/1.1"}
+		tc := tls.Client(conn, cfg)
+		hctx, cancel := contextWithTimeout(r, 10*time.Second)
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			conn.Close()
+			q.proxyStatus = "tls_protocol_error"
+			p.fail(w, q, http.StatusBadGateway, "upstream_tls", "TLS handshake with the origin failed")
+			return
+		}
+		conn = tc
+	}
+	res, br, err := websocketHandshake(conn, r, t)
+	if err != nil {
+		conn.Close()
+		p.failUpstream(w, q, err)
+		return
+	}
+	if res.StatusCode != http.StatusSwitchingProtocols {
+		// The origin refused the upgrade: pass its answer on.
+		defer conn.Close()
+		defer res.Body.Close()
+		copyEndToEnd(w.Header(), res.Header)
+		q.rec.StatusCode = res.StatusCode
+		q.rec.Error = "upgrade_refused"
+		w.WriteHeader(res.StatusCode)
+		n, _ := io.Copy(w, io.LimitReader(res.Body, 1<<20))
+		q.rec.ResponseSize = n
+		return
+	}
+	for _, h := range []string{"Sec-Websocket-Protocol", "Sec-Websocket-Extensions"} {
+		if v := res.Header.Values(h); len(v) > 0 {
+			w.Header()[h] = v
+		}
+	}
+	up := connEndpoint(conn)
+	if br.Buffered() > 0 {
+		// Frames the origin sent right behind its 101.
+		up.r = io.MultiReader(io.LimitReader(br, int64(br.Buffered())), conn)
+	}
+	p.tunnelHTTP2(w, r, q, up)
+}
+
+// websocketHandshake sends the HTTP/1.1 Upgrade request for r's path and
+// reads the answer. A 101 must carry the right Sec-WebSocket-Accept.
+func websocketHandshake(conn net.Conn, r *http.Request, t egress.Target) (*http.Response, *bufio.Reader, error) {
+	keyBytes := make([]byte, 16)
+	if _, err := rand.Read(keyBytes); err != nil {
+		return nil, nil, fmt.Errorf("generating websocket key: %w", err)
+	}
+	key := base64.StdEncoding.EncodeToString(keyBytes)
+
+	path := r.URL.RequestURI()
+	if path == "" {
+		path = "/"
+	}
+	h := r.Header.Clone()
+	removeHopByHop(h)
+	h.Del("Sec-Websocket-Key")
+	h.Del("Sec-Websocket-Accept")
+	h.Del("Host")
+	h.Set("Sec-WebSocket-Key", key)
+	if h.Get("Sec-Websocket-Version") == "" {
+		h.Set("Sec-WebSocket-Version", "13")
+	}
+	addVia(h, r)
+
+	_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
+	defer conn.SetDeadline(time.Time{})
+	bw := bufio.NewWriterSize(conn, 4<<10)
+	fmt.Fprintf(bw, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n", path, hostHeader(t))
+	if err := h.Write(bw); err != nil {
+		return nil, nil, fmt.Errorf("writing websocket handshake: %w", err)
+	}
+	bw.WriteString("\r\n")
+	if err := bw.Flush(); err != nil {
+		return nil, nil, fmt.Errorf("writing websocket handshake: %w", err)
+	}
+	br := bufio.NewReaderSize(conn, 4<<10)
+	req, _ := http.NewRequest(http.MethodGet, "http://"+hostHeader(t)+path, nil)
+	res, err := http.ReadResponse(br, req)
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading websocket handshake response: %w", err)
+	}
+	if res.StatusCode == http.StatusSwitchingProtocols {
+		sum := sha1.Sum([]byte(key + websocketGUID))
+		want := base64.StdEncoding.EncodeToString(sum[:])
+		if res.Header.Get("Sec-Websocket-Accept") != want ||
+			!strings.EqualFold(res.Header.Get("Upgrade"), "websocket") {
+			return nil, nil, errBadUpgrade
+		}
+	}
+	return res, br, nil
+}
+
+var errBadUpgrade = fmt.Errorf("origin answered 101 without a valid Sec-WebSocket-Accept")
+
+func hostHeader(t egress.Target) string {
+	if t.Port == 80 || t.Port == 443 {
+		if strings.Contains(t.Host, ":") {
+			return "[" + t.Host + "]"
+		}
+		return t.Host
+	}
+	return t.String()
+}
+
+// copyEndToEnd copies response headers except hop-by-hop ones.
+func copyEndToEnd(dst, src http.Header) {
+	src = src.Clone()
+	removeHopByHop(src)
+	for k, v := range src {
+		dst[k] = v
+	}
+}

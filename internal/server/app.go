@@ -1,0 +1,135 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/accesslog"
+	"github.com/pinaka-proxy/pinaka/internal/auth"
+	"github.com/pinaka-proxy/pinaka/internal/config"
+	"github.com/pinaka-proxy/pinaka/internal/egress"
+	"github.com/pinaka-proxy/pinaka/internal/metrics"
+	"github.com/pinaka-proxy/pinaka/internal/proxy"
+	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
+)
+
+// App is one wired Pinaka process: listeners, proxy, egress, limits and
+// record shipping. cmd/pinaka and the end-to-end tests both build it here,
+// so tests exercise the same wiring that production runs.
+type App struct {
+	Config  *config.Config
+	Server  *Server
+	Proxy   *proxy.Proxy
+	Policy  *egress.Policy
+	Metrics *metrics.Metrics
+	Shipper *accesslog.Shipper
+	log     *slog.Logger
+}
+
+// AppOptions are the parts of an App that are not configuration.
+type AppOptions struct {
+	Certs *CertStore
+	// UpstreamTLS verifies origins the proxy itself speaks TLS to; nil means
+	// the system roots.
+	UpstreamTLS *tls.Config
+}
+
+// NewApp wires an App from cfg. Nothing listens until Start.
+func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
+	m := metrics.New()
+	policy, err := egress.NewPolicy(cfg.EgressAllowCIDRs, cfg.EgressDenyCIDRs, cfg.AllowedPorts)
+	if err != nil {
+		return nil, fmt.Errorf("building egress policy: %w", err)
+	}
+	resolver := egress.NewResolver(cfg.DNSServers, cfg.DNSTimeout, cfg.DNSCacheSize)
+	dialer := egress.NewDialer(egress.DialerOptions{
+		Policy: policy, Resolver: resolver, Timeout: cfg.UpstreamDialTimeout, Metrics: m,
+	})
+	shipper, err := accesslog.New(accesslog.Options{
+		Log:           log,
+		BackendURL:    cfg.BackendURL,
+		BackendAPIKey: cfg.BackendAPIKey,
+		BatchSize:     cfg.LogBatchSize,
+		BatchInterval: cfg.LogBatchInterval,
+		SpoolDir:      cfg.LogSpoolDir,
+		SpoolMaxBytes: cfg.LogSpoolMaxBytes,
+		QueueSize:     cfg.LogQueueSize,
+		ProbeNode:     cfg.ProbeNodeName,
+		Region:        cfg.ProbeNodeRegion,
+		Metrics:       m,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("starting record shipping: %w", err)
+	}
+	p := proxy.New(proxy.Options{
+		Auth:                  auth.NewVerifier(cfg.JWTSecret, cfg.ProbeNodeRegion, cfg.JWTLeeway),
+		Policy:                policy,
+		Dialer:                dialer,
+		Limiter:               ratelimit.New(cfg.RateLimitRequestsPerMinute, cfg.RateLimitBurstSize, cfg.RateLimitMaxTokens),
+		Tunnels:               ratelimit.NewTunnelLimiter(cfg.MaxTunnelsPerToken),
+		AuthThrottle:          ratelimit.NewAuthThrottle(cfg.AuthFailuresPerMinute, 100000),
+		Records:               shipper,
+		Metrics:               m,
+		Log:                   log,
+		HTTPProxyEnabled:      cfg.HTTPProxyEnabled,
+		ProbeNode:             cfg.ProbeNodeName,
+		Region:                cfg.ProbeNodeRegion,
+		IncludeQuery:          cfg.LogIncludeQuery,
+		AddForwardedFor:       cfg.AddForwardedFor,
+		TunnelIdleTimeout:     cfg.TunnelIdleTimeout,
+		UpstreamHeaderTimeout: cfg.UpstreamHeaderTimeout,
+		UpstreamTLS:           o.UpstreamTLS,
+	})
+	return &App{
+		Config: cfg, Server: New(cfg, log, o.Certs, p, m), Proxy: p,
+		Policy: policy, Metrics: m, Shipper: shipper, log: log,
+	}, nil
+}
+
+// Start opens the listeners, adds their addresses to the egress policy's
+// own-address denials (so the proxy can never be made to call itself) and
+// starts serving.
+func (a *App) Start() error {
+	if err := a.Server.Listen(); err != nil {
+		return err
+	}
+	for _, addr := range []net.Addr{a.Server.ProxyAddr(), a.Server.AdminAddr()} {
+		if addr == nil {
+			continue
+		}
+		if ap, err := netip.ParseAddrPort(addr.String()); err == nil {
+			a.Policy.AddSelf(ap)
+		}
+	}
+	a.Server.Serve()
+	a.log.Info("pinaka listening", "addr", a.Server.ProxyAddr().String(),
+		"admin", fmt.Sprint(a.Server.AdminAddr()), "region", a.Config.ProbeNodeRegion,
+		"probe_node", a.Config.ProbeNodeName, "http_proxy_enabled", a.Config.HTTPProxyEnabled)
+	return nil
+}
+
+// Shutdown drains the listeners within ctx, then flushes records to the
+// backend or the spool (with its own short deadline if ctx is spent).
+func (a *App) Shutdown(ctx context.Context) error {
+	err := a.Server.Shutdown(ctx)
+	fctx := ctx
+	if ctx.Err() != nil {
+		var cancel context.CancelFunc
+		fctx, cancel = context.WithTimeout(context.Background(), flushTimeout)
+		defer cancel()
+	}
+	if ferr := a.Shipper.Close(fctx); ferr != nil {
+		err = errors.Join(err, fmt.Errorf("flushing records: %w", ferr))
+	}
+	return err
+}
+// flushTimeout bounds the record flush at exit when the drain used up
+// SHUTDOWN_TIMEOUT: long enough to write the spool, short enough that a
+// supervisor's stop timeout is not hit.
+const flushTimeout = 10 * time.Second

@@ -1,0 +1,128 @@
+package server
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"sync/atomic"
+	"time"
+)
+
+// CertStore holds the serving certificate. Reload swaps it atomically: new
+// handshakes get the new pair, open connections keep theirs.
+type CertStore struct {
+	certPath, keyPath string
+	cert              atomic.Pointer[tls.Certificate]
+}
+
+// LoadCertStore reads the PEM pair at certPath and keyPath.
+func LoadCertStore(certPath, keyPath string) (*CertStore, error) {
+	s := &CertStore{certPath: certPath, keyPath: keyPath}
+	if err := s.Reload(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// StaticCertStore serves a fixed certificate (dev mode); Reload is a no-op.
+func StaticCertStore(c tls.Certificate) *CertStore {
+	s := &CertStore{}
+	s.cert.Store(&c)
+	return s
+}
+
+// Reload re-reads the pair from disk. A pair that does not load, does not
+// match, or has expired is refused and the current one kept.
+func (s *CertStore) Reload() error {
+	if s.certPath == "" {
+		return nil
+	}
+	c, err := tls.LoadX509KeyPair(s.certPath, s.keyPath)
+	if err != nil {
+		return fmt.Errorf("loading certificate %s and key %s: %w", s.certPath, s.keyPath, err)
+	}
+	if c.Leaf == nil {
+		return errors.New("certificate has no leaf")
+	}
+	if now := time.Now(); now.After(c.Leaf.NotAfter) {
+		return fmt.Errorf("certificate %s expired on %s", s.certPath, c.Leaf.NotAfter.Format(time.RFC3339))
+	}
+	s.cert.Store(&c)
+	return nil
+}
+
+// Leaf is the current certificate's leaf, for logs.
+func (s *CertStore) Leaf() *x509.Certificate { return s.cert.Load().Leaf }
+
+func (s *CertStore) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	return s.cert.Load(), nil
+}
+
+// TLSConfig is the listener's TLS configuration: TLS 1.2 and 1.3, TLS 1.2
+// limited to ECDHE AEAD suites, ALPN h2 then http/1.1.
+func (s *CertStore) TLSConfig() *tls.Config {
+	return &tls.Config{
+		MinVersion:     tls.VersionTLS12,
+		GetCertificate: s.getCertificate,
+		NextProtos:     []string{"h2", "http/1.1"},
+		CipherSuites: []uint16{
+			tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+			tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+		},
+	}
+}
+
+// SelfSigned makes an ECDSA P-256 certificate for localhost, 127.0.0.1 and
+// ::1, valid for validity, returning it and its PEM encodings.
+func SelfSigned(validity time.Duration, hosts ...string) (tls.Certificate, []byte, []byte, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, nil, nil, fmt.Errorf("generating key: %w", err)
+	}
+	serial, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "pinaka dev"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(validity),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	if len(hosts) == 0 {
+		hosts = []string{"localhost", "127.0.0.1", "::1"}
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, nil, nil, fmt.Errorf("creating certificate: %w", err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return tls.Certificate{}, nil, nil, fmt.Errorf("encoding key: %w", err)
+	}
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
+	c, err := tls.X509KeyPair(certPEM, keyPEM)
+	return c, certPEM, keyPEM, err
+}

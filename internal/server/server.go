@@ -1,0 +1,178 @@
+// Package server runs Pinaka's listeners: the TLS proxy listener (HTTP/2 and
+// HTTP/1.1 by ALPN) and the admin listener (metrics, health), with
+// certificate reload and graceful drain.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/pinaka-proxy/pinaka/internal/config"
+	"github.com/pinaka-proxy/pinaka/internal/metrics"
+	"github.com/pinaka-proxy/pinaka/internal/proxy"
+	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
+)
+
+// Server owns the listeners of one Pinaka process.
+type Server struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	certs   *CertStore
+	proxy   *proxy.Proxy
+	metrics *metrics.Metrics
+
+	proxySrv *http.Server
+	adminSrv *http.Server
+	proxyLn  net.Listener
+	adminLn  net.Listener
+	ready    atomic.Bool
+	wg       sync.WaitGroup
+}
+
+// New prepares a Server; Listen opens its sockets.
+func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy, m *metrics.Metrics) *Server {
+	s := &Server{cfg: cfg, log: log, certs: certs, proxy: p, metrics: m}
+	var protocols http.Protocols
+	protocols.SetHTTP1(true)
+	protocols.SetHTTP2(true)
+	s.proxySrv = &http.Server{
+		Handler:           p,
+		TLSConfig:         certs.TLSConfig(),
+		ReadHeaderTimeout: cfg.HeaderReadTimeout,
+		IdleTimeout:       cfg.IdleTimeout,
+		MaxHeaderBytes:    cfg.MaxHeaderBytes,
+		Protocols:         &protocols,
+		HTTP2: &http.HTTP2Config{
+			MaxConcurrentStreams: int(cfg.MaxConcurrentStreams),
+			// Large receive windows keep a single tunnel from being
+			// window-bound; the buffers fill only when the origin is slower
+			// than the client, and the per-connection cap bounds that.
+			MaxReceiveBufferPerConnection: 32 << 20,
+			MaxReceiveBufferPerStream:     8 << 20,
+			MaxReadFrameSize:              1 << 20,
+			MaxDecoderHeaderTableSize:     4096,
+			MaxEncoderHeaderTableSize:     4096,
+			SendPingTimeout:               30 * time.Second,
+			PingTimeout:                   15 * time.Second,
+			WriteByteTimeout:              60 * time.Second,
+		},
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !s.ready.Load() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	s.adminSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	return s
+}
+
+// Listen opens the proxy and admin sockets.
+func (s *Server) Listen() error {
+	ln, err := net.Listen("tcp", s.cfg.ListenAddr())
+	if err != nil {
+		return fmt.Errorf("listening on %s (PROXY_BIND:PROXY_PORT): %w", s.cfg.ListenAddr(), err)
+	}
+	s.proxyLn = ratelimit.LimitListener(ln, s.cfg.MaxConnections,
+		s.metrics.ActiveConnections.Inc, s.metrics.ActiveConnections.Dec, s.metrics.ConnectionsRefused.Inc)
+	if s.cfg.AdminAddr != "" && s.cfg.AdminAddr != "off" {
+		aln, err := net.Listen("tcp", s.cfg.AdminAddr)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("listening on %s (ADMIN_ADDR): %w", s.cfg.AdminAddr, err)
+		}
+		s.adminLn = aln
+	}
+	return nil
+}
+
+// ProxyAddr is the proxy listener's address (useful with port 0).
+func (s *Server) ProxyAddr() net.Addr { return s.proxyLn.Addr() }
+
+// AdminAddr is the admin listener's address, or nil.
+func (s *Server) AdminAddr() net.Addr {
+	if s.adminLn == nil {
+		return nil
+	}
+	return s.adminLn.Addr()
+}
+
+// Serve starts serving on the opened sockets and returns at once.
+func (s *Server) Serve() {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := s.proxySrv.ServeTLS(s.proxyLn, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("proxy listener stopped", "err", err)
+		}
+	}()
+	if s.adminLn != nil {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			if err := s.adminSrv.Serve(s.adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				s.log.Error("admin listener stopped", "err", err)
+			}
+		}()
+	}
+	s.ready.Store(true)
+}
+
+// Reload re-reads the certificate; on failure the old one stays in use.
+func (s *Server) Reload() error {
+	if err := s.certs.Reload(); err != nil {
+		s.log.Error("certificate reload refused; keeping the current certificate", "err", err)
+		return err
+	}
+	leaf := s.certs.Leaf()
+	s.log.Info("certificate reloaded", "subject", leaf.Subject.String(), "not_after", leaf.NotAfter)
+	return nil
+}
+
+// Shutdown drains: it stops accepting, sends GOAWAY to HTTP/2 clients, lets
+// requests and tunnels (hijacked ones too) finish until ctx is done, then
+// closes what is left.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.ready.Store(false)
+	s.log.Info("draining", "active", s.proxy.ActiveRequests())
+	var shutErr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		shutErr = s.proxySrv.Shutdown(ctx)
+	}()
+	drainErr := s.proxy.Drain(ctx)
+	<-done
+	if shutErr != nil || drainErr != nil {
+		s.proxySrv.Close()
+	}
+	actx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_ = s.adminSrv.Shutdown(actx)
+	s.wg.Wait()
+	s.proxy.Close()
+	return errors.Join(drainErr, shutErrIfNotDeadline(shutErr))
+}
+
+func shutErrIfNotDeadline(err error) error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return nil // reported by Drain with a count
+	}
+	return err
+}
