@@ -6,6 +6,7 @@
 //
 //	pinaka-bench [flags]                          run workloads
 //	pinaka-bench table [-o FILE] REPORT.json...   merge -json reports into a markdown table
+//	pinaka-bench ports N                          print N free loopback TCP ports (for scripts)
 package main
 
 import (
@@ -15,6 +16,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"slices"
@@ -28,9 +30,12 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	var err error
-	if len(os.Args) > 1 && os.Args[1] == "table" {
+	switch {
+	case len(os.Args) > 1 && os.Args[1] == "table":
 		err = tableMain(os.Args[2:], os.Stdout)
-	} else {
+	case len(os.Args) > 1 && os.Args[1] == "ports":
+		err = portsMain(os.Args[2:], os.Stdout)
+	default:
 		err = benchMain(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	}
 	if err != nil {
@@ -216,5 +221,29 @@ func tableMain(args []string, stdout io.Writer) error {
 		}
 	}
 	_, err := io.WriteString(stdout, b.String())
+	return err
+}
+
+// portsMain prints free loopback ports for bench/run.sh, which has no
+// portable way to find them itself. The listeners are held until all ports
+// are chosen so that the same port is not printed twice.
+func portsMain(args []string, stdout io.Writer) error {
+	n := 1
+	if len(args) == 1 {
+		var err error
+		if n, err = strconv.Atoi(args[0]); err != nil || n < 1 {
+			return fmt.Errorf("ports: %q is not a positive count", args[0])
+		}
+	}
+	var ports []string
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return fmt.Errorf("ports: finding a free port: %w", err)
+		}
+		defer ln.Close()
+		ports = append(ports, strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+	}
+	_, err := fmt.Fprintln(stdout, strings.Join(ports, " "))
 	return err
 }

@@ -33,8 +33,13 @@ const (
 	// bytes buffered inside a proxy are not counted as delivered.
 	cmdUp = 'U'
 	// cmdPing: the origin writes one byte back and waits for the client to
-	// close. Used for setup rate and for idle tunnels.
+	// close. Used for idle tunnels.
 	cmdPing = 'P'
+	// cmdPingClose: the origin writes one byte back and closes. Used for
+	// tunnel setup: the origin ending first lets every client close
+	// gracefully (no RST_STREAM storms, which HTTP/2 servers rightly treat
+	// as an attack) without relying on half-close support in the proxy.
+	cmdPingClose = 'C'
 )
 
 // ioSize is the write size on both ends of throughput workloads: large
@@ -202,6 +207,8 @@ func serveStream(c net.Conn) {
 			return
 		}
 		_, _ = io.Copy(io.Discard, c)
+	case cmdPingClose:
+		_, _ = c.Write([]byte{'p'})
 	}
 }
 
@@ -236,11 +243,12 @@ func selfSigned() (tls.Certificate, *x509.CertPool, error) {
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool, nil
 }
 
-// ping runs the cmdPing exchange on c: one byte each way.
-func ping(ctx context.Context, c net.Conn) error {
+// ping sends cmd (cmdPing or cmdPingClose) on c and reads the one-byte
+// reply.
+func ping(ctx context.Context, c net.Conn, cmd byte) error {
 	stop := context.AfterFunc(ctx, func() { _ = c.Close() })
 	defer stop()
-	if _, err := c.Write([]byte{cmdPing}); err != nil {
+	if _, err := c.Write([]byte{cmd}); err != nil {
 		return fmt.Errorf("writing ping: %w", err)
 	}
 	var b [1]byte

@@ -202,8 +202,16 @@ type h2Stream struct {
 func (s *h2Stream) Read(p []byte) (int, error)  { return s.body.Read(p) }
 func (s *h2Stream) Write(p []byte) (int, error) { return s.pw.Write(p) }
 
+// streamEnder is implemented by HTTP/2 tunnels.
+type streamEnder interface {
+	// endStream half-closes the tunnel: END_STREAM after the data written.
+	endStream() error
+}
+
 // CloseWrite ends the request body: END_STREAM, a half-close.
 func (s *h2Stream) CloseWrite() error { return s.pw.Close() }
+
+func (s *h2Stream) endStream() error { return s.pw.Close() }
 
 func (s *h2Stream) Close() error {
 	_ = s.pw.Close()
@@ -228,6 +236,13 @@ func (streamAddr) String() string  { return "h2-connect" }
 type closeWithConn struct {
 	net.Conn
 	cc *http2.ClientConn
+}
+
+func (c *closeWithConn) endStream() error {
+	if s, ok := c.Conn.(streamEnder); ok {
+		return s.endStream()
+	}
+	return nil
 }
 
 func (c *closeWithConn) Close() error {

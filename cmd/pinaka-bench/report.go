@@ -53,16 +53,17 @@ type target struct {
 	v    float64
 }
 
-func (t target) String() string {
+// format renders the target for a row whose values are in unit.
+func (t target) format(unit string) string {
 	switch t.kind {
 	case minRatio:
 		return fmt.Sprintf("≥%.2f×", t.v)
 	case minValue:
-		return fmt.Sprintf("≥%s", formatNumber(t.v))
+		return "≥" + formatValue(t.v, unit)
 	case maxValue:
-		return fmt.Sprintf("≤%s", formatNumber(t.v))
+		return "≤" + formatValue(t.v, unit)
 	case minSquidValue:
-		return "≥ Squid"
+		return "≥ " + squidLabel
 	}
 	return ""
 }
@@ -122,7 +123,8 @@ var tableRows = []row{
 // writeTable renders reports as one markdown table: a row per protocol and
 // workload, a column for the direct baseline and one per proxy label
 // (reports with the same label, e.g. its HTTP/1.1 and HTTP/2 runs, share a
-// column). Ratios are to the direct report given in the same call.
+// column). A result's own ratio (-baseline) is shown when it has one;
+// otherwise the ratio is to the direct report given in the same call.
 func writeTable(w io.Writer, reports []Report) error {
 	direct := map[string]Result{}
 	var labels []string
@@ -156,10 +158,10 @@ func writeTable(w io.Writer, reports []Report) error {
 
 	for _, row := range tableRows {
 		key := row.proto + "/" + row.workload
-		n, present := 0, false
+		n, unit, present := 0, "", false
 		for _, l := range labels {
 			if r, ok := cells[l][key]; ok {
-				n, present = r.N, true
+				n, unit, present = r.N, r.Unit, true
 				break
 			}
 		}
@@ -176,7 +178,7 @@ func writeTable(w io.Writer, reports []Report) error {
 				base = &r
 			}
 		}
-		fmt.Fprintf(&b, "| %s | %s | ", title, row.target)
+		fmt.Fprintf(&b, "| %s | %s | ", title, row.target.format(unit))
 		if base != nil {
 			b.WriteString(formatCell(*base, nil, ""))
 		} else {
@@ -193,14 +195,17 @@ func writeTable(w io.Writer, reports []Report) error {
 				b.WriteString(" n/a |")
 				continue
 			}
-			var rat *float64
-			if base != nil && base.Error == "" {
+			// A ratio to a baseline measured right before the figure (in
+			// the same pinaka-bench invocation) beats one to the direct
+			// column measured minutes earlier: on a shared machine the
+			// load from elsewhere changes in between.
+			rat := r.Ratio
+			if rat == nil && base != nil && base.Error == "" && r.Error == "" {
 				rat = ratio(r.Value, base.Value)
-			} else {
-				rat = r.Ratio
 			}
 			mark := ""
-			if r.Error == "" {
+			// A column is not compared with itself.
+			if r.Error == "" && !(row.target.kind == minSquidValue && l == squidLabel) {
 				if met, ok := row.target.met(r.Value, rat, squid); ok {
 					mark = map[bool]string{true: " ✓", false: " ✗"}[met]
 				}
@@ -237,7 +242,7 @@ func formatCell(r Result, rat *float64, mark string) string {
 func formatValue(v float64, unit string) string {
 	switch unit {
 	case "KB/tunnel":
-		return fmt.Sprintf("%.1f KB", v)
+		return formatNumber(v) + " KB"
 	case "tunnels/s":
 		return formatNumber(v) + "/s"
 	}

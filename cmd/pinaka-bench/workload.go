@@ -296,13 +296,23 @@ func (b *bench) setup(ctx context.Context, warm bool) (Result, error) {
 			return d.DialContext(ctx, "tcp", b.origin.tlsAddr)
 		}
 	case b.h2 && warm:
-		cc, err := b.proxy.h2Conn(ctx)
-		if err != nil {
-			return res, err
-		}
-		defer cc.Close()
+		wc := &warmConn{proxy: b.proxy}
+		defer wc.Close()
 		open = func(ctx context.Context) (net.Conn, error) {
-			return b.proxy.tunnelH2(ctx, cc, b.origin.plainAddr)
+			cc, err := wc.get(ctx)
+			if err != nil {
+				return nil, err
+			}
+			c, err := b.proxy.tunnelH2(ctx, cc, b.origin.plainAddr)
+			if err != nil && !cc.CanTakeNewRequest() {
+				// The proxy sent GOAWAY while this stream was starting;
+				// like a browser, retry once on a new connection.
+				if cc, err = wc.get(ctx); err != nil {
+					return nil, err
+				}
+				c, err = b.proxy.tunnelH2(ctx, cc, b.origin.plainAddr)
+			}
+			return c, err
 		}
 	case b.h2:
 		open = func(ctx context.Context) (net.Conn, error) {
@@ -322,13 +332,18 @@ func (b *bench) setup(ctx context.Context, warm bool) (Result, error) {
 			return b.proxy.tunnelH1(ctx, b.origin.plainAddr)
 		}
 	}
-	op := func(ctx context.Context) error {
+	op := func(ctx context.Context) (time.Duration, error) {
+		t0 := time.Now()
 		c, err := open(ctx)
 		if err != nil {
-			return err
+			return 0, err
 		}
 		defer c.Close()
-		return ping(ctx, c)
+		if err := ping(ctx, c, cmdPingClose); err != nil {
+			return 0, err
+		}
+		lat := time.Since(t0)
+		return lat, closeGracefully(ctx, c)
 	}
 	return b.closedLoop(ctx, res, op)
 }
@@ -341,12 +356,15 @@ func (b *bench) forward(ctx context.Context) (Result, error) {
 	var rt http.RoundTripper
 	switch {
 	case b.proxy != nil && b.h2:
-		cc, err := b.proxy.h2Conn(ctx)
-		if err != nil {
-			return res, err
-		}
-		defer cc.Close()
-		rt = cc
+		wc := &warmConn{proxy: b.proxy}
+		defer wc.Close()
+		rt = roundTripFunc(func(req *http.Request) (*http.Response, error) {
+			cc, err := wc.get(req.Context())
+			if err != nil {
+				return nil, err
+			}
+			return cc.RoundTrip(req)
+		})
 	default:
 		t := &http.Transport{
 			MaxIdleConnsPerHost: b.cfg.clients,
@@ -365,34 +383,41 @@ func (b *bench) forward(ctx context.Context) (Result, error) {
 		defer t.CloseIdleConnections()
 		rt = t
 	}
-	op := func(ctx context.Context) error {
+	op := func(ctx context.Context) (time.Duration, error) {
+		t0 := time.Now()
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
 		if err != nil {
-			return fmt.Errorf("building request: %w", err)
+			return 0, fmt.Errorf("building request: %w", err)
 		}
 		if b.proxy != nil && b.proxy.auth != "" {
 			req.Header.Set("Proxy-Authorization", b.proxy.auth)
 		}
 		resp, err := rt.RoundTrip(req)
 		if err != nil {
-			return fmt.Errorf("GET %s: %w", target, err)
+			return 0, fmt.Errorf("GET %s: %w", target, err)
+		}
+		if resp.StatusCode != http.StatusOK {
+			msg, _ := io.ReadAll(io.LimitReader(resp.Body, 200))
+			_ = resp.Body.Close()
+			return 0, fmt.Errorf("GET %s: proxy answered %s: %q", target, resp.Status, msg)
 		}
 		n, err := io.Copy(io.Discard, resp.Body)
 		_ = resp.Body.Close()
 		if err != nil {
-			return fmt.Errorf("reading %s: %w", target, err)
+			return 0, fmt.Errorf("reading %s: %w", target, err)
 		}
-		if resp.StatusCode != http.StatusOK || n != 1024 {
-			return fmt.Errorf("GET %s: status %d, %d bytes", target, resp.StatusCode, n)
+		if n != 1024 {
+			return 0, fmt.Errorf("GET %s: %d bytes, want 1024", target, n)
 		}
-		return nil
+		return time.Since(t0), nil
 	}
 	return b.closedLoop(ctx, res, op)
 }
 
 // closedLoop runs op from 'clients' workers back to back for the duration
-// and fills in the rate and latency percentiles of res.
-func (b *bench) closedLoop(ctx context.Context, res Result, op func(context.Context) error) (Result, error) {
+// and fills in the rate and latency percentiles of res. op returns the
+// latency it measured.
+func (b *bench) closedLoop(ctx context.Context, res Result, op func(context.Context) (time.Duration, error)) (Result, error) {
 	var (
 		lat      latencies
 		ops      atomic.Int64
@@ -408,9 +433,7 @@ func (b *bench) closedLoop(ctx context.Context, res Result, op func(context.Cont
 			local := make([]time.Duration, 0, 4096)
 			for ctx.Err() == nil && time.Now().Before(end) {
 				octx, cancel := context.WithTimeout(ctx, b.cfg.timeout)
-				t0 := time.Now()
-				err := op(octx)
-				d := time.Since(t0)
+				d, err := op(octx)
 				cancel()
 				if err != nil {
 					errs.Add(1)
@@ -462,13 +485,15 @@ func (b *bench) memory(ctx context.Context) (Result, error) {
 		}
 	}
 	conns := make([]net.Conn, n)
-	defer func() {
-		for _, c := range conns {
-			if c != nil {
-				_ = c.Close()
+	if !b.h2 { // HTTP/2 tunnels end with their connections, without a burst of RST_STREAMs
+		defer func() {
+			for _, c := range conns {
+				if c != nil {
+					_ = c.Close()
+				}
 			}
-		}
-	}()
+		}()
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(b.cfg.clients)
 	for i := range n {
@@ -484,7 +509,7 @@ func (b *bench) memory(ctx context.Context) (Result, error) {
 			conns[i] = c
 			pctx, cancel := context.WithTimeout(gctx, b.cfg.timeout)
 			defer cancel()
-			return ping(pctx, c)
+			return ping(pctx, c, cmdPing)
 		})
 	}
 	if err := g.Wait(); err != nil {
@@ -544,3 +569,58 @@ func readRSS(path string) (int64, error) {
 	}
 	return 0, fmt.Errorf("reading RSS from %s: no VmRSS line", path)
 }
+
+// closeGracefully ends a tunnel whose origin has closed: half-close our
+// side (END_STREAM on HTTP/2) and read to EOF, so that no side needs to
+// reset anything. The caller still closes c.
+func closeGracefully(ctx context.Context, c net.Conn) error {
+	stop := context.AfterFunc(ctx, func() { _ = c.Close() })
+	defer stop()
+	// On TCP and TLS the origin's close is enough; on an HTTP/2 stream
+	// END_STREAM is what lets the stream end without a reset.
+	if s, ok := c.(streamEnder); ok {
+		_ = s.endStream()
+	}
+	if _, err := io.Copy(io.Discard, c); err != nil {
+		return fmt.Errorf("waiting for the tunnel to end: %w", err)
+	}
+	return nil
+}
+
+// warmConn is one HTTP/2 connection to the proxy, shared by workers and
+// replaced when the proxy stops taking new streams on it (GOAWAY), as a
+// browser would.
+type warmConn struct {
+	proxy *proxyClient
+	mu    sync.Mutex
+	cur   *http2.ClientConn
+	all   []*http2.ClientConn
+}
+
+func (w *warmConn) get(ctx context.Context) (*http2.ClientConn, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.cur != nil && w.cur.CanTakeNewRequest() {
+		return w.cur, nil
+	}
+	cc, err := w.proxy.h2Conn(ctx)
+	if err != nil {
+		return nil, err
+	}
+	w.cur = cc
+	w.all = append(w.all, cc)
+	return cc, nil
+}
+
+// Close closes every connection get opened.
+func (w *warmConn) Close() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, cc := range w.all {
+		_ = cc.Close()
+	}
+}
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"net/url"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -68,7 +69,7 @@ func checkConfig(args []string, stdout, stderr io.Writer) error {
 	row("DNS_TIMEOUT", cfg.DNSTimeout)
 	row("DNS_CACHE_SIZE", cfg.DNSCacheSize)
 	row("ADD_X_FORWARDED_FOR", cfg.AddForwardedFor)
-	row("BACKEND_URL", orNone(cfg.BackendURL))
+	row("BACKEND_URL", orNone(redactURL(cfg.BackendURL)))
 	row("BACKEND_API_KEY", mask(cfg.BackendAPIKey))
 	row("LOG_BATCH_SIZE", cfg.LogBatchSize)
 	row("LOG_BATCH_INTERVAL", cfg.LogBatchInterval)
@@ -92,6 +93,16 @@ func mask(s string) string {
 		return "(not set)"
 	}
 	return fmt.Sprintf("(set, %d bytes)", len(s))
+}
+
+// redactURL hides a password in a URL's userinfo: BACKEND_URL may carry
+// credentials, and check-config output ends up in tickets and chat.
+func redactURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil {
+		return s
+	}
+	return u.Redacted()
 }
 
 func orNone(s string) string {

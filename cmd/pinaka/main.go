@@ -4,9 +4,10 @@
 // request records. This file is flags, subcommands and wiring only.
 package main
 
-//go:debug http2xconnect=1
-
 import (
+	// First: enables RFC 8441 before net/http initialises.
+	_ "github.com/pinaka-proxy/pinaka/internal/xconnect"
+
 	"context"
 	"crypto/rand"
 	"encoding/hex"

@@ -97,6 +97,9 @@ func (r *Resolver) LookupHost(ctx context.Context, host string) ([]netip.Addr, e
 	if name == "localhost" || strings.HasSuffix(name, ".localhost") {
 		return []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, 1}), netip.IPv6Loopback()}, nil
 	}
+	if _, ok := dns.IsDomainName(name); !ok || strings.HasSuffix(name, ".") {
+		return nil, &net.DNSError{Err: "invalid host name", Name: host, IsNotFound: true}
+	}
 	if e, ok := r.cache.Get(name); ok && r.now().Before(e.expires) {
 		if e.err != nil {
 			return nil, e.err

@@ -286,3 +286,18 @@ func TestResolverSystem(t *testing.T) {
 		}
 	}
 }
+
+func TestResolverInvalidName(t *testing.T) {
+	s := startDNS(t)
+	r, _ := newTestResolver(t, s.addr)
+	for _, host := range []string{"", ".", "a..b", "example.com.."} {
+		_, err := r.LookupHost(t.Context(), host)
+		var de *net.DNSError
+		if !errors.As(err, &de) || !de.IsNotFound {
+			t.Errorf("LookupHost(%q) = %v, want not found", host, err)
+		}
+	}
+	if n := s.total(); n != 0 {
+		t.Errorf("%d queries sent for invalid names", n)
+	}
+}

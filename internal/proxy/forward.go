@@ -1,15 +1,19 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httputil"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/pinaka-proxy/pinaka/internal/egress"
+	"github.com/pinaka-proxy/pinaka/internal/metrics"
 )
 
 type requestKey struct{}
@@ -27,6 +31,10 @@ func (p *Proxy) newForwarder() http.Handler {
 				out.URL.Scheme, out.URL.Host = "http", in.Host
 			}
 			out.Host = out.URL.Host
+			// ReverseProxy clones the request before its body is read, so
+			// the clone's trailer values would stay empty; share the map
+			// the server fills at the end of the body.
+			out.Trailer = in.Trailer
 			// ReverseProxy has already removed the hop-by-hop headers;
 			// Proxy-Authorization is the one that must never leak, so say
 			// it again where the policy is visible.
@@ -110,6 +118,10 @@ func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request)
 	}
 	r = r.WithContext(context.WithValue(r.Context(), requestKey{}, q))
 	p.forwarder.ServeHTTP(cw, r)
+	if cw.hijacked != nil {
+		q.rec.RequestSize += cw.hijacked.up.Load()
+		q.rec.ResponseSize += cw.hijacked.down.Load()
+	}
 }
 
 // addVia appends this hop to Via (RFC 9110 §7.6.3).
@@ -127,8 +139,9 @@ func addVia(h http.Header, r *http.Request) {
 // countingWriter records the status and counts response body bytes.
 type countingWriter struct {
 	http.ResponseWriter
-	q *request
-	p *Proxy
+	q        *request
+	p        *Proxy
+	hijacked *countingConn // set once an upgrade took the connection
 }
 
 func (c *countingWriter) WriteHeader(code int) {
@@ -148,8 +161,53 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 	return n, err
 }
 
-// Unwrap lets http.ResponseController reach Flush and Hijack.
+// Unwrap lets http.ResponseController reach Flush.
 func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
+
+// Hijack is how ReverseProxy takes over an upgraded connection, which it
+// does only after the origin answered 101 and without calling WriteHeader:
+// so this is where the record learns the status, and the returned conn
+// counts the bytes relayed. The counters are atomic because ReverseProxy's
+// copy goroutines may outlive its ServeHTTP by a moment.
+func (c *countingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(c.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	c.q.rec.StatusCode = http.StatusSwitchingProtocols
+	c.hijacked = &countingConn{Conn: conn, m: c.p.opt.Metrics}
+	return c.hijacked, brw, nil
+}
+
+// countingConn counts the bytes of an upgraded (hijacked) connection.
+type countingConn struct {
+	net.Conn
+	m        *metrics.Metrics
+	up, down atomic.Int64
+}
+
+func (c *countingConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	c.up.Add(int64(n))
+	c.m.BytesUpstream.Add(float64(n))
+	return n, err
+}
+
+func (c *countingConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.down.Add(int64(n))
+	c.m.BytesDownstream.Add(float64(n))
+	return n, err
+}
+
+// CloseWrite passes the origin's half-close on, as ReverseProxy does for
+// the bare connection.
+func (c *countingConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
 
 // countingBody counts request body bytes. The transport reads it from its
 // own goroutine, but only while the handler waits, so the record is not

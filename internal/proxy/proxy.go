@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -289,6 +290,14 @@ func classifyError(err error) (status int, code, proxyStatus, reason string) {
 // HTTP/2 with :scheme https) with a small page instead of proxying them,
 // which could only loop back here.
 func (p *Proxy) serveSelf(w http.ResponseWriter, r *http.Request, q *request) {
+	// Read a bounded part of the body, for a second at most, before
+	// answering: HTTP/2 checks a declared Content-Length against the DATA
+	// frames only while the body is read (RFC 9113 §8.1.1), and an answer
+	// sent first would race them (h2spec 8.1.2.6).
+	if r.Body != nil && r.Body != http.NoBody {
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(time.Second))
+		_, _ = io.Copy(io.Discard, io.LimitReader(r.Body, 64<<10))
+	}
 	p.fail(w, q, http.StatusBadRequest, "not_a_proxy_request",
 		"this is Pinaka, a forward proxy: configure it as your HTTPS proxy instead of browsing to it")
 }
@@ -303,8 +312,9 @@ const (
 )
 
 // classify tells proxy requests from requests for the proxy itself. For
-// HTTP/2, net/http sets r.TLS only when :scheme is https, so a :scheme http
-// request is a forwarding request for :authority.
+// HTTP/2, r.TLS is set only when :scheme is https (see
+// server.configureHTTP2), so a :scheme http request is a forwarding request
+// for :authority.
 func classify(r *http.Request) requestKind {
 	if r.Method == http.MethodConnect {
 		if r.ProtoMajor == 2 && r.Header.Get(":protocol") != "" {

@@ -6,6 +6,7 @@ import (
 	"crypto/sha1"
 	"crypto/tls"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -69,6 +70,12 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		conn = tc
 	}
 	res, br, err := websocketHandshake(conn, r, t)
+	if errors.Is(err, errBadUpgrade) {
+		conn.Close()
+		q.proxyStatus = "http_protocol_error"
+		p.fail(w, q, http.StatusBadGateway, "upgrade_invalid", err.Error())
+		return
+	}
 	if err != nil {
 		conn.Close()
 		p.failUpstream(w, q, err)
@@ -79,6 +86,9 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		defer conn.Close()
 		defer res.Body.Close()
 		copyEndToEnd(w.Header(), res.Header)
+		// At most 1 MB of the body is passed on, so its length may not
+		// hold; HTTP/2 ends the stream instead.
+		w.Header().Del("Content-Length")
 		q.rec.StatusCode = res.StatusCode
 		q.rec.Error = "upgrade_refused"
 		w.WriteHeader(res.StatusCode)
@@ -86,11 +96,12 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		q.rec.ResponseSize = n
 		return
 	}
-	for _, h := range []string{"Sec-Websocket-Protocol", "Sec-Websocket-Extensions"} {
-		if v := res.Header.Values(h); len(v) > 0 {
-			w.Header()[h] = v
-		}
-	}
+	// The client gets the origin's end-to-end headers (the chosen
+	// subprotocol and extensions, cookies); the 101's own handshake fields
+	// belong to the HTTP/1.1 hop that ends here (RFC 8441 §5).
+	copyEndToEnd(w.Header(), res.Header)
+	w.Header().Del("Sec-Websocket-Accept")
+	w.Header().Del("Content-Length")
 	up := connEndpoint(conn)
 	if br.Buffered() > 0 {
 		// Frames the origin sent right behind its 101.
@@ -144,14 +155,28 @@ func websocketHandshake(conn net.Conn, r *http.Request, t egress.Target) (*http.
 		sum := sha1.Sum([]byte(key + websocketGUID))
 		want := base64.StdEncoding.EncodeToString(sum[:])
 		if res.Header.Get("Sec-Websocket-Accept") != want ||
-			!strings.EqualFold(res.Header.Get("Upgrade"), "websocket") {
+			!strings.EqualFold(res.Header.Get("Upgrade"), "websocket") ||
+			!headerHasToken(res.Header, "Connection", "upgrade") {
 			return nil, nil, errBadUpgrade
 		}
 	}
 	return res, br, nil
 }
 
-var errBadUpgrade = fmt.Errorf("origin answered 101 without a valid Sec-WebSocket-Accept")
+var errBadUpgrade = errors.New("origin answered 101 without a valid WebSocket handshake (Sec-WebSocket-Accept, Upgrade, Connection)")
+
+// headerHasToken reports whether the comma-separated header name lists
+// token (case-insensitively), as RFC 6455 §4.1 requires of Connection.
+func headerHasToken(h http.Header, name, token string) bool {
+	for _, v := range h.Values(name) {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
 
 func hostHeader(t egress.Target) string {
 	if t.Port == 80 || t.Port == 443 {

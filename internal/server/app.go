@@ -129,6 +129,7 @@ func (a *App) Shutdown(ctx context.Context) error {
 	}
 	return err
 }
+
 // flushTimeout bounds the record flush at exit when the drain used up
 // SHUTDOWN_TIMEOUT: long enough to write the spool, short enough that a
 // supervisor's stop timeout is not hit.

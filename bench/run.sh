@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# bench/run.sh — what `make bench` runs.
+#
+# Measures, in one run on this machine: the direct baselines (TCP/TLS
+# straight to pinaka-bench's loopback origins), Pinaka (HTTP/1.1 and
+# HTTP/2), and where installed Squid (https_port) and nghttpx in front of
+# Squid. Each proxy is started fresh for each protocol run, so that the
+# memory workload (which runs first) sees an unused process. Writes
+# bench/results/latest.md and prints it.
+#
+# Environment: BENCH_DURATION (default 3s per measurement),
+# BENCH_IDLE_TUNNELS (default 1000), BENCH_TUNNELS (16), BENCH_CLIENTS (16),
+# BENCH_SKIP (space-separated: pinaka squid nghttpx).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+root=$(pwd)
+duration=${BENCH_DURATION:-3s}
+idle=${BENCH_IDLE_TUNNELS:-1000}
+tunnels=${BENCH_TUNNELS:-16}
+clients=${BENCH_CLIENTS:-16}
+skip=" ${BENCH_SKIP:-} "
+
+work=$(mktemp -d /tmp/pinaka-bench.XXXXXX)
+chmod 755 "$work" # Squid drops privileges to its own user and must read its files
+started=()         # pids of everything this script started
+
+cleanup() {
+	local pid
+	for pid in "${started[@]}"; do
+		kill "$pid" 2>/dev/null || true
+	done
+	for pid in "${started[@]}"; do
+		wait "$pid" 2>/dev/null || true
+	done
+	rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { printf '== %s\n' "$*" >&2; }
+
+# stop PID: end one process this script started, wait for it and forget it
+# (so that cleanup never signals a recycled pid).
+stop() {
+	[[ -n $1 ]] || return 0
+	kill "$1" 2>/dev/null || true
+	wait "$1" 2>/dev/null || true
+	local keep=() pid
+	for pid in "${started[@]}"; do
+		[[ $pid == "$1" ]] || keep+=("$pid")
+	done
+	started=("${keep[@]}")
+}
+
+# wait_port PORT: until something accepts on 127.0.0.1:PORT (10s).
+wait_port() {
+	local i
+	for i in $(seq 100); do
+		if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+			return 0
+		fi
+		sleep 0.1
+	done
+	return 1
+}
+
+log "building pinaka-bench"
+go build -o "$work/pinaka-bench" ./cmd/pinaka-bench
+bench="$work/pinaka-bench"
+# Each proxy run measures its own direct baseline right before each figure
+# (-baseline): the ratios stay right when load from elsewhere on the machine
+# changes during the suite. The separate direct run is the table's column.
+common=(-json -duration "$duration" -tunnels "$tunnels" -clients "$clients" -idle-tunnels "$idle")
+reports=()
+notes=()
+
+# run NAME ARGS...: one pinaka-bench run whose JSON report is kept even when
+# some workloads failed (the failures are in the report).
+run() {
+	local name=$1
+	shift
+	log "measuring $name"
+	"$bench" "${common[@]}" "$@" >"$work/$name.json" || true
+	if [[ -s "$work/$name.json" ]]; then
+		reports+=("$work/$name.json")
+	else
+		notes+=("$name: no report (see messages above)")
+	fi
+}
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+	-keyout "$work/key.pem" -out "$work/cert.pem" -days 2 -subj /CN=127.0.0.1 \
+	-addext subjectAltName=IP:127.0.0.1 2>/dev/null
+chmod 644 "$work/key.pem" "$work/cert.pem"
+
+read -r p_pinaka p_squid_http p_squid_https p_nghttpx <<<"$("$bench" ports 4)"
+
+run direct -label direct -baseline=false
+
+# --- Pinaka ---------------------------------------------------------------
+if [[ $skip == *" pinaka "* ]]; then
+	notes+=("Pinaka: skipped (BENCH_SKIP)")
+elif ! go build -o "$work/pinaka" ./cmd/pinaka 2>"$work/pinaka-build.log"; then
+	notes+=("Pinaka: not measured, ./cmd/pinaka does not build")
+	cat "$work/pinaka-build.log" >&2
+else
+	secret=$(openssl rand -hex 32)
+	token=$(JWT_SECRET=$secret "$work/pinaka" token --user bench --token-id bench --regions '*' --ttl 2h)
+	start_pinaka() {
+		env JWT_SECRET="$secret" TLS_CERT_PATH="$work/cert.pem" TLS_KEY_PATH="$work/key.pem" \
+			PROXY_BIND=127.0.0.1 PROXY_PORT="$p_pinaka" ADMIN_ADDR=off \
+			EGRESS_ALLOW_CIDRS=127.0.0.0/8 PROBE_NODE_REGION=bench PROBE_NODE_NAME=bench \
+			RATE_LIMIT_REQUESTS_PER_MINUTE=1000000000 RATE_LIMIT_BURST_SIZE=1000000000 \
+			MAX_TUNNELS_PER_TOKEN=1000000 MAX_CONNECTIONS=1000000 LOG_LEVEL=warn \
+			"$work/pinaka" serve >"$work/pinaka.log" 2>&1 &
+		pinaka_pid=$!
+		started+=("$pinaka_pid")
+		wait_port "$p_pinaka" || { cat "$work/pinaka.log" >&2; return 1; }
+	}
+	for proto in h1 h2; do
+		if start_pinaka; then
+			flags=()
+			[[ $proto == h2 ]] && flags=(-proxy-h2)
+			run "pinaka-$proto" -label Pinaka -proxy "https://127.0.0.1:$p_pinaka" -insecure \
+				-bearer "$token" -pid "$pinaka_pid" "${flags[@]}"
+			stop "$pinaka_pid"
+		else
+			notes+=("Pinaka $proto: did not start")
+		fi
+	done
+fi
+
+# --- Squid, and nghttpx in front of it ---------------------------------------
+if [[ $skip != *" squid "* ]] && command -v squid >/dev/null; then
+	mkdir -m 777 "$work/squid"
+	cat >"$work/squid.conf" <<EOF
+http_port 127.0.0.1:$p_squid_http
+https_port 127.0.0.1:$p_squid_https tls-cert=$work/cert.pem tls-key=$work/key.pem
+acl bench src 127.0.0.0/8
+http_access allow bench
+http_access deny all
+cache deny all
+cache_mem 0 MB
+access_log none
+cache_store_log none
+cache_log $work/squid/cache.log
+pid_filename $work/squid/squid.pid
+coredump_dir $work/squid
+max_filedescriptors 65536
+pinger_enable off
+shutdown_lifetime 0 seconds
+forwarded_for delete
+EOF
+	start_squid() {
+		squid -N -f "$work/squid.conf" >>"$work/squid/out.log" 2>&1 &
+		squid_pid=$!
+		started+=("$squid_pid")
+		wait_port "$p_squid_https" || { cat "$work/squid/out.log" >&2; return 1; }
+	}
+	if start_squid; then
+		run squid -label Squid -proxy "https://127.0.0.1:$p_squid_https" -insecure -pid "$squid_pid"
+		stop "$squid_pid"
+	else
+		notes+=("Squid: did not start")
+	fi
+
+	if [[ $skip != *" nghttpx "* ]] && command -v nghttpx >/dev/null; then
+		# Large HTTP/2 windows: nghttpx's 64 KB default would measure flow
+		# control, not the proxy.
+		start_nghttpx() {
+			start_squid || return 1
+			nghttpx --conf=/dev/null --http2-proxy --single-process --no-ocsp \
+				-b "127.0.0.1,$p_squid_http" -f "127.0.0.1,$p_nghttpx" \
+				--backend-connections-per-host=1000000 --rlimit-nofile=65536 \
+				--frontend-http2-window-size=4194304 \
+				--frontend-http2-connection-window-size=1073741824 \
+				"$work/key.pem" "$work/cert.pem" >"$work/nghttpx.log" 2>&1 &
+			nghttpx_pid=$!
+			started+=("$nghttpx_pid")
+			wait_port "$p_nghttpx" || { cat "$work/nghttpx.log" >&2; return 1; }
+		}
+		for proto in h1 h2; do
+			nghttpx_pid="" squid_pid=""
+			if start_nghttpx; then
+				flags=()
+				[[ $proto == h2 ]] && flags=(-proxy-h2)
+				run "nghttpx-$proto" -label "nghttpx+Squid" -proxy "https://127.0.0.1:$p_nghttpx" -insecure \
+					-pid "$nghttpx_pid,$squid_pid" "${flags[@]}"
+			else
+				notes+=("nghttpx+Squid $proto: did not start")
+			fi
+			stop "$nghttpx_pid"
+			stop "$squid_pid"
+		done
+	else
+		notes+=("nghttpx+Squid: not measured (nghttpx not installed: Debian package nghttp2-proxy)")
+	fi
+else
+	notes+=("Squid: not measured (squid not installed: Debian package squid)")
+fi
+
+# --- Table ---------------------------------------------------------------------
+mkdir -p bench/results
+out=bench/results/latest.md
+{
+	echo "# pinaka-bench results"
+	echo
+	echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')),"
+	echo "$(go version | cut -d' ' -f3), ${duration} per measurement, $tunnels tunnels, $clients clients, $idle idle tunnels."
+	command -v squid >/dev/null && echo "$(squid -v | head -1)."
+	command -v nghttpx >/dev/null && echo "$(nghttpx --version | head -1)."
+	echo
+	echo "Ratios in parentheses are to a direct baseline measured by the same pinaka-bench"
+	echo "run right before that figure (so they hold when load from elsewhere on the machine"
+	echo "changes during the suite); the direct column is the suite's first, separate baseline"
+	echo "run. ✓/✗ mark the targets from the performance issue. MB = 10^6 bytes."
+	echo
+	"$bench" table "${reports[@]}"
+	if ((${#notes[@]})); then
+		echo
+		for n in "${notes[@]}"; do echo "- $n"; done
+	fi
+} >"$out"
+cat "$out"

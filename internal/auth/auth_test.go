@@ -1,0 +1,201 @@
+package auth
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"encoding/base64"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+)
+
+var secret = []byte("0123456789abcdef0123456789abcdef")
+
+func sign(t *testing.T, method jwt.SigningMethod, key any, claims jwt.MapClaims) string {
+	t.Helper()
+	s, err := jwt.NewWithClaims(method, claims).SignedString(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func TestVerify(t *testing.T) {
+	now := time.Now()
+	exp := now.Add(time.Hour).Unix()
+	rsaKey, _ := rsa.GenerateKey(rand.Reader, 2048)
+	ecKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	base := func() jwt.MapClaims {
+		return jwt.MapClaims{"user_id": "u1", "token_id": "t1", "allowed_regions": []string{"us-east"}, "exp": exp}
+	}
+	with := func(k string, v any) jwt.MapClaims {
+		c := base()
+		if v == nil {
+			delete(c, k)
+		} else {
+			c[k] = v
+		}
+		return c
+	}
+	cases := []struct {
+		name    string
+		token   string
+		wantErr error
+		check   func(*Identity) bool
+	}{
+		{"HS256", sign(t, jwt.SigningMethodHS256, secret, base()), nil, nil},
+		{"HS384", sign(t, jwt.SigningMethodHS384, secret, base()), nil, nil},
+		{"HS512", sign(t, jwt.SigningMethodHS512, secret, base()), nil, nil},
+		{"numeric ids", sign(t, jwt.SigningMethodHS256, secret, with("user_id", 42)), nil,
+			func(id *Identity) bool { return id.UserID == "42" }},
+		{"numeric token id", sign(t, jwt.SigningMethodHS256, secret, with("token_id", 1234567890123)), nil,
+			func(id *Identity) bool { return id.TokenID == "1234567890123" }},
+		{"session type from id", sign(t, jwt.SigningMethodHS256, secret, with("token_id", "session_5")), nil,
+			func(id *Identity) bool { return id.TokenType == "session" }},
+		{"explicit type", sign(t, jwt.SigningMethodHS256, secret, with("token_type", "session")), nil,
+			func(id *Identity) bool { return id.TokenType == "session" }},
+		{"manual by default", sign(t, jwt.SigningMethodHS256, secret, base()), nil,
+			func(id *Identity) bool { return id.TokenType == "manual" }},
+		{"wildcard region", sign(t, jwt.SigningMethodHS256, secret, with("allowed_regions", []string{"*"})), nil, nil},
+		{"wrong region", sign(t, jwt.SigningMethodHS256, secret, with("allowed_regions", []string{"eu-west"})), ErrRegion, nil},
+		{"no regions claim", sign(t, jwt.SigningMethodHS256, secret, with("allowed_regions", nil)), ErrRegion, nil},
+		{"missing exp", sign(t, jwt.SigningMethodHS256, secret, with("exp", nil)), ErrInvalid, nil},
+		{"expired", sign(t, jwt.SigningMethodHS256, secret, with("exp", now.Add(-time.Hour).Unix())), ErrInvalid, nil},
+		{"expired within leeway", sign(t, jwt.SigningMethodHS256, secret, with("exp", now.Add(-5*time.Second).Unix())), nil, nil},
+		{"nbf in future", sign(t, jwt.SigningMethodHS256, secret, with("nbf", now.Add(time.Hour).Unix())), ErrInvalid, nil},
+		{"nbf within leeway", sign(t, jwt.SigningMethodHS256, secret, with("nbf", now.Add(5*time.Second).Unix())), nil, nil},
+		{"wrong secret", sign(t, jwt.SigningMethodHS256, []byte("another-secret-another-secret-123"), base()), ErrInvalid, nil},
+		{"alg none", sign(t, jwt.SigningMethodNone, jwt.UnsafeAllowNoneSignatureType, base()), ErrInvalid, nil},
+		{"RS256", sign(t, jwt.SigningMethodRS256, rsaKey, base()), ErrInvalid, nil},
+		{"ES256", sign(t, jwt.SigningMethodES256, ecKey, base()), ErrInvalid, nil},
+		{"missing token_id", sign(t, jwt.SigningMethodHS256, secret, with("token_id", nil)), ErrInvalid, nil},
+		{"garbage", "not.a.jwt", ErrInvalid, nil},
+	}
+	v := NewVerifier(secret, "us-east", 30*time.Second)
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			id, err := v.Verify(c.token)
+			if !errors.Is(err, c.wantErr) || (c.wantErr == nil && err != nil) {
+				t.Fatalf("err = %v, want %v", err, c.wantErr)
+			}
+			if c.check != nil && !c.check(id) {
+				t.Errorf("identity %+v", id)
+			}
+			if err != nil && strings.Contains(err.Error(), c.token) {
+				t.Error("error message contains the token")
+			}
+		})
+	}
+}
+
+func TestNodeWithoutRegionAcceptsOnlyWildcard(t *testing.T) {
+	v := NewVerifier(secret, "", 0)
+	tok, _ := Mint(secret, MintOptions{TokenID: "t", Regions: []string{"us-east"}, TTL: time.Hour})
+	if _, err := v.Verify(tok); !errors.Is(err, ErrRegion) {
+		t.Errorf("regional token on a region-less node: %v", err)
+	}
+	tok, _ = Mint(secret, MintOptions{TokenID: "t", Regions: []string{"*"}, TTL: time.Hour})
+	if _, err := v.Verify(tok); err != nil {
+		t.Errorf("wildcard token: %v", err)
+	}
+}
+
+func TestTokenFromHeader(t *testing.T) {
+	basic := func(s string) string { return "Basic " + base64.StdEncoding.EncodeToString([]byte(s)) }
+	cases := []struct {
+		header, want string
+		err          error
+	}{
+		{"", "", ErrMissing},
+		{"Bearer abc.def.ghi", "abc.def.ghi", nil},
+		{"bearer   abc.def.ghi ", "abc.def.ghi", nil},
+		{basic("anything:abc.def.ghi"), "abc.def.ghi", nil},
+		{basic(":abc.def.ghi"), "abc.def.ghi", nil},
+		{basic("user:pa:ss"), "pa:ss", nil},
+		{basic("nopassword"), "", ErrInvalid},
+		{basic("user:"), "", ErrInvalid},
+		{"Basic !!!notbase64", "", ErrInvalid},
+		{"Bearer", "", ErrInvalid},
+		{"Bearer ", "", ErrInvalid},
+		{"Digest abc", "", ErrInvalid},
+		{"Bearer " + strings.Repeat("a", MaxHeaderLen), "", ErrInvalid},
+	}
+	for _, c := range cases {
+		got, err := TokenFromHeader(c.header)
+		if !errors.Is(err, c.err) || (c.err == nil && err != nil) || got != c.want {
+			t.Errorf("TokenFromHeader(%.40q) = %q, %v; want %q, %v", c.header, got, err, c.want, c.err)
+		}
+	}
+}
+
+func TestMint(t *testing.T) {
+	now := time.Now()
+	tok, err := Mint(secret, MintOptions{UserID: "7", TokenID: "session_9", Regions: []string{"a", "b"}, TTL: 2 * time.Hour, Algorithm: "HS512", Now: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := NewVerifier(secret, "b", 0).Verify(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id.UserID != "7" || id.TokenID != "session_9" || id.TokenType != "session" || id.Expires.Unix() != now.Add(2*time.Hour).Unix() {
+		t.Errorf("identity %+v", id)
+	}
+	for _, bad := range []MintOptions{{TokenID: "t", TTL: 0}, {TTL: time.Hour}, {TokenID: "t", TTL: time.Hour, Algorithm: "RS256"}} {
+		if _, err := Mint(secret, bad); err == nil {
+			t.Errorf("Mint(%+v) succeeded", bad)
+		}
+	}
+}
+
+// FuzzTokenFromHeader: the header parser never panics, never returns a
+// token for an over-long header, and a token it returns is part of what
+// the client sent (after base64 decoding for Basic).
+func FuzzTokenFromHeader(f *testing.F) {
+	for _, s := range []string{"", "Bearer x.y.z", "Basic dXNlcjpwYXNz", "Basic Og==", "basic " + base64.StdEncoding.EncodeToString([]byte("a:b:c")),
+		"Bearer\t", "Negotiate abc", "Basic ====", " Bearer  a ", "Basic " + strings.Repeat("A", 5000)} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, h string) {
+		tok, err := TokenFromHeader(h)
+		if err != nil {
+			if tok != "" {
+				t.Fatalf("token %q with error %v", tok, err)
+			}
+			if !errors.Is(err, ErrMissing) && !errors.Is(err, ErrInvalid) {
+				t.Fatalf("unclassified error %v", err)
+			}
+			return
+		}
+		if len(h) > MaxHeaderLen || tok == "" {
+			t.Fatalf("accepted %q from a header of %d bytes", tok, len(h))
+		}
+		if !strings.Contains(h, tok) {
+			_, rest, _ := strings.Cut(strings.TrimSpace(h), " ")
+			dec, derr := base64.StdEncoding.DecodeString(strings.TrimSpace(rest))
+			if derr != nil || !strings.Contains(string(dec), tok) {
+				t.Fatalf("token %q is not in header %q", tok, h)
+			}
+		}
+		// A verifier must reject whatever the fuzzer produced without
+		// panicking.
+		_, _ = NewVerifier(secret, "r", 0).Verify(tok)
+	})
+}
+
+func BenchmarkVerify(b *testing.B) {
+	tok, _ := Mint(secret, MintOptions{UserID: "u", TokenID: "t", Regions: []string{"us-east"}, TTL: time.Hour})
+	v := NewVerifier(secret, "us-east", time.Second)
+	h := "Bearer " + tok
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := v.Authenticate(h); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,96 @@
+// Package collector is Pinaka's reference record backend: it accepts the
+// batches the proxies ship and stores them in PostgreSQL, once per batch_id.
+package collector
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pinaka-proxy/pinaka/internal/config"
+)
+
+// Config is the collector's configuration.
+type Config struct {
+	Addr        string // COLLECTOR_ADDR
+	APIKey      string // COLLECTOR_API_KEY, else BACKEND_API_KEY
+	DatabaseURL string // DATABASE_URL
+
+	// InsecureNoAuth (COLLECTOR_INSECURE_NO_AUTH) allows running without an
+	// API key. It must be asked for: a collector open to anyone lets anyone
+	// write records.
+	InsecureNoAuth bool
+
+	ShutdownTimeout time.Duration // SHUTDOWN_TIMEOUT
+}
+
+// LoadConfig reads the collector's variables. Every problem is reported,
+// each naming its variable.
+func LoadConfig(lookup config.Lookup) (Config, error) {
+	var errs []error
+	get := func(name, def string) string {
+		if v, ok := lookup(name); ok && strings.TrimSpace(v) != "" {
+			return strings.TrimSpace(v)
+		}
+		return def
+	}
+	c := Config{
+		Addr:        get("COLLECTOR_ADDR", "127.0.0.1:8080"),
+		APIKey:      get("COLLECTOR_API_KEY", get("BACKEND_API_KEY", "")),
+		DatabaseURL: get("DATABASE_URL", ""),
+	}
+	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
+		errs = append(errs, fmt.Errorf("COLLECTOR_ADDR must be host:port, got %q", c.Addr))
+	}
+	if c.DatabaseURL == "" {
+		errs = append(errs, errors.New("DATABASE_URL is required (postgres://user:password@host:5432/db)"))
+	} else if _, err := pgxpool.ParseConfig(c.DatabaseURL); err != nil {
+		errs = append(errs, fmt.Errorf("DATABASE_URL is invalid: %w", err))
+	}
+	switch v := strings.ToLower(get("COLLECTOR_INSECURE_NO_AUTH", "false")); v {
+	case "1", "true", "yes", "on":
+		c.InsecureNoAuth = true
+	case "0", "false", "no", "off":
+	default:
+		errs = append(errs, fmt.Errorf("COLLECTOR_INSECURE_NO_AUTH must be true or false, got %q", v))
+	}
+	c.ShutdownTimeout = 30 * time.Second
+	if v := get("SHUTDOWN_TIMEOUT", ""); v != "" {
+		d, err := parseDuration(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("SHUTDOWN_TIMEOUT must be a duration like 30s or a number of seconds, got %q", v))
+		} else {
+			c.ShutdownTimeout = d
+		}
+	}
+	if err := c.validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		return Config{}, errors.Join(errs...)
+	}
+	return c, nil
+}
+
+func (c Config) validate() error {
+	if c.APIKey == "" && !c.InsecureNoAuth {
+		return errors.New("COLLECTOR_API_KEY is required (or set COLLECTOR_INSECURE_NO_AUTH=true to accept batches from anyone)")
+	}
+	return nil
+}
+
+func parseDuration(v string) (time.Duration, error) {
+	if n, err := strconv.Atoi(v); err == nil && n >= 0 {
+		return time.Duration(n) * time.Second, nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d < 0 {
+		return 0, fmt.Errorf("invalid duration %q", v)
+	}
+	return d, nil
+}

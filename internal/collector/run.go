@@ -1,0 +1,72 @@
+package collector
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Run connects to PostgreSQL, migrates the schema and serves until ctx is
+// done, then shuts down gracefully within cfg.ShutdownTimeout.
+func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	if err := cfg.validate(); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("listening on COLLECTOR_ADDR %s: %w", cfg.Addr, err)
+	}
+	return serve(ctx, cfg, log, ln)
+}
+
+// serve is Run on a given listener; it closes ln.
+func serve(ctx context.Context, cfg Config, log *slog.Logger, ln net.Listener) error {
+	defer ln.Close()
+	pool, err := pgxpool.New(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return fmt.Errorf("connecting to DATABASE_URL: %w", err)
+	}
+	defer pool.Close()
+	if err := Migrate(ctx, pool); err != nil {
+		return err
+	}
+	if cfg.APIKey == "" {
+		log.Warn("COLLECTOR_INSECURE_NO_AUTH: accepting batches without an API key")
+	}
+	srv := &http.Server{
+		Handler:           NewHandler(pool, cfg.APIKey, log),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       2 * time.Minute,
+		WriteTimeout:      2 * time.Minute,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	log.Info("collector listening", "addr", ln.Addr().String())
+
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serving on %s: %w", ln.Addr(), err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	err = srv.Shutdown(sctx)
+	if serr := <-errc; serr != nil && !errors.Is(serr, http.ErrServerClosed) {
+		return fmt.Errorf("serving on %s: %w", ln.Addr(), serr)
+	}
+	if err != nil {
+		srv.Close()
+		return fmt.Errorf("shutting down the collector: %w", err)
+	}
+	log.Info("collector stopped")
+	return nil
+}
