@@ -3,6 +3,7 @@ package deploy
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"debug/elf"
 	"errors"
 	"os"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/pinaka-proxy/pinaka/internal/collector"
 	"github.com/pinaka-proxy/pinaka/internal/config"
+	"github.com/pinaka-proxy/pinaka/internal/server"
 )
 
 // repoRoot is the repository root: the Docker build context.
@@ -812,5 +814,75 @@ func TestEnvExampleDefaults(t *testing.T) {
 	}
 	if got != want {
 		t.Errorf("collector: documented defaults differ from the code's:\n got %+v\nwant %+v", got, want)
+	}
+}
+
+// ---- certbot deploy hook -------------------------------------------------
+
+func TestCertbotDeployHook(t *testing.T) {
+	lineage := filepath.Join(t.TempDir(), "live", "proxy.example")
+	if err := os.MkdirAll(lineage, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	_, certPEM, keyPEM, err := server.SelfSigned(time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(lineage, "fullchain.pem"), certPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(lineage, "privkey.pem"), keyPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	group, err := exec.Command("id", "-gn").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	work := t.TempDir()
+	dest := filepath.Join(work, "tls")
+	reloaded := filepath.Join(work, "reloaded")
+	hook := func(env ...string) ([]byte, error) {
+		cmd := exec.Command("./certbot-deploy-hook.sh")
+		cmd.Env = append([]string{
+			"PATH=" + os.Getenv("PATH"),
+			"PINAKA_TLS_DIR=" + dest,
+			"PINAKA_GROUP=" + strings.TrimSpace(string(group)),
+			"PINAKA_RELOAD=touch " + reloaded,
+		}, env...)
+		return cmd.CombinedOutput()
+	}
+
+	// Another lineage on the same host is left alone.
+	if out, err := hook("RENEWED_LINEAGE="+lineage, "PINAKA_CERT_NAME=other.example"); err != nil {
+		t.Fatalf("hook for another lineage: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(reloaded); err == nil {
+		t.Fatal("hook reloaded pinaka for another lineage")
+	}
+
+	if out, err := hook("RENEWED_LINEAGE="+lineage, "PINAKA_CERT_NAME=proxy.example"); err != nil {
+		t.Fatalf("hook: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(reloaded); err != nil {
+		t.Errorf("hook did not run the reload command: %v", err)
+	}
+	for name, mode := range map[string]os.FileMode{"fullchain.pem": 0o644, "privkey.pem": 0o640} {
+		st, err := os.Stat(filepath.Join(dest, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm() != mode {
+			t.Errorf("%s mode %v, want %v", name, st.Mode().Perm(), mode)
+		}
+	}
+	if _, err := tls.LoadX509KeyPair(filepath.Join(dest, "fullchain.pem"), filepath.Join(dest, "privkey.pem")); err != nil {
+		t.Errorf("installed pair does not load: %v", err)
+	}
+	if leftovers, _ := filepath.Glob(filepath.Join(dest, ".*.new")); len(leftovers) > 0 {
+		t.Errorf("temporary files left: %v", leftovers)
+	}
+
+	if out, err := hook(); err == nil || !strings.Contains(string(out), "RENEWED_LINEAGE") {
+		t.Errorf("hook without RENEWED_LINEAGE: err %v, output %s", err, out)
 	}
 }

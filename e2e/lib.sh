@@ -6,6 +6,12 @@
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$E2E_DIR/.." && pwd)
 E2E_SECRET=e2e-secret-0123456789abcdef0123456789abcdef
+# Loopback only, whatever a client asks for (Chromium makes background
+# requests to public hosts): every IPv4 range but 127.0.0.0/8, and all of
+# IPv6, is denied (deny wins over allow), and DNS goes to a closed loopback
+# port, so no lookup leaves the machine either.
+E2E_DENY_CIDRS=0.0.0.0/2,64.0.0.0/3,96.0.0.0/4,112.0.0.0/5,120.0.0.0/6,124.0.0.0/7,126.0.0.0/8,128.0.0.0/1,::/0
+E2E_DNS=127.0.0.1:9
 
 # e2e_setup creates $WORK (removed on exit, with the proxy stopped), builds
 # the binary into it and writes a self-signed certificate for 127.0.0.1 and
@@ -43,7 +49,8 @@ e2e_start_proxy() {
     env JWT_SECRET="$E2E_SECRET" \
       TLS_CERT_PATH="$WORK/cert.pem" TLS_KEY_PATH="$WORK/key.pem" \
       PROXY_BIND=127.0.0.1 PROXY_PORT="$PROXY_PORT" ADMIN_ADDR=off \
-      EGRESS_ALLOW_CIDRS=127.0.0.0/8 PROBE_NODE_REGION=us-east PROBE_NODE_NAME=e2e \
+      EGRESS_ALLOW_CIDRS=127.0.0.0/8 EGRESS_DENY_CIDRS="$E2E_DENY_CIDRS" DNS_SERVERS="$E2E_DNS" \
+      PROBE_NODE_REGION=us-east PROBE_NODE_NAME=e2e \
       LOG_LEVEL=info BACKEND_URL= SHUTDOWN_TIMEOUT=5s "$@" \
       "$WORK/pinaka" serve --env-file /dev/null >"$WORK/proxy.out" 2>"$WORK/proxy.log" &
     PROXY_PID=$!

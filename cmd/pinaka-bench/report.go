@@ -45,7 +45,7 @@ const (
 	minRatio                 // ratio to the direct baseline >= v
 	minValue                 // absolute value >= v
 	maxValue                 // absolute value <= v
-	minSquidValue            // absolute value >= the Squid column's
+	minSquidValue            // at least the Squid column's figure
 )
 
 type target struct {
@@ -70,7 +70,9 @@ func (t target) format(unit string) string {
 
 // met reports whether a cell meets the target; ok is false when the target
 // cannot be checked (no target, or the figure it depends on is missing).
-func (t target) met(value float64, r *float64, squid *float64) (met, ok bool) {
+// squid is the Squid cell of the same row, compared by ratio when both
+// have one (each to its own adjacent baseline), else by value.
+func (t target) met(value float64, r *float64, squid *Result) (met, ok bool) {
 	switch t.kind {
 	case minRatio:
 		if r == nil {
@@ -85,7 +87,10 @@ func (t target) met(value float64, r *float64, squid *float64) (met, ok bool) {
 		if squid == nil {
 			return false, false
 		}
-		return value >= *squid, true
+		if r != nil && squid.Ratio != nil {
+			return *r >= *squid.Ratio, true
+		}
+		return value >= squid.Value, true
 	}
 	return false, false
 }
@@ -185,9 +190,9 @@ func writeTable(w io.Writer, reports []Report) error {
 			b.WriteString("—")
 		}
 		b.WriteString(" |")
-		var squid *float64
+		var squid *Result
 		if r, ok := cells[squidLabel][key]; ok && r.Error == "" {
-			squid = &r.Value
+			squid = &r
 		}
 		for _, l := range labels {
 			r, ok := cells[l][key]

@@ -86,11 +86,15 @@ func TestWriteTable(t *testing.T) {
 			{Workload: wMemory, N: 1000, Unit: "KB/tunnel", Value: 30},
 		}},
 	}
-	var b strings.Builder
-	if err := writeTable(&b, reports); err != nil {
-		t.Fatal(err)
+	tableFor := func(reports []Report) string {
+		t.Helper()
+		var b strings.Builder
+		if err := writeTable(&b, reports); err != nil {
+			t.Fatal(err)
+		}
+		return b.String()
 	}
-	table := b.String()
+	table := tableFor(reports)
 	lines := strings.Split(strings.TrimSpace(table), "\n")
 	if lines[0] != "| workload | target | direct | Pinaka | Squid |" {
 		t.Fatalf("header = %q", lines[0])
@@ -119,6 +123,13 @@ func TestWriteTable(t *testing.T) {
 	if got, want := row("HTTP/1.1 tunnel setup, new TLS connection + CONNECT, 16 workers"),
 		"| HTTP/1.1 tunnel setup, new TLS connection + CONNECT, 16 workers | ≥ Squid | 3000/s<br>p50 1.50 ms, p99 4.00 ms | 2500/s (0.83×) ✗ | 2600/s (0.87×) |"; got != want {
 		t.Errorf("setup row\n got %s\nwant %s", got, want)
+	}
+	// With adjacent baselines on both sides, "≥ Squid" compares ratios:
+	// Pinaka's lower rate came with a proportionally lower baseline.
+	reports[1].Results[1].Ratio = f(0.95)
+	reports[3].Results[1].Ratio = f(0.90)
+	if !strings.Contains(tableFor(reports), "| 2500/s (0.95×) ✓ |") {
+		t.Errorf("setup compared by value despite ratios:\n%s", tableFor(reports))
 	}
 	// Warm HTTP/2 setup is compared with the direct setup rate and checked
 	// against an absolute target.

@@ -368,3 +368,5 @@ func TestSIGTERMClosesTunnelsAtTimeout(t *testing.T) {
 		t.Error("the forced close was not logged")
 	}
 }
+
+func insecureTLS() *tls.Config { return &tls.Config{InsecureSkipVerify: true} }

@@ -3,8 +3,6 @@ package collector
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -12,13 +10,13 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/pgtest"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
@@ -30,52 +28,7 @@ import (
 
 const testKey = "collector-key"
 
-// testDB creates a fresh database for one test on the local PostgreSQL and
-// drops it afterwards. PostgreSQL being unreachable fails the test unless
-// PINAKA_SKIP_PG=1.
-func testDB(t *testing.T) (pool *pgxpool.Pool, dsn string) {
-	t.Helper()
-	if os.Getenv("PINAKA_SKIP_PG") == "1" {
-		t.Skip("PINAKA_SKIP_PG=1")
-	}
-	admin := os.Getenv("PINAKA_TEST_DATABASE_URL")
-	if admin == "" {
-		admin = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, admin)
-	if err != nil {
-		t.Fatalf("PostgreSQL unreachable at PINAKA_TEST_DATABASE_URL (set PINAKA_SKIP_PG=1 to skip): %v", err)
-	}
-	var rnd [6]byte
-	rand.Read(rnd[:])
-	name := "pinaka_test_" + hex.EncodeToString(rnd[:])
-	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name); err != nil {
-		conn.Close(ctx)
-		t.Fatalf("creating test database: %v", err)
-	}
-	u, err := url.Parse(admin)
-	if err != nil {
-		t.Fatalf("PINAKA_TEST_DATABASE_URL must be a postgres:// URL: %v", err)
-	}
-	u.Path = "/" + name
-	dsn = u.String()
-	pool, err = pgxpool.New(ctx, dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		pool.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)"); err != nil {
-			t.Errorf("dropping test database: %v", err)
-		}
-		conn.Close(ctx)
-	})
-	return pool, dsn
-}
+func testDB(t *testing.T) (*pgxpool.Pool, string) { return pgtest.NewDB(t) }
 
 func testLog() *slog.Logger {
 	return slog.New(slog.NewJSONHandler(io.Discard, nil))
