@@ -34,9 +34,14 @@ func checkConfig(args []string, stdout, stderr io.Writer) error {
 		if time.Now().After(c.Leaf.NotAfter) {
 			return fmt.Errorf("TLS_CERT_PATH: certificate expired on %s", c.Leaf.NotAfter.Format(time.RFC3339))
 		}
+		// Clients match the proxy's name against the SANs only (never the
+		// CN), so a certificate without them cannot work.
+		names := strings.Join(append(c.Leaf.DNSNames, ipStrings(c.Leaf.IPAddresses)...), ",")
+		if names == "" {
+			names = "(none: clients will reject this certificate)"
+		}
 		certInfo = fmt.Sprintf("%s, names %s, expires %s", c.Leaf.Subject.CommonName,
-			strings.Join(append(c.Leaf.DNSNames, ipStrings(c.Leaf.IPAddresses)...), ","),
-			c.Leaf.NotAfter.Format(time.RFC3339))
+			names, c.Leaf.NotAfter.Format(time.RFC3339))
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	row := func(k string, v any) { fmt.Fprintf(tw, "%s\t%v\n", k, v) }

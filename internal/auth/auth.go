@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	lru "github.com/hashicorp/golang-lru/v2"
 )
 
 // MaxHeaderLen caps Proxy-Authorization before any parsing: a JWT with our
@@ -88,21 +89,39 @@ func (f *FlexString) UnmarshalJSON(b []byte) error {
 type Verifier struct {
 	secret []byte
 	region string
+	leeway time.Duration
 	parser *jwt.Parser
+	// verified caches tokens whose signature and claims were checked: a
+	// browser sends the same token on every request and stream, and a full
+	// HMAC + JSON decode costs microseconds and dozens of allocations. The
+	// key is the exact token text, so a cached answer is only ever reused
+	// for bytes that verified; entries expire with the token.
+	verified *lru.Cache[string, verifiedToken]
+	now      func() time.Time
 }
+
+type verifiedToken struct {
+	id    *Identity
+	err   error // nil or ErrRegion
+	until time.Time
+}
+
+// verifiedCacheSize bounds the cache: enough for every active token of a
+// busy node, at roughly 300 bytes each.
+const verifiedCacheSize = 16384
 
 // NewVerifier returns a Verifier for tokens signed with secret, valid in
 // region, tolerating leeway of clock skew on exp and nbf.
 func NewVerifier(secret []byte, region string, leeway time.Duration) *Verifier {
-	return &Verifier{
-		secret: secret,
-		region: region,
-		parser: jwt.NewParser(
-			jwt.WithValidMethods(Algorithms),
-			jwt.WithExpirationRequired(),
-			jwt.WithLeeway(leeway),
-		),
-	}
+	cache, _ := lru.New[string, verifiedToken](verifiedCacheSize)
+	v := &Verifier{secret: secret, region: region, leeway: leeway, verified: cache, now: time.Now}
+	v.parser = jwt.NewParser(
+		jwt.WithValidMethods(Algorithms),
+		jwt.WithExpirationRequired(),
+		jwt.WithLeeway(leeway),
+		jwt.WithTimeFunc(func() time.Time { return v.now() }),
+	)
+	return v
 }
 
 // Authenticate verifies a Proxy-Authorization header value. On ErrRegion the
@@ -115,8 +134,22 @@ func (v *Verifier) Authenticate(header string) (*Identity, error) {
 	return v.Verify(raw)
 }
 
-// Verify checks a raw JWT.
+// Verify checks a raw JWT. The returned Identity is shared: do not modify it.
 func (v *Verifier) Verify(raw string) (*Identity, error) {
+	if hit, ok := v.verified.Get(raw); ok {
+		if v.now().Before(hit.until) {
+			return hit.id, hit.err
+		}
+		v.verified.Remove(raw)
+	}
+	id, err := v.verify(raw)
+	if id != nil && (err == nil || errors.Is(err, ErrRegion)) {
+		v.verified.Add(raw, verifiedToken{id: id, err: err, until: id.Expires.Add(v.leeway)})
+	}
+	return id, err
+}
+
+func (v *Verifier) verify(raw string) (*Identity, error) {
 	var c Claims
 	_, err := v.parser.ParseWithClaims(raw, &c, func(*jwt.Token) (any, error) { return v.secret, nil })
 	if err != nil {

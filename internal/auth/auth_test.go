@@ -199,3 +199,56 @@ func BenchmarkVerify(b *testing.B) {
 		}
 	}
 }
+
+// A cached verification ends with the token: exp plus leeway.
+func TestVerifiedCacheExpires(t *testing.T) {
+	v := NewVerifier(secret, "r", 2*time.Second)
+	now := time.Now()
+	v.now = func() time.Time { return now }
+	tok, _ := Mint(secret, MintOptions{TokenID: "t", Regions: []string{"r"}, TTL: time.Minute, Now: now})
+	if _, err := v.Verify(tok); err != nil {
+		t.Fatal(err)
+	}
+	if v.verified.Len() != 1 {
+		t.Fatalf("not cached")
+	}
+	v.now = func() time.Time { return now.Add(time.Minute + time.Second) }
+	if _, err := v.Verify(tok); err != nil {
+		t.Fatalf("within leeway: %v", err)
+	}
+	v.now = func() time.Time { return now.Add(time.Minute + 3*time.Second) }
+	if _, err := v.Verify(tok); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("past exp+leeway: %v, want ErrInvalid (the cache must not outlive the token)", err)
+	}
+	if _, ok := v.verified.Get(tok); ok {
+		t.Fatal("expired token still cached")
+	}
+	// A token that fails verification is never cached.
+	bad := tok[:len(tok)-2] + "xx"
+	if _, err := v.Verify(bad); err == nil {
+		t.Fatal("tampered token verified")
+	}
+	if _, ok := v.verified.Get(bad); ok {
+		t.Fatal("tampered token cached")
+	}
+	// Region refusals are cached as refusals.
+	other, _ := Mint(secret, MintOptions{TokenID: "t2", Regions: []string{"elsewhere"}, TTL: time.Minute, Now: now})
+	v.now = time.Now
+	for i := 0; i < 2; i++ {
+		if _, err := v.Verify(other); !errors.Is(err, ErrRegion) {
+			t.Fatalf("attempt %d: %v", i, err)
+		}
+	}
+}
+
+// BenchmarkVerifyUncached is the full check a new token pays once.
+func BenchmarkVerifyUncached(b *testing.B) {
+	tok, _ := Mint(secret, MintOptions{UserID: "u", TokenID: "t", Regions: []string{"us-east"}, TTL: time.Hour})
+	v := NewVerifier(secret, "us-east", time.Second)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := v.verify(tok); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
