@@ -11,7 +11,7 @@ set -euo pipefail
 
 CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 [ -x "$CHROMIUM" ] || { echo "e2e: $CHROMIUM not found (scripts/deps.sh installs it)" >&2; exit 1; }
-[ -d "$E2E_DIR/node_modules/playwright-core" ] || { echo "e2e: run 'npm ci' in e2e/ (scripts/deps.sh does)" >&2; exit 1; }
+[ -d "$E2E_DIR/node_modules/playwright-core" ] || { echo "e2e: run 'npm install' in e2e/ (scripts/deps.sh does)" >&2; exit 1; }
 
 e2e_setup
 e2e_start_proxy

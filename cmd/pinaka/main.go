@@ -165,6 +165,11 @@ func serve(args []string, stdout, stderr io.Writer) error {
 		log.Warn("PROBE_NODE_REGION is empty: only tokens with allowed_regions [\"*\"] are accepted")
 	}
 
+	// Signals are caught before the listener opens: a SIGHUP from a
+	// certificate renewal right after boot must reload, not kill.
+	sig := make(chan os.Signal, 4)
+	signal.Notify(sig, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM)
+
 	app, err := server.NewApp(cfg, log, server.AppOptions{Certs: certs})
 	if err != nil {
 		return err
@@ -176,8 +181,6 @@ func serve(args []string, stdout, stderr io.Writer) error {
 		printDevBanner(stdout, cfg, app.Server.ProxyAddr().String())
 	}
 
-	sig := make(chan os.Signal, 4)
-	signal.Notify(sig, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM)
 	for s := range sig {
 		if s == syscall.SIGHUP {
 			_ = app.Server.Reload()

@@ -146,6 +146,9 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	c.JWTLeeway = p.duration("JWT_LEEWAY", 30*time.Second)
 	host, _ := os.Hostname()
 	c.ProbeNodeName = p.str("PROBE_NODE_NAME", host)
+	if c.ProbeNodeName == "" { // set but empty, as in a templated .env
+		c.ProbeNodeName = host
+	}
 	c.ProbeNodeRegion = p.str("PROBE_NODE_REGION", "")
 	if c.ProbeNodeRegion == "" && dev {
 		c.ProbeNodeRegion = "dev"

@@ -193,7 +193,7 @@ func TestUpstreamErrorsMapToStatuses(t *testing.T) {
 	}{
 		{"http://nowhere.test/", 502, "dns_error"},
 		{"http://" + closedAddr + "/", 502, "connection_refused"},
-		{"http://" + silent.Addr().String() + "/", 504, "connection_timeout"},
+		{"http://" + silent.Addr().String() + "/", 504, "http_response_timeout"},
 		{"http://private.test/", 403, "destination_ip_prohibited"},
 		{"http://meta.test/latest/meta-data/", 403, "destination_ip_prohibited"},
 	}

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -267,7 +268,7 @@ func classifyError(err error) (status int, code, proxyStatus, reason string) {
 	var nerr net.Error
 	switch {
 	case errors.As(err, &te):
-		return http.StatusBadRequest, "bad_target", "destination_not_found", te.Error()
+		return http.StatusBadRequest, "bad_target", "http_request_error", te.Error()
 	case errors.As(err, &de):
 		return http.StatusForbidden, "egress_denied", "destination_ip_prohibited", de.Error()
 	case errors.Is(err, context.Canceled):
@@ -280,6 +281,8 @@ func classifyError(err error) (status int, code, proxyStatus, reason string) {
 		return http.StatusBadGateway, "dns_error", "dns_error", "DNS lookup failed"
 	case isRefused(err):
 		return http.StatusBadGateway, "connection_refused", "connection_refused", "connection refused by upstream"
+	case isResponseTimeout(err):
+		return http.StatusGatewayTimeout, "upstream_timeout", "http_response_timeout", "upstream did not answer in time"
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &nerr) && nerr.Timeout():
 		return http.StatusGatewayTimeout, "upstream_timeout", "connection_timeout", "upstream timed out"
 	}
@@ -332,6 +335,12 @@ func classify(r *http.Request) requestKind {
 		return kindForward
 	}
 	return kindSelf
+}
+
+// isResponseTimeout: the connection was made but the origin sent no
+// response headers within UPSTREAM_RESPONSE_TIMEOUT (net/http's wording).
+func isResponseTimeout(err error) bool {
+	return strings.Contains(err.Error(), "timeout awaiting response headers")
 }
 
 func (p *Proxy) targetURL(r *http.Request, kind requestKind) string {

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -86,6 +87,12 @@ func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy,
 		}
 		fmt.Fprintln(w, "ready")
 	})
+	// Profiles, for measuring before tuning. The admin listener is
+	// loopback-only by default; expose it with care.
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
 	s.adminSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	return s
 }
