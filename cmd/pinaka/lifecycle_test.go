@@ -367,6 +367,9 @@ func TestSIGTERMClosesTunnelsAtTimeout(t *testing.T) {
 	if !strings.Contains(p.stderr.String(), "closing requests and tunnels still open") {
 		t.Error("the forced close was not logged")
 	}
+	if !strings.Contains(p.stderr.String(), `"error":"tunnel_shutdown"`) {
+		t.Error("the tunnel closed at the deadline was not recorded as tunnel_shutdown")
+	}
 }
 
 func insecureTLS() *tls.Config { return &tls.Config{InsecureSkipVerify: true} }

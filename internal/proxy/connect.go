@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"net"
 	"net/http"
 	"time"
@@ -27,18 +28,18 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request, q *request)
 	if !ok {
 		return
 	}
-	defer release()
-
 	upstream, err := p.opt.Dialer.DialTarget(r.Context(), t)
 	if err != nil {
+		release()
 		p.failUpstream(w, q, err)
 		return
 	}
 	if r.ProtoMajor == 1 {
-		p.tunnelHTTP1(w, r, q, upstream)
-	} else {
-		p.tunnelHTTP2(w, r, q, connEndpoint(upstream))
+		p.tunnelHTTP1(w, r, q, upstream, release)
+		return
 	}
+	defer release()
+	p.tunnelHTTP2(w, r, q, connEndpoint(upstream))
 }
 
 // acquireTunnel enforces MAX_TUNNELS_PER_TOKEN.
@@ -56,9 +57,16 @@ func (p *Proxy) acquireTunnel(w http.ResponseWriter, q *request) (release func()
 
 var connectEstablished = []byte("HTTP/1.1 200 Connection established\r\n\r\n")
 
-func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, upstream net.Conn) {
+// tunnelHTTP1 hijacks the connection, answers 200 and hands the tunnel to
+// fresh goroutines, then returns: the connection's serve goroutine, whose
+// stack grew through the TLS handshake, and net/http's per-connection
+// buffers are freed instead of idling as long as the tunnel does. The
+// tunnel keeps its own place in the drain set and its tunnel-limit slot
+// (release) until it ends.
+func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, upstream net.Conn, release func()) {
 	conn, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
+		release()
 		upstream.Close()
 		p.fail(w, q, http.StatusInternalServerError, "hijack_failed", "cannot take over the connection")
 		return
@@ -67,6 +75,7 @@ func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, 
 	// takes over.
 	_ = conn.SetDeadline(time.Time{})
 	if _, err := conn.Write(connectEstablished); err != nil {
+		release()
 		conn.Close()
 		upstream.Close()
 		q.rec.StatusCode, q.rec.Error = 499, "client_closed"
@@ -81,6 +90,7 @@ func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, 
 		q.rec.RequestSize += int64(nw)
 		p.opt.Metrics.BytesUpstream.Add(float64(nw))
 		if err != nil {
+			release()
 			conn.Close()
 			upstream.Close()
 			q.rec.Error = "upstream_write"
@@ -88,8 +98,15 @@ func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, 
 		}
 	}
 	// The buffered bytes were replayed, so the tunnel reads the conn itself
-	// and the 4 KB bufio buffers can be collected.
-	p.runTunnel(r, q, connEndpoint(conn), connEndpoint(upstream))
+	// and the bufio buffers can be collected with the handler.
+	ctx, done := p.active.add(context.WithoutCancel(r.Context()))
+	q.detached = true
+	go func() {
+		defer done()
+		defer release()
+		p.runTunnel(ctx, q, connEndpoint(conn), connEndpoint(upstream))
+		p.finish(q)
+	}()
 }
 
 func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, r *http.Request, q *request, upstream endpoint) {
@@ -107,15 +124,15 @@ func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, r *http.Request, q *request, 
 		flush: rc.Flush,
 		close: r.Body.Close,
 	}
-	p.runTunnel(r, q, client, upstream)
+	p.runTunnel(r.Context(), q, client, upstream)
 }
 
 // runTunnel relays and accounts for one tunnel.
-func (p *Proxy) runTunnel(r *http.Request, q *request, client, upstream endpoint) {
+func (p *Proxy) runTunnel(ctx context.Context, q *request, client, upstream endpoint) {
 	m := p.opt.Metrics
 	m.ActiveTunnels.Inc()
 	defer m.ActiveTunnels.Dec()
-	res := relay(r.Context(), client, upstream, p.opt.TunnelIdleTimeout, func(up, down int) {
+	res := relay(ctx, client, upstream, p.opt.TunnelIdleTimeout, func(up, down int) {
 		if up > 0 {
 			m.BytesUpstream.Add(float64(up))
 		}
@@ -125,8 +142,10 @@ func (p *Proxy) runTunnel(r *http.Request, q *request, client, upstream endpoint
 	})
 	q.rec.RequestSize += res.up
 	q.rec.ResponseSize += res.down
+	if res.end != "" {
+		q.rec.Error = "tunnel_" + res.end
+	}
 	if res.err != nil {
-		q.rec.Error = "tunnel_error"
-		p.log.Debug("tunnel ended with error", "target", q.rec.TargetURL, "err", res.err)
+		p.log.Debug("tunnel closed", "target", q.rec.TargetURL, "end", res.end, "err", res.err)
 	}
 }

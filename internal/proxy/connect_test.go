@@ -279,4 +279,28 @@ func TestTunnelIdleTimeout(t *testing.T) {
 	if _, err := io.ReadAll(br); err != nil {
 		t.Fatalf("idle tunnel: %v (want clean EOF)", err)
 	}
+	r := e.waitRecord(func(r recordT) bool { return r.Method == "CONNECT" })
+	if r.Error != "tunnel_idle_timeout" || r.Success {
+		t.Errorf("record %+v", r)
+	}
+}
+
+// Browsers end HTTP/2 tunnels by resetting the stream; that is a normal
+// end, recorded as a success with the bytes moved.
+func TestConnectHTTP2ClientResetIsSuccess(t *testing.T) {
+	e := startProxy(t, nil)
+	echo := newEchoServer(t)
+	cc := e.h2Conn()
+	resp, up, err := h2Connect(cc, echo.addr(), e.bearer())
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatal(err)
+	}
+	up.Write([]byte("hello"))
+	buf := make([]byte, 5)
+	io.ReadFull(resp.Body, buf)
+	resp.Body.Close() // RST_STREAM(CANCEL) from the client
+	r := e.waitRecord(func(r recordT) bool { return r.Method == "CONNECT" })
+	if !r.Success || r.Error != "" || r.RequestSize != 5 || r.ResponseSize != 5 {
+		t.Errorf("record %+v", r)
+	}
 }

@@ -123,6 +123,9 @@ type request struct {
 	start       time.Time
 	id          *auth.Identity
 	proxyStatus string // RFC 9209 Proxy-Status error type, "" on success
+	// detached: a goroutine outlives the handler (a hijacked tunnel) and
+	// finishes the record itself.
+	detached bool
 }
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -139,7 +142,11 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		Protocol:  protocolName(r),
 		Method:    r.Method,
 	}
-	defer p.finish(q)
+	defer func() {
+		if !q.detached {
+			p.finish(q)
+		}
+	}()
 
 	kind := classify(r)
 	q.rec.TargetURL = p.targetURL(r, kind)
@@ -380,6 +387,10 @@ func protocolName(r *http.Request) string {
 	return "HTTP/1.1"
 }
 
+// errShutdownDeadline is the cause of contexts cancelled by Drain, so a
+// tunnel can tell the drain deadline from its client going away.
+var errShutdownDeadline = errors.New("shutdown deadline")
+
 type discard struct{}
 
 func (discard) Record(accesslog.Record) {}
@@ -389,21 +400,21 @@ func (discard) Record(accesslog.Record) {}
 // longer sees.
 type activeSet struct {
 	mu      sync.Mutex
-	cancels map[*context.CancelFunc]struct{}
+	cancels map[*context.CancelCauseFunc]struct{}
 	changed chan struct{} // closed and replaced whenever the set shrinks
 }
 
 func (a *activeSet) add(parent context.Context) (context.Context, func()) {
-	ctx, cancel := context.WithCancel(parent)
+	ctx, cancel := context.WithCancelCause(parent)
 	a.mu.Lock()
 	if a.cancels == nil {
-		a.cancels = make(map[*context.CancelFunc]struct{})
+		a.cancels = make(map[*context.CancelCauseFunc]struct{})
 	}
 	key := &cancel
 	a.cancels[key] = struct{}{}
 	a.mu.Unlock()
 	return ctx, func() {
-		cancel()
+		cancel(nil)
 		a.mu.Lock()
 		delete(a.cancels, key)
 		if a.changed != nil {
@@ -444,7 +455,7 @@ func (a *activeSet) cancelAll() int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for c := range a.cancels {
-		(*c)()
+		(*c)(errShutdownDeadline)
 	}
 	return len(a.cancels)
 }

@@ -47,10 +47,15 @@ func connEndpoint(c net.Conn) endpoint {
 	return e
 }
 
-// relayResult is what a tunnel moved.
+// relayResult is what a tunnel moved and how it ended.
 type relayResult struct {
 	up, down int64 // client → upstream, upstream → client
-	err      error // first error other than EOF, if any
+	// end is "" when either side closed or reset the tunnel, the ordinary
+	// ways a tunnel ends (browsers reset HTTP/2 streams rather than
+	// half-closing them), "idle_timeout" when TUNNEL_IDLE_TIMEOUT closed it
+	// and "shutdown" when the drain deadline did.
+	end string
+	err error // the first read or write error, for debug logs
 }
 
 // relay copies both ways until both directions are done, passing each
@@ -64,6 +69,7 @@ func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, o
 		up, down  atomic.Int64
 		closeOnce sync.Once
 		errOnce   sync.Once
+		idled     atomic.Bool
 	)
 	closeBoth := func() {
 		closeOnce.Do(func() {
@@ -76,9 +82,9 @@ func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, o
 			errOnce.Do(func() { res.err = err })
 		}
 	}
-	act := newIdleWatch(idle, closeBoth)
+	act := newIdleWatch(idle, func() { idled.Store(true); closeBoth() })
 	defer act.stop()
-	stopCtx := context.AfterFunc(ctx, func() { setErr(context.Cause(ctx)); closeBoth() })
+	stopCtx := context.AfterFunc(ctx, closeBoth)
 	defer stopCtx()
 
 	upDone := make(chan struct{})
@@ -109,8 +115,11 @@ func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, o
 	<-upDone
 	closeBoth()
 	res.up, res.down = up.Load(), down.Load()
-	if isClosedErr(res.err) && ctx.Err() == nil {
-		res.err = nil // one side closing while the other reads is the normal end
+	switch {
+	case idled.Load():
+		res.end = "idle_timeout"
+	case errors.Is(context.Cause(ctx), errShutdownDeadline):
+		res.end = "shutdown"
 	}
 	return res
 }
@@ -198,11 +207,6 @@ func (w *idleWatch) stop() {
 	if w.timer != nil {
 		w.timer.Stop()
 	}
-}
-
-func isClosedErr(err error) bool {
-	return err == nil || errors.Is(err, net.ErrClosed) || errors.Is(err, io.ErrClosedPipe) ||
-		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, context.Canceled)
 }
 
 func isRefused(err error) bool { return errors.Is(err, syscall.ECONNREFUSED) }
