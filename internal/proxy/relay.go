@@ -18,7 +18,9 @@ import (
 // tunnels per node) and busy ones still move 64 KB per syscall.
 const (
 	smallBufSize = 1 << 10
-	largeBufSize = 64 << 10
+	// largeBufSize is four HTTP/2 DATA frames that each fit one TLS record
+	// (see h2DataChunk), so a full read leaves no small tail frame.
+	largeBufSize = 4 * h2DataChunk
 	// shortRead is the read size below which a direction goes back to its
 	// small buffer. TLS records carry at most 16 KB, so a busy TLS source
 	// reads 16 KB at a time; anything much smaller means the burst is over.
