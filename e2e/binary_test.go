@@ -27,6 +27,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pinaka-proxy/pinaka/internal/testutil"
+
 	"github.com/pinaka-proxy/pinaka/internal/accesslog"
 	"github.com/pinaka-proxy/pinaka/internal/auth"
 	"github.com/pinaka-proxy/pinaka/internal/server"
@@ -106,24 +108,7 @@ func buildFixture() error {
 type proc struct {
 	addr string
 	cmd  *exec.Cmd
-	log  *logBuffer
-}
-
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	log  *testutil.SyncBuffer
 }
 
 // startPinaka runs the binary with the e2e configuration plus extra
@@ -137,7 +122,7 @@ func startPinaka(t *testing.T, extra ...string) *proc {
 		if err != nil {
 			t.Fatal(err)
 		}
-		p := &proc{addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), log: &logBuffer{}}
+		p := &proc{addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), log: &testutil.SyncBuffer{}}
 		p.cmd = exec.Command(fixture.bin, "serve", "--env-file", os.DevNull)
 		p.cmd.Env = append([]string{
 			"JWT_SECRET=" + secret,

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/pinaka-proxy/pinaka/internal/testutil"
+
 	"golang.org/x/net/http2"
 	"golang.org/x/net/websocket"
 
@@ -40,20 +42,9 @@ func TestBinaryALPNAndExtendedConnectSetting(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
-		t.Fatal(err)
-	}
-	fr := http2.NewFramer(c, c)
-	if err := fr.WriteSettings(); err != nil {
-		t.Fatal(err)
-	}
-	f, err := fr.ReadFrame()
+	sf, err := testutil.ServerSettings(c)
 	if err != nil {
 		t.Fatal(err)
-	}
-	sf, ok := f.(*http2.SettingsFrame)
-	if !ok {
-		t.Fatalf("first frame %v, want SETTINGS", f)
 	}
 	if v, ok := sf.Value(http2.SettingEnableConnectProtocol); !ok || v != 1 {
 		t.Fatalf("the binary does not advertise SETTINGS_ENABLE_CONNECT_PROTOCOL: %v", sf)

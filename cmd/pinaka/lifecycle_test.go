@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
@@ -18,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/testutil"
 
 	"golang.org/x/net/http2"
 
@@ -60,25 +61,8 @@ type proc struct {
 	t      *testing.T
 	cmd    *exec.Cmd
 	addr   string
-	stderr *lockedBuffer
+	stderr *testutil.SyncBuffer
 	done   chan error
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func freePort(t *testing.T) string {
@@ -124,7 +108,7 @@ func startBinary(t *testing.T, certPath, keyPath string, extra ...string) *proc 
 		"PROBE_NODE_REGION=test",
 		"EGRESS_ALLOW_CIDRS=127.0.0.0/8",
 	}, extra...)
-	p := &proc{t: t, cmd: cmd, addr: "127.0.0.1:" + port, stderr: &lockedBuffer{}, done: make(chan error, 1)}
+	p := &proc{t: t, cmd: cmd, addr: "127.0.0.1:" + port, stderr: &testutil.SyncBuffer{}, done: make(chan error, 1)}
 	cmd.Stderr = p.stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -22,6 +22,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pinaka-proxy/pinaka/internal/testutil"
+
 	"github.com/pinaka-proxy/pinaka/internal/accesslog"
 	"github.com/pinaka-proxy/pinaka/internal/pgtest"
 )
@@ -289,7 +291,7 @@ func TestProxyToCollectorToPostgres(t *testing.T) {
 	coll := exec.Command(buildBinary(t), "collector")
 	coll.Dir = t.TempDir()
 	coll.Env = []string{"PATH=" + os.Getenv("PATH"), "COLLECTOR_ADDR=" + collAddr, "COLLECTOR_API_KEY=ck", "DATABASE_URL=" + dsn}
-	collOut := &lockedBuffer{}
+	collOut := &testutil.SyncBuffer{}
 	coll.Stderr = collOut
 	if err := coll.Start(); err != nil {
 		t.Fatal(err)

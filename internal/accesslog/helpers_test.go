@@ -1,7 +1,6 @@
 package accesslog
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -15,7 +14,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/pinaka-proxy/pinaka/internal/testutil"
+
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
 )
@@ -166,24 +167,13 @@ func closedURL(t *testing.T) string {
 }
 
 // logBuffer is a concurrency-safe sink for a JSON slog handler.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
+type logBuffer struct{ testutil.SyncBuffer }
 
 // lines decodes every log line.
 func (l *logBuffer) lines(t *testing.T) []map[string]any {
 	t.Helper()
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	var out []map[string]any
-	for _, line := range strings.Split(strings.TrimSpace(l.buf.String()), "\n") {
+	for _, line := range strings.Split(strings.TrimSpace(l.String()), "\n") {
 		if line == "" {
 			continue
 		}
@@ -289,4 +279,4 @@ func dirEntries(t *testing.T, dir string) []string {
 	return names
 }
 
-var toFloat = testutil.ToFloat64
+var toFloat = promtest.ToFloat64

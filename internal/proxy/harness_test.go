@@ -1,10 +1,10 @@
 package proxy_test
 
 import (
+	"github.com/pinaka-proxy/pinaka/internal/testutil"
 	_ "github.com/pinaka-proxy/pinaka/internal/xconnect"
 
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -40,24 +40,7 @@ type env struct {
 	addr   string
 	roots  *x509.CertPool
 	token  string
-	logbuf *syncBuffer
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+	logbuf *testutil.SyncBuffer
 }
 
 // startProxy starts a proxy with test defaults overridden by vars.
@@ -81,7 +64,7 @@ func startProxy(t *testing.T, vars map[string]string) *env {
 		t.Fatalf("config: %v", err)
 	}
 	cfg.ProxyPort = 0 // any free port
-	buf := &syncBuffer{}
+	buf := &testutil.SyncBuffer{}
 	log := slog.New(slog.NewJSONHandler(buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	app, err := server.NewApp(cfg, log, server.AppOptions{
 		Certs:       server.StaticCertStore(proxyCert),

@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pinaka-proxy/pinaka/internal/testutil"
+
 	"golang.org/x/net/http2"
 	"golang.org/x/net/websocket"
 )
@@ -196,20 +198,9 @@ func TestExtendedConnectSettingAdvertised(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
-		t.Fatal(err)
-	}
-	fr := http2.NewFramer(c, c)
-	if err := fr.WriteSettings(); err != nil {
-		t.Fatal(err)
-	}
-	f, err := fr.ReadFrame()
+	sf, err := testutil.ServerSettings(c)
 	if err != nil {
 		t.Fatal(err)
-	}
-	sf, ok := f.(*http2.SettingsFrame)
-	if !ok || sf.IsAck() {
-		t.Fatalf("first frame is %v, want the server's SETTINGS", f)
 	}
 	v, ok := sf.Value(http2.SettingEnableConnectProtocol)
 	if !ok || v != 1 {
