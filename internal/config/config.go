@@ -29,6 +29,8 @@ type Config struct {
 	HTTPProxyEnabled bool
 	TLSCertPath      string
 	TLSKeyPath       string
+	// TLSPostQuantum offers the hybrid X25519MLKEM768 key exchange first.
+	TLSPostQuantum bool
 
 	// Authentication.
 	JWTSecret       []byte
@@ -130,6 +132,7 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	c.HTTPProxyEnabled = p.bool("HTTP_PROXY_ENABLED", true)
 	c.TLSCertPath = p.str("TLS_CERT_PATH", "")
 	c.TLSKeyPath = p.str("TLS_KEY_PATH", "")
+	c.TLSPostQuantum = p.bool("TLS_POST_QUANTUM", true)
 	if !dev {
 		p.file("TLS_CERT_PATH", c.TLSCertPath)
 		p.file("TLS_KEY_PATH", c.TLSKeyPath)

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -39,6 +40,9 @@ type endpoint struct {
 	// nil when the transport cannot half-close.
 	closeWrite func() error
 	close      func() error
+	// drain, when set, reads whatever the source has already buffered
+	// into b without blocking and returns how much it read.
+	drain func(b []byte) int
 }
 
 func connEndpoint(c net.Conn) endpoint {
@@ -46,8 +50,38 @@ func connEndpoint(c net.Conn) endpoint {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
 		e.closeWrite = cw.CloseWrite
 	}
+	if tc, ok := c.(*tls.Conn); ok {
+		e.drain = drainTLS(tc)
+	}
 	return e
 }
+
+// drainTLS returns a drain for a TLS connection. A TLS Read returns one
+// record (at most 16 KiB) even when more have arrived, so an upload would
+// cost one write(2) upstream per 16 KiB. With a read deadline already in
+// the past, further Reads return records TLS has buffered and fail at once,
+// without a syscall, when it would have to wait. crypto/tls treats the
+// timeout as temporary: a partial record stays buffered for the next Read.
+func drainTLS(c *tls.Conn) func([]byte) int {
+	return func(b []byte) int {
+		n := 0
+		_ = c.SetReadDeadline(aLongTimeAgo)
+		for len(b)-n >= minDrain {
+			m, err := c.Read(b[n:])
+			n += m
+			if err != nil {
+				break // a real error is sticky: the next blocking Read returns it
+			}
+		}
+		_ = c.SetReadDeadline(time.Time{})
+		return n
+	}
+}
+
+var aLongTimeAgo = time.Unix(1, 0)
+
+// minDrain: stop draining when less than one full record fits.
+const minDrain = 16 << 10
 
 // relayResult is what a tunnel moved and how it ended.
 type relayResult struct {
@@ -92,7 +126,7 @@ func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, o
 	upDone := make(chan struct{})
 	go func() {
 		defer close(upDone)
-		err := copyAdaptive(upstream, client.r, act, &up, func(n int) { onBytes(n, 0) })
+		err := copyAdaptive(upstream, client.r, client.drain, act, &up, func(n int) { onBytes(n, 0) })
 		if err != nil {
 			setErr(err)
 			closeBoth()
@@ -102,7 +136,7 @@ func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, o
 			closeBoth()
 		}
 	}()
-	err := copyAdaptive(client, upstream.r, act, &down, func(n int) { onBytes(0, n) })
+	err := copyAdaptive(client, upstream.r, upstream.drain, act, &down, func(n int) { onBytes(0, n) })
 	switch {
 	case err != nil:
 		setErr(err)
@@ -126,7 +160,7 @@ func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, o
 	return res
 }
 
-func copyAdaptive(dst endpoint, src io.Reader, act *idleWatch, total *atomic.Int64, onBytes func(int)) error {
+func copyAdaptive(dst endpoint, src io.Reader, drain func([]byte) int, act *idleWatch, total *atomic.Int64, onBytes func(int)) error {
 	small := make([]byte, smallBufSize)
 	buf := small
 	var large *[]byte
@@ -137,6 +171,9 @@ func copyAdaptive(dst endpoint, src io.Reader, act *idleWatch, total *atomic.Int
 	}()
 	for {
 		nr, rerr := src.Read(buf)
+		if large != nil && rerr == nil && drain != nil {
+			nr += drain(buf[nr:]) // busy: send what has arrived in one write
+		}
 		if nr > 0 {
 			act.touch()
 			nw, werr := dst.w.Write(buf[:nr])

@@ -67,12 +67,21 @@ func (s *CertStore) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, erro
 }
 
 // TLSConfig is the listener's TLS configuration: TLS 1.2 and 1.3, TLS 1.2
-// limited to ECDHE AEAD suites, ALPN h2 then http/1.1.
-func (s *CertStore) TLSConfig() *tls.Config {
+// limited to ECDHE AEAD suites, ALPN h2 then http/1.1. postQuantum keeps
+// Go's default key exchanges, hybrid X25519MLKEM768 first, which protects
+// the proxy leg (credentials, CONNECT targets, plain-HTTP content) from
+// harvest-now-decrypt-later; without it only classical curves are offered,
+// which makes each handshake roughly a third cheaper for the proxy.
+func (s *CertStore) TLSConfig(postQuantum bool) *tls.Config {
+	var curves []tls.CurveID
+	if !postQuantum {
+		curves = []tls.CurveID{tls.X25519, tls.CurveP256}
+	}
 	return &tls.Config{
-		MinVersion:     tls.VersionTLS12,
-		GetCertificate: s.getCertificate,
-		NextProtos:     []string{"h2", "http/1.1"},
+		CurvePreferences: curves,
+		MinVersion:       tls.VersionTLS12,
+		GetCertificate:   s.getCertificate,
+		NextProtos:       []string{"h2", "http/1.1"},
 		CipherSuites: []uint16{
 			tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
 			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,

@@ -46,7 +46,7 @@ func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy,
 	s := &Server{cfg: cfg, log: log, certs: certs, proxy: p, metrics: m}
 	s.proxySrv = &http.Server{
 		Handler:           p,
-		TLSConfig:         certs.TLSConfig(),
+		TLSConfig:         certs.TLSConfig(cfg.TLSPostQuantum),
 		ReadHeaderTimeout: cfg.HeaderReadTimeout,
 		IdleTimeout:       cfg.IdleTimeout,
 		MaxHeaderBytes:    cfg.MaxHeaderBytes,
