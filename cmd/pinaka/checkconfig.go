@@ -50,6 +50,7 @@ func checkConfig(args []string, stdout, stderr io.Writer) error {
 	row("TLS_CERT_PATH", orNone(cfg.TLSCertPath))
 	row("TLS_KEY_PATH", orNone(cfg.TLSKeyPath))
 	row("certificate", certInfo)
+	row("TLS_POST_QUANTUM", cfg.TLSPostQuantum)
 	row("JWT_SECRET", mask(string(cfg.JWTSecret)))
 	row("JWT_LEEWAY", cfg.JWTLeeway)
 	row("PROBE_NODE_NAME", cfg.ProbeNodeName)
