@@ -279,6 +279,9 @@ func TestAdminMetricsMoveByTheRightAmounts(t *testing.T) {
 	if m["pinaka_upstream_dial_seconds_count"] != 2 {
 		t.Errorf("dial histogram count %v, want 2", m["pinaka_upstream_dial_seconds_count"])
 	}
+	if exp := m["pinaka_tls_certificate_not_after_seconds"]; exp < float64(time.Now().Add(50*time.Minute).Unix()) || exp > float64(time.Now().Add(70*time.Minute).Unix()) {
+		t.Errorf("certificate expiry gauge %v, want about an hour from now (the test certificate)", exp)
+	}
 	if m["pinaka_active_connections"] < 0 {
 		t.Errorf("active connections %v", m["pinaka_active_connections"])
 	}

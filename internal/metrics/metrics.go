@@ -22,6 +22,7 @@ type Metrics struct {
 	EgressDenied       *prometheus.CounterVec // reason
 	ConnectionsRefused prometheus.Counter     // over MAX_CONNECTIONS
 	DialSeconds        prometheus.Histogram
+	CertNotAfter       prometheus.Gauge // unix seconds of the serving certificate's NotAfter
 
 	ShipQueueDepth    prometheus.Gauge
 	BatchesSent       prometheus.Counter
@@ -70,6 +71,9 @@ func New() *Metrics {
 			Name: "pinaka_upstream_dial_seconds", Help: "Time to resolve and connect to an origin.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
 		}),
+		CertNotAfter: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "pinaka_tls_certificate_not_after_seconds", Help: "Expiry of the serving certificate (unix time); moves on SIGHUP reload.",
+		}),
 		ShipQueueDepth: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "pinaka_ship_queue_records", Help: "Records waiting to be batched and shipped.",
 		}),
@@ -93,7 +97,7 @@ func New() *Metrics {
 		}),
 	}
 	reg.MustRegister(m.Requests, m.ActiveTunnels, m.ActiveConnections, m.BytesUpstream, m.BytesDownstream,
-		m.AuthFailures, m.RateLimited, m.EgressDenied, m.ConnectionsRefused, m.DialSeconds,
+		m.AuthFailures, m.RateLimited, m.EgressDenied, m.ConnectionsRefused, m.DialSeconds, m.CertNotAfter,
 		m.ShipQueueDepth, m.BatchesSent, m.BatchesRetried, m.BatchesSpooled, m.BatchesDeadLetter,
 		m.RecordsDropped, m.SpoolBytes)
 	return m

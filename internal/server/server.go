@@ -44,6 +44,9 @@ type Server struct {
 // New prepares a Server; Listen opens its sockets.
 func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy, m *metrics.Metrics) *Server {
 	s := &Server{cfg: cfg, log: log, certs: certs, proxy: p, metrics: m}
+	if leaf := certs.Leaf(); leaf != nil {
+		m.CertNotAfter.Set(float64(leaf.NotAfter.Unix()))
+	}
 	s.proxySrv = &http.Server{
 		Handler:           p,
 		TLSConfig:         certs.TLSConfig(cfg.TLSPostQuantum),
@@ -187,6 +190,7 @@ func (s *Server) Reload() error {
 		return err
 	}
 	leaf := s.certs.Leaf()
+	s.metrics.CertNotAfter.Set(float64(leaf.NotAfter.Unix()))
 	s.log.Info("certificate reloaded", "subject", leaf.Subject.String(), "not_after", leaf.NotAfter)
 	return nil
 }
