@@ -39,6 +39,7 @@ Usage:
   pinaka token [flags]                     mint a JWT with JWT_SECRET
   pinaka collector [--env-file FILE]       run the reference log backend (PostgreSQL)
   pinaka check-config [--env-file FILE]    validate the configuration and print it
+  pinaka healthcheck [--path /readyz]      exit 0 if the admin listener says ready (for containers)
   pinaka version                           print the version
 
 Configuration comes from the environment and an optional .env file (the
@@ -66,6 +67,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runCollector(rest, stderr)
 	case "check-config":
 		err = checkConfig(rest, stdout, stderr)
+	case "healthcheck":
+		err = healthcheck(rest, stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "pinaka", buildVersion())
 		return 0

@@ -339,3 +339,34 @@ func TestProxyToCollectorToPostgres(t *testing.T) {
 		t.Errorf("stored: ok=%d denied=%d node=%q target=%q", ok, denied, node, target)
 	}
 }
+
+// `pinaka healthcheck` follows the admin listener: 0 while ready, non-zero
+// once the process is gone.
+func TestHealthcheckSubcommand(t *testing.T) {
+	dir := t.TempDir()
+	certPath, keyPath, _ := writeCert(t, dir)
+	admin := "127.0.0.1:" + freePort(t)
+	p := startBinary(t, certPath, keyPath, "ADMIN_ADDR="+admin)
+	waitFor(t, "admin listener", func() bool {
+		c, err := net.Dial("tcp", admin)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	check := func() (string, error) {
+		cmd := exec.Command(buildBinary(t), "healthcheck")
+		cmd.Dir = t.TempDir()
+		cmd.Env = []string{"ADMIN_ADDR=" + admin}
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	if out, err := check(); err != nil || !strings.Contains(out, "ready") {
+		t.Fatalf("healthy proxy: %v %q", err, out)
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.waitExit(20 * time.Second)
+	if out, err := check(); err == nil {
+		t.Fatalf("stopped proxy reported healthy: %q", out)
+	}
+}
