@@ -310,9 +310,21 @@ func TestSIGTERMDrainsTunnels(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	// In-flight tunnels keep working during the drain.
+	// In-flight tunnels keep working during the drain, and neither a
+	// certificate renewal's SIGHUP nor a second SIGTERM kills the process
+	// before its records are flushed.
 	echoOnce(t, c1, br1, "during-drain")
 	echoOnce(t, pw, resp.Body, "during-drain")
+	p.cmd.Process.Signal(syscall.SIGHUP)
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	waitForLog := time.Now().Add(10 * time.Second)
+	for strings.Count(p.stderr.String(), "signal ignored: already shutting down") < 2 {
+		if time.Now().After(waitForLog) {
+			t.Fatal("signals during the drain were not handled")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	echoOnce(t, c1, br1, "after-more-signals")
 	select {
 	case err := <-p.done:
 		t.Fatalf("exited while tunnels were open: %v", err)

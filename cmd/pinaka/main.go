@@ -192,9 +192,16 @@ func serve(args []string, stdout, stderr io.Writer) error {
 			continue
 		}
 		log.Info("signal received, shutting down", "signal", s.String(), "timeout", cfg.ShutdownTimeout.String())
-		signal.Stop(sig)
 		break
 	}
+	// Signals stay caught until exit: a certificate renewal's SIGHUP or a
+	// second SIGTERM during the drain must not kill the process before the
+	// records are flushed.
+	go func() {
+		for s := range sig {
+			log.Warn("signal ignored: already shutting down", "signal", s.String())
+		}
+	}()
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	if err := app.Shutdown(ctx); err != nil {

@@ -3,13 +3,13 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httputil"
 	"strings"
-	"sync"
 	"sync/atomic"
 
 	"github.com/pinaka-proxy/pinaka/internal/egress"
@@ -48,6 +48,9 @@ func (p *Proxy) newForwarder() http.Handler {
 		},
 		Transport: p.transport,
 		ModifyResponse: func(res *http.Response) error {
+			if err := checkStatus(res.StatusCode); err != nil {
+				return err
+			}
 			addVia(res.Header, res.Request)
 			return nil
 		},
@@ -113,11 +116,27 @@ func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request)
 	}
 
 	cw := &countingWriter{ResponseWriter: w, q: q, p: p}
+	var body *countingBody
 	if r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
-		r.Body = &countingBody{ReadCloser: r.Body, q: q, p: p}
+		body = &countingBody{ReadCloser: r.Body, p: p}
+		r.Body = body
+		if r.ProtoMajor == 1 {
+			// An origin may answer before it has read the whole body (an
+			// early 413, a redirect). Without full duplex, net/http's
+			// HTTP/1.1 server waits for the body reader, which the
+			// transport holds until the client sends more, before it
+			// writes the response: a client waiting for that answer
+			// would hang.
+			_ = http.NewResponseController(w).EnableFullDuplex()
+		}
 	}
 	r = r.WithContext(context.WithValue(r.Context(), requestKey{}, q))
 	p.forwarder.ServeHTTP(cw, r)
+	if body != nil {
+		// The transport may still be reading the body after the response
+		// is done; what it reads later is not in the record.
+		q.rec.RequestSize += body.n.Load()
+	}
 	if cw.hijacked != nil {
 		q.rec.RequestSize += cw.hijacked.up.Load()
 		q.rec.ResponseSize += cw.hijacked.down.Load()
@@ -210,20 +229,17 @@ func (c *countingConn) CloseWrite() error {
 }
 
 // countingBody counts request body bytes. The transport reads it from its
-// own goroutine, but only while the handler waits, so the record is not
-// read concurrently.
+// own goroutine, which can outlive the handler when the origin answers
+// early, so the count is atomic and copied into the record by the handler.
 type countingBody struct {
 	io.ReadCloser
-	q  *request
-	p  *Proxy
-	mu sync.Mutex
+	p *Proxy
+	n atomic.Int64
 }
 
 func (c *countingBody) Read(b []byte) (int, error) {
 	n, err := c.ReadCloser.Read(b)
-	c.mu.Lock()
-	c.q.rec.RequestSize += int64(n)
-	c.mu.Unlock()
+	c.n.Add(int64(n))
 	c.p.opt.Metrics.BytesUpstream.Add(float64(n))
 	return n, err
 }
@@ -232,3 +248,12 @@ type bufferPool struct{}
 
 func (bufferPool) Get() []byte  { return *largeBufs.Get().(*[]byte) }
 func (bufferPool) Put(b []byte) { largeBufs.Put(&b) }
+
+// checkStatus refuses a status net/http would panic on when written back
+// (http.ReadResponse accepts any three digits, WriteHeader only 100–999).
+func checkStatus(code int) error {
+	if code < 100 || code > 999 {
+		return fmt.Errorf("origin sent invalid status %d", code)
+	}
+	return nil
+}

@@ -331,3 +331,7 @@ func (e *env) rawStatus(req string) int {
 	resp.Body.Close()
 	return resp.StatusCode
 }
+
+func tlsDialConfig(addr string, cfg *tls.Config) (net.Conn, error) {
+	return tls.Dial("tcp", addr, cfg)
+}

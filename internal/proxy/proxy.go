@@ -102,14 +102,18 @@ func (p *Proxy) Close() { p.transport.CloseIdleConnections() }
 func (p *Proxy) ActiveRequests() int { return p.active.len() }
 
 // Drain waits until every request and tunnel has finished or ctx is done;
-// then it cancels what is left and waits for it to unwind. http.Server's
-// Shutdown does not see hijacked HTTP/1.1 tunnels, so the server calls this
-// alongside it.
-func (p *Proxy) Drain(ctx context.Context) error {
+// then it cancels what is left, calls atDeadline (the server closes its
+// connections there, which unblocks handlers stuck writing to a client that
+// does not read) and waits for them to unwind. http.Server's Shutdown does
+// not see hijacked HTTP/1.1 tunnels, so the server calls this alongside it.
+func (p *Proxy) Drain(ctx context.Context, atDeadline func()) error {
 	if err := p.active.wait(ctx); err == nil {
 		return nil
 	}
 	n := p.active.cancelAll()
+	if atDeadline != nil {
+		atDeadline()
+	}
 	p.log.Warn("shutdown timeout: closing requests and tunnels still open", "count", n)
 	wctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

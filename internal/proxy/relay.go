@@ -212,14 +212,15 @@ func copyAdaptive(dst endpoint, src io.Reader, drain func([]byte) int, act *idle
 // store, cheap on the data path; the timer re-arms itself lazily.
 type idleWatch struct {
 	idle    time.Duration
-	last    atomic.Int64 // unix nanos of the last traffic
+	base    time.Time    // monotonic origin: wall-clock steps (NTP) must not close tunnels
+	last    atomic.Int64 // nanoseconds after base of the last traffic
 	timer   *time.Timer
 	onIdle  func()
 	stopped atomic.Bool
 }
 
 func newIdleWatch(idle time.Duration, onIdle func()) *idleWatch {
-	w := &idleWatch{idle: idle, onIdle: onIdle}
+	w := &idleWatch{idle: idle, onIdle: onIdle, base: time.Now()}
 	w.touch()
 	if idle > 0 {
 		w.timer = time.AfterFunc(idle, w.check)
@@ -227,13 +228,13 @@ func newIdleWatch(idle time.Duration, onIdle func()) *idleWatch {
 	return w
 }
 
-func (w *idleWatch) touch() { w.last.Store(time.Now().UnixNano()) }
+func (w *idleWatch) touch() { w.last.Store(int64(time.Since(w.base))) }
 
 func (w *idleWatch) check() {
 	if w.stopped.Load() {
 		return
 	}
-	since := time.Since(time.Unix(0, w.last.Load()))
+	since := time.Since(w.base) - time.Duration(w.last.Load())
 	if since >= w.idle {
 		w.onIdle()
 		return

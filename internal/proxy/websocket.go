@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"context"
 	"crypto/rand"
 	"crypto/sha1"
 	"crypto/tls"
@@ -16,6 +17,10 @@ import (
 
 	"github.com/pinaka-proxy/pinaka/internal/egress"
 )
+
+// refusalBodyTimeout bounds how long the body of a refused upgrade is
+// relayed: it is an error page, not a stream.
+const refusalBodyTimeout = 10 * time.Second
 
 // websocketGUID is the key-hashing constant of RFC 6455 §1.3.
 const websocketGUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -53,6 +58,11 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		p.failUpstream(w, q, err)
 		return
 	}
+	// The client resetting the stream or the drain deadline ends the
+	// bootstrap wherever it is waiting on the origin (handshake, refusal
+	// body); the tunnel itself watches the context on its own.
+	stopWatch := context.AfterFunc(r.Context(), func() { conn.Close() })
+	defer stopWatch()
 	if secure {
 		cfg := p.upstreamTLS()
 		cfg.ServerName = t.Host
@@ -81,6 +91,12 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		p.failUpstream(w, q, err)
 		return
 	}
+	if err := checkStatus(res.StatusCode); err != nil {
+		conn.Close()
+		q.proxyStatus = "http_protocol_error"
+		p.fail(w, q, http.StatusBadGateway, "upstream_error", "origin sent an invalid status")
+		return
+	}
 	if res.StatusCode != http.StatusSwitchingProtocols {
 		// The origin refused the upgrade: pass its answer on.
 		defer conn.Close()
@@ -92,6 +108,9 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		q.rec.StatusCode = res.StatusCode
 		q.rec.Error = "upgrade_refused"
 		w.WriteHeader(res.StatusCode)
+		// The status goes out now, not when the origin finishes its body.
+		_ = http.NewResponseController(w).Flush()
+		_ = conn.SetReadDeadline(time.Now().Add(refusalBodyTimeout))
 		n, _ := io.Copy(w, io.LimitReader(res.Body, 1<<20))
 		q.rec.ResponseSize = n
 		return

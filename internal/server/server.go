@@ -207,7 +207,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		defer close(done)
 		shutErr = s.proxySrv.Shutdown(ctx)
 	}()
-	drainErr := s.proxy.Drain(ctx)
+	drainErr := s.proxy.Drain(ctx, func() { s.proxySrv.Close() })
 	<-done
 	if shutErr != nil || drainErr != nil {
 		s.proxySrv.Close()
