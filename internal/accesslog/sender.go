@@ -47,6 +47,34 @@ func newBatch(probeNode, region string, records []Record) (*batch, error) {
 	return &batch{id: id, records: len(records), body: body}, nil
 }
 
+// MaxBatchBytes bounds one encoded batch: half the collector's 16 MiB body
+// limit, so a batch of records with long URLs is split before it is sent
+// instead of being refused with 413 and dead-lettered.
+const MaxBatchBytes = 8 << 20
+
+// newBatches encodes records as one batch, or, when that would be larger
+// than maxBytes, as halves split recursively (each with its own id: none of
+// them was ever sent). A single record larger than maxBytes stays alone.
+func newBatches(probeNode, region string, records []Record, maxBytes int) ([]*batch, error) {
+	b, err := newBatch(probeNode, region, records)
+	if err != nil {
+		return nil, err
+	}
+	if len(b.body) <= maxBytes || len(records) < 2 {
+		return []*batch{b}, nil
+	}
+	half := len(records) / 2
+	first, err := newBatches(probeNode, region, records[:half], maxBytes)
+	if err != nil {
+		return nil, err
+	}
+	second, err := newBatches(probeNode, region, records[half:], maxBytes)
+	if err != nil {
+		return nil, err
+	}
+	return append(first, second...), nil
+}
+
 // decodeBatch rebuilds a batch from its encoded body (a spool file).
 func decodeBatch(body []byte) (*batch, error) {
 	var head struct {

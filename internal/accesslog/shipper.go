@@ -327,7 +327,7 @@ func (s *Shipper) batchLoop() {
 			return
 		}
 		timer.Stop()
-		b, err := newBatch(s.opts.ProbeNode, s.opts.Region, buf)
+		batches, err := newBatches(s.opts.ProbeNode, s.opts.Region, buf, MaxBatchBytes)
 		n := len(buf)
 		buf = make([]Record, 0, s.opts.BatchSize)
 		if err != nil {
@@ -335,16 +335,18 @@ func (s *Shipper) batchLoop() {
 			s.log.Error("record batch not shipped (records are in the log)", "reason", DropEncode, "records", n, "error", err)
 			return
 		}
-		if final {
-			s.handoff <- b
-			return
-		}
-		select {
-		case s.handoff <- b:
-		default:
-			// The deliverer is busy retrying: park rather than let the
-			// queue back up into the request path.
-			s.parkBatch(b)
+		for _, b := range batches {
+			if final {
+				s.handoff <- b
+				continue
+			}
+			select {
+			case s.handoff <- b:
+			default:
+				// The deliverer is busy retrying: park rather than let the
+				// queue back up into the request path.
+				s.parkBatch(b)
+			}
 		}
 	}
 	add := func(r Record, final bool) {
@@ -429,6 +431,10 @@ func (s *Shipper) redeliverLoop() {
 	defer close(s.redeliver)
 	bo := backoff{base: s.opts.RetryBase, max: s.opts.RetryMax}
 	draining := false
+	// drain is closed at shutdown; once seen it is set to nil, or a closed
+	// channel would win every select below and turn the backoff into a
+	// busy loop against a failing backend.
+	drain := s.drain
 	for {
 		if draining && s.park.durable() {
 			return
@@ -444,8 +450,8 @@ func (s *Shipper) redeliverLoop() {
 			if err == nil {
 				select {
 				case <-s.parked:
-				case <-s.drain:
-					draining = true
+				case <-drain:
+					draining, drain = true, nil
 				}
 				continue
 			}
@@ -471,8 +477,8 @@ func (s *Shipper) redeliverLoop() {
 		select {
 		case <-time.After(bo.next(err)):
 		case <-s.recovered:
-		case <-s.drain:
-			draining = true
+		case <-drain:
+			draining, drain = true, nil
 		case <-s.runCtx.Done():
 			return
 		}

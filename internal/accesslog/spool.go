@@ -124,8 +124,13 @@ func (s *spool) put(b *batch) error {
 	}
 	name := b.id + spoolExt
 	if err := writeFileAtomic(s.dir, name, b.body); err != nil {
-		s.release(n)
-		return err
+		if !errors.Is(err, errDirSync) {
+			s.release(n)
+			return err
+		}
+		// The file is in place, only the directory entry may not survive
+		// a crash: keep it indexed (it will be delivered), and say so.
+		s.log("spool directory fsync failed; batch kept but may not survive a crash", "batch_id", b.id, "error", err)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -154,8 +159,18 @@ func (s *spool) oldest() (*batch, error) {
 
 		path := filepath.Join(s.dir, name)
 		body, err := os.ReadFile(path)
+		if errors.Is(err, os.ErrNotExist) {
+			// Removed behind our back (another process sharing the
+			// directory delivered it): nothing to send.
+			s.forget(name)
+			continue
+		}
 		if err != nil {
-			return nil, fmt.Errorf("reading spool file: %w", err)
+			// One unreadable file must not hold up every batch behind it.
+			s.log("spool file unreadable; moved aside and skipped", "file", path, "error", err)
+			_ = os.Rename(path, path+".unreadable")
+			s.forget(name)
+			continue
 		}
 		b, err := decodeBatch(body)
 		if err == nil {
@@ -236,6 +251,11 @@ func appendSync(path string, data []byte) error {
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("closing dead-letter file: %w", err)
 	}
+	// The first append creates the file; its directory entry must be
+	// durable too.
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return fmt.Errorf("syncing dead-letter directory: %w", err)
+	}
 	return nil
 }
 
@@ -266,8 +286,15 @@ func writeFileAtomic(dir, name string, data []byte) error {
 		os.Remove(tmp)
 		return fmt.Errorf("renaming spool file: %w", err)
 	}
-	return syncDir(dir)
+	if err := syncDir(dir); err != nil {
+		return fmt.Errorf("%w: %w", errDirSync, err)
+	}
+	return nil
 }
+
+// errDirSync marks a write whose data is in place but whose directory
+// entry was not fsynced.
+var errDirSync = errors.New("syncing spool directory")
 
 // syncDir makes a rename in dir durable.
 func syncDir(dir string) error {

@@ -114,6 +114,9 @@ type Policy struct {
 
 	mu   sync.RWMutex
 	self map[netip.AddrPort]struct{}
+	// selfLoopbackPorts: ports of wildcard listeners, reachable on any
+	// loopback address; true when the listener is dual-stack (::).
+	selfLoopbackPorts map[uint16]bool
 }
 
 // NewPolicy builds a policy from EGRESS_ALLOW_CIDRS, EGRESS_DENY_CIDRS and
@@ -134,8 +137,9 @@ func NewPolicy(allow, deny []netip.Prefix, ports config.PortSet) (*Policy, error
 		}
 	}
 	p := &Policy{
-		ports: ports,
-		self:  make(map[netip.AddrPort]struct{}),
+		ports:             ports,
+		self:              make(map[netip.AddrPort]struct{}),
+		selfLoopbackPorts: make(map[uint16]bool),
 	}
 	for _, d := range deny {
 		if !d.IsValid() {
@@ -191,13 +195,25 @@ func (p *Policy) AddSelf(addrs ...netip.AddrPort) {
 	for _, ap := range add {
 		p.self[ap] = struct{}{}
 	}
+	for _, ap := range addrs {
+		if a := ap.Addr().Unmap(); a.IsUnspecified() {
+			// A wildcard listener also answers on every loopback address
+			// (all of 127.0.0.0/8 is local on Linux), not only on the
+			// interface addresses enumerated above; 0.0.0.0 on IPv4 only.
+			p.selfLoopbackPorts[ap.Port()] = p.selfLoopbackPorts[ap.Port()] || a.Is6()
+		}
+	}
 }
 
 func (p *Policy) isSelf(ap netip.AddrPort) bool {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
-	_, ok := p.self[ap]
-	return ok
+	if _, ok := p.self[ap]; ok {
+		return true
+	}
+	dual, wildcard := p.selfLoopbackPorts[ap.Port()]
+	a := ap.Addr().Unmap()
+	return wildcard && a.IsLoopback() && (a.Is4() || dual)
 }
 
 // Check decides whether the proxy may connect to ap. It is the one function

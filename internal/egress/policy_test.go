@@ -372,3 +372,30 @@ func BenchmarkPolicyCheck(b *testing.B) {
 		})
 	}
 }
+
+// A wildcard listener answers on every loopback address, so the whole
+// loopback range on its port is the proxy itself, even when loopback is
+// allowed (as in tests); a 0.0.0.0 listener does not take IPv6.
+func TestCheckSelfWildcardCoversLoopbackRange(t *testing.T) {
+	ports, _ := config.ParsePortSet("1-65535")
+	p, err := NewPolicy([]netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}, nil, ports)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.AddSelf(netip.MustParseAddrPort("0.0.0.0:8443"), netip.MustParseAddrPort("[::]:9443"))
+	for addr, self := range map[string]bool{
+		"127.0.0.2:8443":       true,
+		"127.255.255.254:8443": true,
+		"[::1]:8443":           false, // 0.0.0.0 is IPv4 only
+		"127.0.0.2:8444":       false,
+		"127.0.0.9:9443":       true, // :: is dual-stack
+		"[::1]:9443":           true,
+	} {
+		err := p.Check(netip.MustParseAddrPort(addr))
+		var de *DeniedError
+		isSelf := errors.As(err, &de) && de.Reason == ReasonSelf
+		if isSelf != self {
+			t.Errorf("Check(%s) = %v, want self=%v", addr, err, self)
+		}
+	}
+}
