@@ -7,8 +7,6 @@ import (
 	"net"
 	"net/http"
 	"time"
-
-	"github.com/pinaka-proxy/pinaka/internal/config"
 )
 
 // healthcheck asks the admin listener's /readyz and exits 0 only on 200.
@@ -18,11 +16,7 @@ func healthcheck(args []string, stdout, stderr io.Writer) error {
 	fs := flagSet("healthcheck", stderr)
 	path := fs.String("path", "/readyz", "admin path to check (/readyz or /healthz)")
 	timeout := fs.Duration("timeout", 3*time.Second, "give up after this long")
-	envFile := envFileFlag(fs)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	lookup, err := config.EnvWithDotEnv(*envFile, isSet(fs, "env-file"))
+	lookup, err := parseWithEnv(fs, args)
 	if err != nil {
 		return err
 	}

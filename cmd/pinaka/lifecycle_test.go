@@ -166,22 +166,7 @@ func testToken(t *testing.T) string {
 
 // echoOrigin echoes bytes until EOF.
 func echoOrigin(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); io.Copy(c, c) }()
-		}
-	}()
-	return ln.Addr().String()
+	return testutil.ServeTCP(t, func(c net.Conn) { defer c.Close(); io.Copy(c, c) })
 }
 
 func servingCert(t *testing.T, addr string) *x509.Certificate {

@@ -119,6 +119,16 @@ func envFileFlag(fs *flag.FlagSet) *string {
 	return fs.String("env-file", ".env", "read variables from this .env file (the environment wins)")
 }
 
+// parseWithEnv adds --env-file, parses args and returns the environment
+// lookup backed by that file.
+func parseWithEnv(fs *flag.FlagSet, args []string) (config.Lookup, error) {
+	envFile := envFileFlag(fs)
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	return config.EnvWithDotEnv(*envFile, isSet(fs, "env-file"))
+}
+
 func flagSet(name string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("pinaka "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -245,11 +255,7 @@ func token(args []string, stdout, stderr io.Writer) error {
 	ttl := fs.Duration("ttl", time.Hour, "lifetime")
 	tokenType := fs.String("type", "", `token_type claim: "manual" or "session" (optional)`)
 	alg := fs.String("alg", "HS256", "HS256, HS384 or HS512")
-	envFile := envFileFlag(fs)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	lookup, err := config.EnvWithDotEnv(*envFile, isSet(fs, "env-file"))
+	lookup, err := parseWithEnv(fs, args)
 	if err != nil {
 		return err
 	}
@@ -281,11 +287,7 @@ func token(args []string, stdout, stderr io.Writer) error {
 
 func runCollector(args []string, stderr io.Writer) error {
 	fs := flagSet("collector", stderr)
-	envFile := envFileFlag(fs)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	lookup, err := config.EnvWithDotEnv(*envFile, isSet(fs, "env-file"))
+	lookup, err := parseWithEnv(fs, args)
 	if err != nil {
 		return err
 	}

@@ -9,27 +9,12 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/testutil"
 )
 
-// rawOrigin accepts connections and hands each to serve.
-func rawOrigin(t *testing.T, serve func(net.Conn)) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go serve(c)
-		}
-	}()
-	return ln.Addr().String()
-}
+// rawOrigin runs serve for each connection to a loopback origin.
+func rawOrigin(t *testing.T, serve func(net.Conn)) string { return testutil.ServeTCP(t, serve) }
 
 // An origin that answers before reading the whole body: the client gets
 // the answer while it still holds the rest of its upload, and the record's

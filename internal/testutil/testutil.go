@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"testing"
 
 	"golang.org/x/net/http2"
 )
@@ -52,4 +53,25 @@ func ServerSettings(c net.Conn) (*http2.SettingsFrame, error) {
 		return nil, fmt.Errorf("first frame is %v, want the server's SETTINGS", f)
 	}
 	return sf, nil
+}
+
+// ServeTCP listens on a loopback port and runs serve for each accepted
+// connection until the test ends; it returns the address.
+func ServeTCP(t testing.TB, serve func(net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go serve(c)
+		}
+	}()
+	return ln.Addr().String()
 }
