@@ -284,12 +284,3 @@ func Mint(secret []byte, o MintOptions) (string, error) {
 	}
 	return jwt.NewWithClaims(jwt.GetSigningMethod(o.Algorithm), c).SignedString(secret)
 }
-
-// Fingerprint is a short, non-reversible tag for a token, for logs that
-// must never carry the token itself.
-func Fingerprint(raw string) string {
-	if i := strings.LastIndexByte(raw, '.'); i >= 0 && len(raw)-i > 9 {
-		return "…" + raw[len(raw)-8:]
-	}
-	return "…"
-}

@@ -125,7 +125,6 @@ func (p *Proxy) Drain(ctx context.Context, atDeadline func()) error {
 type request struct {
 	rec         accesslog.Record
 	start       time.Time
-	id          *auth.Identity
 	proxyStatus string // RFC 9209 Proxy-Status error type, "" on success
 	// detached: a goroutine outlives the handler (a hijacked tunnel) and
 	// finishes the record itself.
@@ -183,7 +182,6 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 	}
 	id, err := p.opt.Auth.Authenticate(r.Header.Get("Proxy-Authorization"))
 	if id != nil {
-		q.id = id
 		q.rec.TokenID, q.rec.UserID, q.rec.TokenType = id.TokenID, id.UserID, id.TokenType
 	}
 	switch {
@@ -471,8 +469,4 @@ func (p *Proxy) upstreamTLS() *tls.Config {
 		return p.opt.UpstreamTLS.Clone()
 	}
 	return &tls.Config{MinVersion: tls.VersionTLS12}
-}
-
-func contextWithTimeout(r *http.Request, d time.Duration) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(r.Context(), d)
 }

@@ -68,7 +68,7 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		cfg.ServerName = t.Host
 		cfg.NextProtos = []string{"http/1.1"}
 		tc := tls.Client(conn, cfg)
-		hctx, cancel := contextWithTimeout(r, 10*time.Second)
+		hctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
 		err := tc.HandshakeContext(hctx)
 		cancel()
 		if err != nil {
