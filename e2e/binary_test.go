@@ -14,16 +14,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
-	"fmt"
-	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -49,7 +44,6 @@ var fixture struct {
 	once     sync.Once
 	err      error
 	dir      string
-	bin      string
 	certFile string
 	keyFile  string
 	cert     tls.Certificate
@@ -61,6 +55,7 @@ func TestMain(m *testing.M) {
 	if fixture.dir != "" {
 		os.RemoveAll(fixture.dir)
 	}
+	testutil.RemoveBuilt()
 	os.Exit(code)
 }
 
@@ -70,6 +65,7 @@ func setup(t *testing.T) {
 	if fixture.err != nil {
 		t.Fatal(fixture.err)
 	}
+	testutil.BuildPinaka(t)
 }
 
 func buildFixture() error {
@@ -78,14 +74,6 @@ func buildFixture() error {
 		return err
 	}
 	fixture.dir = dir
-	fixture.bin = os.Getenv("PINAKA_BIN")
-	if fixture.bin == "" {
-		fixture.bin = filepath.Join(dir, "pinaka")
-		cmd := exec.Command("go", "build", "-o", fixture.bin, "github.com/pinaka-proxy/pinaka/cmd/pinaka")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("building pinaka: %v\n%s", err, out)
-		}
-	}
 	cert, certPEM, keyPEM, err := server.SelfSigned(24*time.Hour, "127.0.0.1", "localhost")
 	if err != nil {
 		return err
@@ -105,11 +93,7 @@ func buildFixture() error {
 }
 
 // proc is a running pinaka process.
-type proc struct {
-	addr string
-	cmd  *exec.Cmd
-	log  *testutil.SyncBuffer
-}
+type proc struct{ *testutil.Pinaka }
 
 // startPinaka runs the binary with the e2e configuration plus extra
 // ("NAME=value"). The environment is built from scratch so nothing of the
@@ -117,90 +101,26 @@ type proc struct {
 func startPinaka(t *testing.T, extra ...string) *proc {
 	t.Helper()
 	setup(t)
-	for attempt := 0; attempt < 5; attempt++ {
-		port, err := freePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		p := &proc{addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), log: &testutil.SyncBuffer{}}
-		p.cmd = exec.Command(fixture.bin, "serve", "--env-file", os.DevNull)
-		p.cmd.Env = append([]string{
-			"JWT_SECRET=" + secret,
-			"TLS_CERT_PATH=" + fixture.certFile,
-			"TLS_KEY_PATH=" + fixture.keyFile,
-			"PROXY_BIND=127.0.0.1",
-			"PROXY_PORT=" + strconv.Itoa(port),
-			"ADMIN_ADDR=off",
-			"EGRESS_ALLOW_CIDRS=127.0.0.0/8",
-			"EGRESS_DENY_CIDRS=" + denyCIDRs,
-			"DNS_SERVERS=" + dnsServers,
-			"PROBE_NODE_REGION=us-east",
-			"PROBE_NODE_NAME=e2e",
-			"LOG_LEVEL=info",
-			"SHUTDOWN_TIMEOUT=5s",
-		}, extra...)
-		p.cmd.Stdout = io.Discard
-		p.cmd.Stderr = p.log
-		if err := p.cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		exited := make(chan error, 1)
-		go func() { exited <- p.cmd.Wait() }()
-		if p.waitListening(exited) {
-			t.Cleanup(func() {
-				_ = p.cmd.Process.Signal(syscall.SIGTERM)
-				select {
-				case <-exited:
-				case <-time.After(10 * time.Second):
-					_ = p.cmd.Process.Kill()
-					<-exited
-				}
-				if t.Failed() {
-					t.Logf("pinaka log:\n%s", p.log.String())
-				}
-			})
-			return p
-		}
-		if !strings.Contains(p.log.String(), "address already in use") {
-			t.Fatalf("pinaka did not start:\n%s", p.log.String())
-		}
-	}
-	t.Fatal("pinaka: no free port after 5 attempts")
-	return nil
-}
-
-func (p *proc) waitListening(exited chan error) bool {
-	deadline := time.After(15 * time.Second)
-	for {
-		if strings.Contains(p.log.String(), `"msg":"pinaka listening"`) {
-			return true
-		}
-		select {
-		case err := <-exited:
-			exited <- err
-			return false
-		case <-deadline:
-			_ = p.cmd.Process.Kill()
-			return false
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-}
-
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
+	return &proc{testutil.StartPinaka(t, append([]string{
+		"JWT_SECRET=" + secret,
+		"TLS_CERT_PATH=" + fixture.certFile,
+		"TLS_KEY_PATH=" + fixture.keyFile,
+		"ADMIN_ADDR=off",
+		"EGRESS_ALLOW_CIDRS=127.0.0.0/8",
+		"EGRESS_DENY_CIDRS=" + denyCIDRs,
+		"DNS_SERVERS=" + dnsServers,
+		"PROBE_NODE_REGION=us-east",
+		"PROBE_NODE_NAME=e2e",
+		"LOG_LEVEL=info",
+		"SHUTDOWN_TIMEOUT=5s",
+	}, extra...)...)}
 }
 
 // records returns the request records the process has logged.
 func (p *proc) records(t *testing.T) []accesslog.Record {
 	t.Helper()
 	var out []accesslog.Record
-	sc := bufio.NewScanner(strings.NewReader(p.log.String()))
+	sc := bufio.NewScanner(strings.NewReader(p.Log.String()))
 	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 	for sc.Scan() {
 		if !bytes.Contains(sc.Bytes(), []byte(`"msg":"request"`)) {

@@ -45,7 +45,7 @@ func curl(t *testing.T, p *proc, args ...string) curlResult {
 	t.Helper()
 	bin := requireTool(t, "curl")
 	full := append([]string{"-q", "-sS", "--max-time", "20",
-		"--proxy", "https://" + p.addr, "--proxy-cacert", fixture.certFile, "--cacert", fixture.certFile,
+		"--proxy", "https://" + p.Addr, "--proxy-cacert", fixture.certFile, "--cacert", fixture.certFile,
 		"-w", "\n%{http_code} %{http_connect}"}, args...)
 	cmd := exec.Command(bin, full...)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + fixture.dir}

@@ -28,7 +28,7 @@ import (
 func TestBinaryALPNAndExtendedConnectSetting(t *testing.T) {
 	p := startPinaka(t)
 	for _, proto := range []string{"h2", "http/1.1"} {
-		c, err := tls.Dial("tcp", p.addr, tlsConfig(proto))
+		c, err := tls.Dial("tcp", p.Addr, tlsConfig(proto))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -37,7 +37,7 @@ func TestBinaryALPNAndExtendedConnectSetting(t *testing.T) {
 		}
 		c.Close()
 	}
-	c, err := tls.Dial("tcp", p.addr, tlsConfig("h2"))
+	c, err := tls.Dial("tcp", p.Addr, tlsConfig("h2"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +70,7 @@ func TestBinaryWebSocketOverHTTP2(t *testing.T) {
 	untrusted := httptest.NewTLSServer(echo)
 	defer untrusted.Close()
 
-	c, err := tls.Dial("tcp", p.addr, tlsConfig("h2"))
+	c, err := tls.Dial("tcp", p.Addr, tlsConfig("h2"))
 	if err != nil {
 		t.Fatal(err)
 	}

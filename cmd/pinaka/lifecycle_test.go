@@ -10,10 +10,8 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -31,49 +29,10 @@ import (
 
 const lifecycleSecret = "lifecycle-secret-lifecycle-secret-0123"
 
-var (
-	binOnce sync.Once
-	binPath string
-	binErr  error
-)
-
-func buildBinary(t *testing.T) string {
-	t.Helper()
-	binOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "pinaka-bin")
-		if err != nil {
-			binErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "pinaka")
-		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
-		if err != nil {
-			binErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if binErr != nil {
-		t.Fatal(binErr)
-	}
-	return binPath
-}
-
-type proc struct {
-	t      *testing.T
-	cmd    *exec.Cmd
-	addr   string
-	stderr *testutil.SyncBuffer
-	done   chan error
-}
-
-func freePort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	_, port, _ := net.SplitHostPort(ln.Addr().String())
-	return port
+func TestMain(m *testing.M) {
+	code := m.Run()
+	testutil.RemoveBuilt()
+	os.Exit(code)
 }
 
 func writeCert(t *testing.T, dir string) (certPath, keyPath string, certPEM []byte) {
@@ -92,68 +51,18 @@ func writeCert(t *testing.T, dir string) (certPath, keyPath string, certPEM []by
 	return certPath, keyPath, certPEM
 }
 
-func startBinary(t *testing.T, certPath, keyPath string, extra ...string) *proc {
+// startBinary runs `pinaka serve` with a test secret, the given pair and
+// loopback allowed, plus extra ("NAME=value").
+func startBinary(t *testing.T, certPath, keyPath string, extra ...string) *testutil.Pinaka {
 	t.Helper()
-	port := freePort(t)
-	cmd := exec.Command(buildBinary(t), "serve")
-	cmd.Dir = t.TempDir() // no .env there
-	cmd.Env = append([]string{
-		"PATH=" + os.Getenv("PATH"),
+	return testutil.StartPinaka(t, append([]string{
 		"JWT_SECRET=" + lifecycleSecret,
 		"TLS_CERT_PATH=" + certPath,
 		"TLS_KEY_PATH=" + keyPath,
-		"PROXY_BIND=127.0.0.1",
-		"PROXY_PORT=" + port,
 		"ADMIN_ADDR=off",
 		"PROBE_NODE_REGION=test",
 		"EGRESS_ALLOW_CIDRS=127.0.0.0/8",
-	}, extra...)
-	p := &proc{t: t, cmd: cmd, addr: "127.0.0.1:" + port, stderr: &testutil.SyncBuffer{}, done: make(chan error, 1)}
-	cmd.Stderr = p.stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { p.done <- cmd.Wait() }()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		if t.Failed() {
-			t.Logf("pinaka stderr:\n%s", p.stderr.String())
-		}
-	})
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		c, err := net.Dial("tcp", p.addr)
-		if err == nil {
-			c.Close()
-			return p
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("proxy did not start: %v\n%s", err, p.stderr.String())
-		}
-		select {
-		case err := <-p.done:
-			t.Fatalf("proxy exited at start: %v\n%s", err, p.stderr.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-}
-
-func (p *proc) waitExit(within time.Duration) (int, time.Duration) {
-	p.t.Helper()
-	start := time.Now()
-	select {
-	case err := <-p.done:
-		code := 0
-		if ee, ok := err.(*exec.ExitError); ok {
-			code = ee.ExitCode()
-		} else if err != nil {
-			p.t.Fatalf("wait: %v", err)
-		}
-		return code, time.Since(start)
-	case <-time.After(within):
-		p.t.Fatalf("process did not exit within %s", within)
-	}
-	return -1, 0
+	}, extra...)...)
 }
 
 func testToken(t *testing.T) string {
@@ -210,18 +119,18 @@ func TestSIGHUPReloadsCertificate(t *testing.T) {
 	dir := t.TempDir()
 	certPath, keyPath, _ := writeCert(t, dir)
 	p := startBinary(t, certPath, keyPath)
-	first := servingCert(t, p.addr)
+	first := servingCert(t, p.Addr)
 	origin := echoOrigin(t)
-	conn, br := tunnel1(t, p.addr, origin, testToken(t))
+	conn, br := tunnel1(t, p.Addr, origin, testToken(t))
 	defer conn.Close()
 
 	// New pair on disk, SIGHUP: new handshakes get it, the open tunnel is untouched.
 	writeCert(t, dir)
-	p.cmd.Process.Signal(syscall.SIGHUP)
+	p.Signal(syscall.SIGHUP)
 	deadline := time.Now().Add(10 * time.Second)
 	var second *x509.Certificate
 	for {
-		second = servingCert(t, p.addr)
+		second = servingCert(t, p.Addr)
 		if !second.Equal(first) {
 			break
 		}
@@ -234,20 +143,20 @@ func TestSIGHUPReloadsCertificate(t *testing.T) {
 
 	// A bad pair is refused and the current one kept, with an error logged.
 	os.WriteFile(certPath, []byte("not a certificate"), 0o600)
-	p.cmd.Process.Signal(syscall.SIGHUP)
+	p.Signal(syscall.SIGHUP)
 	deadline = time.Now().Add(10 * time.Second)
-	for !strings.Contains(p.stderr.String(), "certificate reload refused") {
+	for !strings.Contains(p.Log.String(), "certificate reload refused") {
 		if time.Now().After(deadline) {
 			t.Fatal("no error logged for a bad certificate")
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if !servingCert(t, p.addr).Equal(second) {
+	if !servingCert(t, p.Addr).Equal(second) {
 		t.Error("a bad pair replaced the serving certificate")
 	}
 	conn.Close()
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	if code, _ := p.waitExit(20 * time.Second); code != 0 {
+	p.Signal(syscall.SIGTERM)
+	if code, _ := p.Wait(t, 20*time.Second); code != 0 {
 		t.Errorf("exit code %d", code)
 	}
 }
@@ -261,10 +170,10 @@ func TestSIGTERMDrainsTunnels(t *testing.T) {
 	origin := echoOrigin(t)
 	tok := testToken(t)
 
-	c1, br1 := tunnel1(t, p.addr, origin, tok)
+	c1, br1 := tunnel1(t, p.Addr, origin, tok)
 	defer c1.Close()
 
-	tc, err := tls.Dial("tcp", p.addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
+	tc, err := tls.Dial("tcp", p.Addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -281,11 +190,11 @@ func TestSIGTERMDrainsTunnels(t *testing.T) {
 	echoOnce(t, c1, br1, "before")
 	echoOnce(t, pw, resp.Body, "before")
 
-	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.Signal(syscall.SIGTERM)
 	// The listener closes: new connections are refused.
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		c, err := net.DialTimeout("tcp", p.addr, time.Second)
+		c, err := net.DialTimeout("tcp", p.Addr, time.Second)
 		if err != nil {
 			break
 		}
@@ -300,10 +209,10 @@ func TestSIGTERMDrainsTunnels(t *testing.T) {
 	// before its records are flushed.
 	echoOnce(t, c1, br1, "during-drain")
 	echoOnce(t, pw, resp.Body, "during-drain")
-	p.cmd.Process.Signal(syscall.SIGHUP)
-	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.Signal(syscall.SIGHUP)
+	p.Signal(syscall.SIGTERM)
 	waitForLog := time.Now().Add(10 * time.Second)
-	for strings.Count(p.stderr.String(), "signal ignored: already shutting down") < 2 {
+	for strings.Count(p.Log.String(), "signal ignored: already shutting down") < 2 {
 		if time.Now().After(waitForLog) {
 			t.Fatal("signals during the drain were not handled")
 		}
@@ -311,15 +220,15 @@ func TestSIGTERMDrainsTunnels(t *testing.T) {
 	}
 	echoOnce(t, c1, br1, "after-more-signals")
 	select {
-	case err := <-p.done:
-		t.Fatalf("exited while tunnels were open: %v", err)
+	case <-p.Exited():
+		t.Fatalf("exited while tunnels were open")
 	case <-time.After(300 * time.Millisecond):
 	}
 	// When they finish, the process exits 0 without waiting for the timeout.
 	c1.Close()
 	pw.Close()
 	io.Copy(io.Discard, resp.Body)
-	code, took := p.waitExit(15 * time.Second)
+	code, took := p.Wait(t, 15*time.Second)
 	if code != 0 {
 		t.Errorf("exit code %d", code)
 	}
@@ -334,21 +243,21 @@ func TestSIGTERMClosesTunnelsAtTimeout(t *testing.T) {
 	certPath, keyPath, _ := writeCert(t, dir)
 	p := startBinary(t, certPath, keyPath, "SHUTDOWN_TIMEOUT=1s")
 	origin := echoOrigin(t)
-	c1, br1 := tunnel1(t, p.addr, origin, testToken(t))
+	c1, br1 := tunnel1(t, p.Addr, origin, testToken(t))
 	defer c1.Close()
 	echoOnce(t, c1, br1, "hello")
-	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.Signal(syscall.SIGTERM)
 	c1.SetReadDeadline(time.Now().Add(15 * time.Second))
 	if _, err := io.ReadAll(br1); err != nil && !strings.Contains(err.Error(), "reset") {
 		t.Errorf("tunnel was not closed at the deadline: %v", err)
 	}
-	if code, _ := p.waitExit(15 * time.Second); code != 0 {
+	if code, _ := p.Wait(t, 15*time.Second); code != 0 {
 		t.Errorf("exit code %d", code)
 	}
-	if !strings.Contains(p.stderr.String(), "closing requests and tunnels still open") {
+	if !strings.Contains(p.Log.String(), "closing requests and tunnels still open") {
 		t.Error("the forced close was not logged")
 	}
-	if !strings.Contains(p.stderr.String(), `"error":"tunnel_shutdown"`) {
+	if !strings.Contains(p.Log.String(), `"error":"tunnel_shutdown"`) {
 		t.Error("the tunnel closed at the deadline was not recorded as tunnel_shutdown")
 	}
 }

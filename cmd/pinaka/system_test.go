@@ -137,12 +137,12 @@ func TestRecordsExactlyOnceAcrossRestartWithSpool(t *testing.T) {
 
 	p := startBinary(t, certPath, keyPath, env...)
 	for i := 0; i < 10; i++ {
-		if s := forward(t, p.addr, fmt.Sprintf("%s/req/%d", o, i), tok); s != 200 {
+		if s := forward(t, p.Addr, fmt.Sprintf("%s/req/%d", o, i), tok); s != 200 {
 			t.Fatalf("request %d: %d", i, s)
 		}
 	}
 	for i := 0; i < 2; i++ { // refused requests are records too
-		if s := forward(t, p.addr, o+"/unauth", ""); s != 407 {
+		if s := forward(t, p.Addr, o+"/unauth", ""); s != 407 {
 			t.Fatalf("unauthenticated: %d", s)
 		}
 	}
@@ -151,8 +151,8 @@ func TestRecordsExactlyOnceAcrossRestartWithSpool(t *testing.T) {
 		defer backend.mu.Unlock()
 		return len(backend.attempts) > 0
 	})
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	if code, _ := p.waitExit(20 * time.Second); code != 0 {
+	p.Signal(syscall.SIGTERM)
+	if code, _ := p.Wait(t, 20*time.Second); code != 0 {
 		t.Fatalf("exit %d", code)
 	}
 	files, _ := filepath.Glob(filepath.Join(spool, "*.json"))
@@ -167,11 +167,11 @@ func TestRecordsExactlyOnceAcrossRestartWithSpool(t *testing.T) {
 	backend.failing.Store(false)
 	p2 := startBinary(t, certPath, keyPath, env...)
 	waitFor(t, "spooled records delivered", func() bool { got, _ := backend.records(); return len(got) >= 12 })
-	if s := forward(t, p2.addr, o+"/after-restart", tok); s != 200 {
+	if s := forward(t, p2.Addr, o+"/after-restart", tok); s != 200 {
 		t.Fatalf("after restart: %d", s)
 	}
-	p2.cmd.Process.Signal(syscall.SIGTERM)
-	if code, _ := p2.waitExit(20 * time.Second); code != 0 {
+	p2.Signal(syscall.SIGTERM)
+	if code, _ := p2.Wait(t, 20*time.Second); code != 0 {
 		t.Fatalf("exit %d", code)
 	}
 	got, dup := backend.records()
@@ -223,7 +223,7 @@ func scrape(t *testing.T, admin string) map[string]float64 {
 func TestAdminMetricsMoveByTheRightAmounts(t *testing.T) {
 	dir := t.TempDir()
 	certPath, keyPath, _ := writeCert(t, dir)
-	admin := "127.0.0.1:" + freePort(t)
+	admin := "127.0.0.1:" + testutil.FreePort(t)
 	p := startBinary(t, certPath, keyPath, "ADMIN_ADDR="+admin, "RATE_LIMIT_BURST_SIZE=8", "RATE_LIMIT_REQUESTS_PER_MINUTE=1",
 		"EGRESS_ALLOW_CIDRS=127.0.0.0/8", "EGRESS_DENY_CIDRS=127.0.0.99/32")
 	for _, path := range []string{"/healthz", "/readyz"} {
@@ -236,13 +236,13 @@ func TestAdminMetricsMoveByTheRightAmounts(t *testing.T) {
 	o := origin(t)
 	tok := "Bearer " + testToken(t)
 	for i := 0; i < 3; i++ {
-		forward(t, p.addr, o+"/ok", tok) // 3 × 200
+		forward(t, p.Addr, o+"/ok", tok) // 3 × 200
 	}
-	forward(t, p.addr, o+"/x", "")                     // 407 missing
-	forward(t, p.addr, o+"/x", "Bearer junk")          // 407 invalid
-	forward(t, p.addr, "http://127.0.0.99:8080/", tok) // 403 denied
+	forward(t, p.Addr, o+"/x", "")                     // 407 missing
+	forward(t, p.Addr, o+"/x", "Bearer junk")          // 407 invalid
+	forward(t, p.Addr, "http://127.0.0.99:8080/", tok) // 403 denied
 	origin := echoOrigin(t)
-	c, br := tunnel1(t, p.addr, origin, testToken(t)) // 1 tunnel
+	c, br := tunnel1(t, p.Addr, origin, testToken(t)) // 1 tunnel
 	echoOnce(t, c, br, "0123456789")                  // 10 bytes each way
 	m := scrape(t, admin)
 	if m["pinaka_active_tunnels"] != 1 {
@@ -250,7 +250,7 @@ func TestAdminMetricsMoveByTheRightAmounts(t *testing.T) {
 	}
 	c.Close()
 	for i := 0; i < 6; i++ {
-		forward(t, p.addr, o+"/limited", tok) // bucket of 8: 3+1+1 used → 3 more pass, then 429s
+		forward(t, p.Addr, o+"/limited", tok) // bucket of 8: 3+1+1 used → 3 more pass, then 429s
 	}
 	waitFor(t, "tunnel closed", func() bool { return scrape(t, admin)["pinaka_active_tunnels"] == 0 })
 	m = scrape(t, admin)
@@ -290,8 +290,8 @@ func TestAdminMetricsMoveByTheRightAmounts(t *testing.T) {
 // The whole pipeline: proxy → `pinaka collector` → PostgreSQL.
 func TestProxyToCollectorToPostgres(t *testing.T) {
 	pool, dsn := pgtest.NewDB(t)
-	collAddr := "127.0.0.1:" + freePort(t)
-	coll := exec.Command(buildBinary(t), "collector")
+	collAddr := "127.0.0.1:" + testutil.FreePort(t)
+	coll := exec.Command(testutil.BuildPinaka(t), "collector")
 	coll.Dir = t.TempDir()
 	coll.Env = []string{"PATH=" + os.Getenv("PATH"), "COLLECTOR_ADDR=" + collAddr, "COLLECTOR_API_KEY=ck", "DATABASE_URL=" + dsn}
 	collOut := &testutil.SyncBuffer{}
@@ -320,11 +320,11 @@ func TestProxyToCollectorToPostgres(t *testing.T) {
 	o := origin(t)
 	tok := "Bearer " + testToken(t)
 	for i := 0; i < 5; i++ {
-		forward(t, p.addr, fmt.Sprintf("%s/row/%d?q=secret", o, i), tok)
+		forward(t, p.Addr, fmt.Sprintf("%s/row/%d?q=secret", o, i), tok)
 	}
-	forward(t, p.addr, o+"/denied", "")
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	if code, _ := p.waitExit(20 * time.Second); code != 0 {
+	forward(t, p.Addr, o+"/denied", "")
+	p.Signal(syscall.SIGTERM)
+	if code, _ := p.Wait(t, 20*time.Second); code != 0 {
 		t.Fatalf("proxy exit %d", code)
 	}
 	var n, ok, denied int
@@ -345,7 +345,7 @@ func TestProxyToCollectorToPostgres(t *testing.T) {
 func TestHealthcheckSubcommand(t *testing.T) {
 	dir := t.TempDir()
 	certPath, keyPath, _ := writeCert(t, dir)
-	admin := "127.0.0.1:" + freePort(t)
+	admin := "127.0.0.1:" + testutil.FreePort(t)
 	p := startBinary(t, certPath, keyPath, "ADMIN_ADDR="+admin)
 	waitFor(t, "admin listener", func() bool {
 		c, err := net.Dial("tcp", admin)
@@ -355,7 +355,7 @@ func TestHealthcheckSubcommand(t *testing.T) {
 		return err == nil
 	})
 	check := func() (string, error) {
-		cmd := exec.Command(buildBinary(t), "healthcheck")
+		cmd := exec.Command(testutil.BuildPinaka(t), "healthcheck")
 		cmd.Dir = t.TempDir()
 		cmd.Env = []string{"ADMIN_ADDR=" + admin}
 		out, err := cmd.CombinedOutput()
@@ -364,8 +364,8 @@ func TestHealthcheckSubcommand(t *testing.T) {
 	if out, err := check(); err != nil || !strings.Contains(out, "ready") {
 		t.Fatalf("healthy proxy: %v %q", err, out)
 	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	p.waitExit(20 * time.Second)
+	p.Signal(syscall.SIGTERM)
+	p.Wait(t, 20*time.Second)
 	if out, err := check(); err == nil {
 		t.Fatalf("stopped proxy reported healthy: %q", out)
 	}
