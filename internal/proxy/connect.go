@@ -14,16 +14,11 @@ import (
 // proper status; then HTTP/1.1 hijacks the connection and HTTP/2 keeps the
 // stream, and bytes flow both ways.
 func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request, q *request) {
-	t, err := egress.ParseAuthority(r.Host, 0)
-	if err != nil {
-		p.failUpstream(w, q, err)
-		return
+	t, ok := p.checkTarget(w, q, r.Host, 0)
+	if !ok {
+		return // the record keeps the authority as the client spelled it
 	}
 	q.rec.TargetURL = t.String()
-	if err := p.opt.Policy.CheckTarget(t); err != nil {
-		p.failUpstream(w, q, err)
-		return
-	}
 	release, ok := p.acquireTunnel(w, q)
 	if !ok {
 		return
@@ -40,6 +35,21 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request, q *request)
 	}
 	defer release()
 	p.tunnelHTTP2(w, r, q, connEndpoint(upstream))
+}
+
+// checkTarget parses an authority (defaultPort 0: the port is required) and
+// applies the egress policy to what can be decided before DNS: the port and
+// literal addresses. It answers 400 or 403 itself and reports false then.
+func (p *Proxy) checkTarget(w http.ResponseWriter, q *request, authority string, defaultPort uint16) (egress.Target, bool) {
+	t, err := egress.ParseAuthority(authority, defaultPort)
+	if err == nil {
+		err = p.opt.Policy.CheckTarget(t)
+	}
+	if err != nil {
+		p.failUpstream(w, q, err)
+		return egress.Target{}, false
+	}
+	return t, true
 }
 
 // acquireTunnel enforces MAX_TUNNELS_PER_TOKEN.

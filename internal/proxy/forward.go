@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"bufio"
-	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,7 +11,6 @@ import (
 	"strings"
 	"sync/atomic"
 
-	"github.com/pinaka-proxy/pinaka/internal/egress"
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
 )
 
@@ -96,12 +94,7 @@ func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request)
 		p.fail(w, q, http.StatusBadRequest, "bad_target", "bad target: userinfo in URL")
 		return
 	}
-	t, err := egress.ParseAuthority(host, defPort)
-	if err == nil {
-		err = p.opt.Policy.CheckTarget(t)
-	}
-	if err != nil {
-		p.failUpstream(w, q, err)
+	if _, ok := p.checkTarget(w, q, host, defPort); !ok {
 		return
 	}
 	upgrade := r.Header.Get("Upgrade") != ""
@@ -130,7 +123,6 @@ func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request)
 			_ = http.NewResponseController(w).EnableFullDuplex()
 		}
 	}
-	r = r.WithContext(context.WithValue(r.Context(), requestKey{}, q))
 	p.forwarder.ServeHTTP(cw, r)
 	if body != nil {
 		// The transport may still be reading the body after the response

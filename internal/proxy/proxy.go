@@ -134,9 +134,11 @@ type request struct {
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx, done := p.active.add(r.Context())
 	defer done()
-	r = r.WithContext(ctx)
-
 	q := &request{start: time.Now()}
+	// One request clone carries both the drain context and the request's
+	// state (the forwarder's error handler finds it there).
+	r = r.WithContext(context.WithValue(ctx, requestKey{}, q))
+
 	q.rec = accesslog.Record{
 		Timestamp: q.start.UTC(),
 		ProbeNode: p.opt.ProbeNode,

@@ -39,12 +39,8 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 	if secure {
 		defPort = 443
 	}
-	t, err := egress.ParseAuthority(r.Host, defPort)
-	if err == nil {
-		err = p.opt.Policy.CheckTarget(t)
-	}
-	if err != nil {
-		p.failUpstream(w, q, err)
+	t, ok := p.checkTarget(w, q, r.Host, defPort)
+	if !ok {
 		return
 	}
 	release, ok := p.acquireTunnel(w, q)

@@ -66,7 +66,7 @@ func FreePort(t testing.TB) string {
 
 // Pinaka is a running `pinaka serve` process.
 type Pinaka struct {
-	Addr   string      // the proxy listener, 127.0.0.1:port
+	Addr   string // the proxy listener, 127.0.0.1:port
 	Cmd    *exec.Cmd
 	Log    *SyncBuffer // stderr: the JSON log lines
 	exited chan struct{}
