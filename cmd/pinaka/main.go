@@ -156,25 +156,24 @@ func serve(args []string, stdout, stderr io.Writer) error {
 	defer logOut.Close()
 	log := newLogger(logOut, cfg.LogLevel)
 
+	if cfg.Dev && len(cfg.JWTSecret) == 0 {
+		b := make([]byte, 32)
+		_, _ = rand.Read(b)
+		cfg.JWTSecret = []byte(hex.EncodeToString(b))
+	}
+	// A configured pair is used, in dev mode too; only dev mode without one
+	// generates a certificate (config refuses production without a pair).
 	var certs *server.CertStore
-	if cfg.Dev {
-		if len(cfg.JWTSecret) == 0 {
-			b := make([]byte, 32)
-			_, _ = rand.Read(b)
-			cfg.JWTSecret = []byte(hex.EncodeToString(b))
+	if cfg.TLSCertPath != "" {
+		if certs, err = server.LoadCertStore(cfg.TLSCertPath, cfg.TLSKeyPath); err != nil {
+			return fmt.Errorf("TLS_CERT_PATH/TLS_KEY_PATH: %w", err)
 		}
+	} else {
 		c, _, _, err := server.SelfSigned(7 * 24 * time.Hour)
 		if err != nil {
 			return err
 		}
 		certs = server.StaticCertStore(c)
-		if cfg.TLSCertPath != "" {
-			if certs, err = server.LoadCertStore(cfg.TLSCertPath, cfg.TLSKeyPath); err != nil {
-				return err
-			}
-		}
-	} else if certs, err = server.LoadCertStore(cfg.TLSCertPath, cfg.TLSKeyPath); err != nil {
-		return fmt.Errorf("TLS_CERT_PATH/TLS_KEY_PATH: %w", err)
 	}
 	if cfg.ProbeNodeRegion == "" {
 		log.Warn("PROBE_NODE_REGION is empty: only tokens with allowed_regions [\"*\"] are accepted")

@@ -126,7 +126,7 @@ func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, o
 	upDone := make(chan struct{})
 	go func() {
 		defer close(upDone)
-		err := copyAdaptive(upstream, client.r, client.drain, act, &up, func(n int) { onBytes(n, 0) })
+		err := copyAdaptive(upstream, client.r, client.drain, act, func(n int) { up.Add(int64(n)); onBytes(n, 0) })
 		if err != nil {
 			setErr(err)
 			closeBoth()
@@ -136,7 +136,7 @@ func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, o
 			closeBoth()
 		}
 	}()
-	err := copyAdaptive(client, upstream.r, upstream.drain, act, &down, func(n int) { onBytes(0, n) })
+	err := copyAdaptive(client, upstream.r, upstream.drain, act, func(n int) { down.Add(int64(n)); onBytes(0, n) })
 	switch {
 	case err != nil:
 		setErr(err)
@@ -160,7 +160,7 @@ func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, o
 	return res
 }
 
-func copyAdaptive(dst endpoint, src io.Reader, drain func([]byte) int, act *idleWatch, total *atomic.Int64, onBytes func(int)) error {
+func copyAdaptive(dst endpoint, src io.Reader, drain func([]byte) int, act *idleWatch, onBytes func(int)) error {
 	small := make([]byte, smallBufSize)
 	buf := small
 	var large *[]byte
@@ -178,7 +178,6 @@ func copyAdaptive(dst endpoint, src io.Reader, drain func([]byte) int, act *idle
 			act.touch()
 			nw, werr := dst.w.Write(buf[:nr])
 			if nw > 0 {
-				total.Add(int64(nw))
 				onBytes(nw)
 			}
 			if werr == nil && nw < nr {

@@ -209,7 +209,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}()
 	drainErr := s.proxy.Drain(ctx, func() { s.proxySrv.Close() })
 	<-done
-	if shutErr != nil || drainErr != nil {
+	if shutErr != nil { // Drain closed the connections already if it hit its deadline
 		s.proxySrv.Close()
 	}
 	actx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
