@@ -14,11 +14,10 @@ import (
 // proper status; then HTTP/1.1 hijacks the connection and HTTP/2 keeps the
 // stream, and bytes flow both ways.
 func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request, q *request) {
-	t, ok := p.checkTarget(w, q, r.Host, 0)
+	t, ok := p.checkTarget(w, q, r.Host, 0, func(t egress.Target) { q.rec.TargetURL = t.String() })
 	if !ok {
-		return // the record keeps the authority as the client spelled it
+		return
 	}
-	q.rec.TargetURL = t.String()
 	release, ok := p.acquireTunnel(w, q)
 	if !ok {
 		return
@@ -40,8 +39,13 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request, q *request)
 // checkTarget parses an authority (defaultPort 0: the port is required) and
 // applies the egress policy to what can be decided before DNS: the port and
 // literal addresses. It answers 400 or 403 itself and reports false then.
-func (p *Proxy) checkTarget(w http.ResponseWriter, q *request, authority string, defaultPort uint16) (egress.Target, bool) {
+// parsed, if set, sees the target as soon as it parses, before the policy
+// (a CONNECT record names even a denied target in canonical form).
+func (p *Proxy) checkTarget(w http.ResponseWriter, q *request, authority string, defaultPort uint16, parsed func(egress.Target)) (egress.Target, bool) {
 	t, err := egress.ParseAuthority(authority, defaultPort)
+	if err == nil && parsed != nil {
+		parsed(t)
+	}
 	if err == nil {
 		err = p.opt.Policy.CheckTarget(t)
 	}

@@ -94,7 +94,7 @@ func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request)
 		p.fail(w, q, http.StatusBadRequest, "bad_target", "bad target: userinfo in URL")
 		return
 	}
-	if _, ok := p.checkTarget(w, q, host, defPort); !ok {
+	if _, ok := p.checkTarget(w, q, host, defPort, nil); !ok {
 		return
 	}
 	upgrade := r.Header.Get("Upgrade") != ""

@@ -39,7 +39,7 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 	if secure {
 		defPort = 443
 	}
-	t, ok := p.checkTarget(w, q, r.Host, defPort)
+	t, ok := p.checkTarget(w, q, r.Host, defPort, nil)
 	if !ok {
 		return
 	}
