@@ -58,6 +58,14 @@ func TestEgressOddSpellingsOfLoopbackAreRefused(t *testing.T) {
 	if n := accepts.Load(); n != 0 {
 		t.Fatalf("%d connections reached the loopback listener", n)
 	}
+	// Denied CONNECT records name the target in canonical form, whatever
+	// the spelling.
+	for _, r := range e.records() {
+		if r.Method == "CONNECT" && r.TargetURL == "0x7f.1:"+port {
+			t.Errorf("record kept the raw spelling: %+v", r)
+		}
+	}
+	e.waitRecord(func(r recordT) bool { return r.Method == "CONNECT" && r.TargetURL == "127.0.0.1:"+port && r.StatusCode == 403 })
 }
 
 // A name whose DNS answer is a denied address is refused after resolution,
