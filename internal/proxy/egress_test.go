@@ -65,7 +65,9 @@ func TestEgressOddSpellingsOfLoopbackAreRefused(t *testing.T) {
 			t.Errorf("record kept the raw spelling: %+v", r)
 		}
 	}
-	e.waitRecord(func(r recordT) bool { return r.Method == "CONNECT" && r.TargetURL == "127.0.0.1:"+port && r.StatusCode == 403 })
+	e.waitRecord(func(r recordT) bool {
+		return r.Method == "CONNECT" && r.TargetURL == "127.0.0.1:"+port && r.StatusCode == 403
+	})
 }
 
 // A name whose DNS answer is a denied address is refused after resolution,
