@@ -112,15 +112,16 @@ func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, 
 		}
 	}
 	// The buffered bytes were replayed, so the tunnel reads the conn itself
-	// and the bufio buffers can be collected with the handler.
+	// and the bufio buffers can be collected with the handler. The relay
+	// runs in goroutines of its own that end while the tunnel is idle (see
+	// parkAfter); the last one to finish writes the record.
 	ctx, done := p.active.add(context.WithoutCancel(r.Context()))
 	q.detached = true
-	go func() {
-		defer done()
-		defer release()
-		p.runTunnel(ctx, q, connEndpoint(conn), connEndpoint(upstream))
+	p.startTunnel(ctx, q, connEndpoint(conn), connEndpoint(upstream), func() {
 		p.finish(q)
-	}()
+		release()
+		done()
+	})
 }
 
 func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, r *http.Request, q *request, upstream endpoint) {
@@ -141,19 +142,34 @@ func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, r *http.Request, q *request, 
 	p.runTunnel(r.Context(), q, client, upstream)
 }
 
-// runTunnel relays and accounts for one tunnel.
+// runTunnel relays and accounts for one tunnel, and returns when it is over.
 func (p *Proxy) runTunnel(ctx context.Context, q *request, client, upstream endpoint) {
-	m := p.opt.Metrics
-	m.ActiveTunnels.Inc()
-	defer m.ActiveTunnels.Dec()
-	res := relay(ctx, client, upstream, p.opt.TunnelIdleTimeout, func(up, down int) {
-		if up > 0 {
-			m.BytesUpstream.Add(float64(up))
-		}
-		if down > 0 {
-			m.BytesDownstream.Add(float64(down))
-		}
+	p.opt.Metrics.ActiveTunnels.Inc()
+	res := relay(ctx, client, upstream, p.opt.TunnelIdleTimeout, p.countTunnelBytes)
+	p.tunnelDone(q, res)
+}
+
+// startTunnel relays and accounts for one tunnel in goroutines of its own,
+// and calls onDone when it is over.
+func (p *Proxy) startTunnel(ctx context.Context, q *request, client, upstream endpoint, onDone func()) {
+	p.opt.Metrics.ActiveTunnels.Inc()
+	startRelay(ctx, client, upstream, p.opt.TunnelIdleTimeout, p.countTunnelBytes, func(res relayResult) {
+		p.tunnelDone(q, res)
+		onDone()
 	})
+}
+
+func (p *Proxy) countTunnelBytes(up, down int) {
+	if up > 0 {
+		p.opt.Metrics.BytesUpstream.Add(float64(up))
+	}
+	if down > 0 {
+		p.opt.Metrics.BytesDownstream.Add(float64(down))
+	}
+}
+
+func (p *Proxy) tunnelDone(q *request, res relayResult) {
+	p.opt.Metrics.ActiveTunnels.Dec()
 	q.rec.RequestSize += res.up
 	q.rec.ResponseSize += res.down
 	if res.end != "" {

@@ -6,26 +6,36 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 )
 
-// Relay buffers. An idle tunnel blocks in Read holding a small buffer; a
-// read that fills it switches that direction to a pooled large buffer until
-// reads turn short again. Idle tunnels stay cheap (the ~100 KB of a plain
-// io.Copy pair is the difference between thousands and tens of thousands of
-// tunnels per node) and busy ones still move 64 KB per syscall.
+// Relay memory. A tunnel spends most of its life idle, so what an idle
+// tunnel holds decides how many a node can carry; a plain io.Copy pair
+// holds two 32 KB buffers and two goroutine stacks grown by TLS to ~8 KB
+// each. Here a busy direction reads into a pooled 64 KB buffer; a direction
+// reading a socket that has been quiet for parkAfter returns the buffer and
+// ends its goroutine, and a fresh goroutine, whose stack has not grown,
+// waits for the socket to become readable without a buffer. A direction
+// whose source is not a socket (an HTTP/2 request body) keeps a small
+// buffer while idle and switches to a pooled one while busy.
 const (
 	smallBufSize = 1 << 10
 	// largeBufSize is four HTTP/2 DATA frames that each fit one TLS record
 	// (see h2DataChunk), so a full read leaves no small tail frame.
 	largeBufSize = 4 * h2DataChunk
-	// shortRead is the read size below which a direction goes back to its
-	// small buffer. TLS records carry at most 16 KB, so a busy TLS source
-	// reads 16 KB at a time; anything much smaller means the burst is over.
+	// shortRead is the read size below which a non-socket direction goes
+	// back to its small buffer. TLS records carry at most 16 KB, so a busy
+	// TLS source reads 16 KB at a time; much less means the burst is over.
 	shortRead = 4 << 10
+	// parkAfter is how long a socket direction waits for bytes, holding
+	// its buffer and stack, before it parks. Bulk transfers never pause
+	// this long; parking and waking cost a goroutine start and two
+	// syscalls.
+	parkAfter = time.Second
 )
 
 var largeBufs = sync.Pool{New: func() any { b := make([]byte, largeBufSize); return &b }}
@@ -41,8 +51,21 @@ type endpoint struct {
 	closeWrite func() error
 	close      func() error
 	// drain, when set, reads whatever the source has already buffered
-	// into b without blocking and returns how much it read.
-	drain func(b []byte) int
+	// into b without blocking and returns how much it read; it leaves the
+	// read deadline at restore.
+	drain func(b []byte, restore time.Time) int
+	// sock is set when r reads a socket, which lets an idle direction
+	// park (see parkAfter).
+	sock *readSocket
+	// batch, when set, gathers the TLS records of one large write into
+	// one syscall (see BatchListener).
+	batch *batchConn
+}
+
+// readSocket is what the relay needs of a socket to park on it.
+type readSocket struct {
+	setReadDeadline func(time.Time) error
+	raw             syscall.RawConn
 }
 
 func connEndpoint(c net.Conn) endpoint {
@@ -52,8 +75,25 @@ func connEndpoint(c net.Conn) endpoint {
 	}
 	if tc, ok := c.(*tls.Conn); ok {
 		e.drain = drainTLS(tc)
+		e.batch, _ = under[*batchConn](tc)
+	}
+	if raw := rawSocket(c); raw != nil {
+		e.sock = &readSocket{setReadDeadline: c.SetReadDeadline, raw: raw}
 	}
 	return e
+}
+
+// rawSocket finds the socket under c, or nil.
+func rawSocket(c net.Conn) syscall.RawConn {
+	sc, ok := under[syscall.Conn](c)
+	if !ok || !canWaitReadable {
+		return nil
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return raw
 }
 
 // drainTLS returns a drain for a TLS connection. A TLS Read returns one
@@ -62,8 +102,8 @@ func connEndpoint(c net.Conn) endpoint {
 // the past, further Reads return records TLS has buffered and fail at once,
 // without a syscall, when it would have to wait. crypto/tls treats the
 // timeout as temporary: a partial record stays buffered for the next Read.
-func drainTLS(c *tls.Conn) func([]byte) int {
-	return func(b []byte) int {
+func drainTLS(c *tls.Conn) func([]byte, time.Time) int {
+	return func(b []byte, restore time.Time) int {
 		n := 0
 		_ = c.SetReadDeadline(aLongTimeAgo)
 		for len(b)-n >= minDrain {
@@ -73,12 +113,15 @@ func drainTLS(c *tls.Conn) func([]byte) int {
 				break // a real error is sticky: the next blocking Read returns it
 			}
 		}
-		_ = c.SetReadDeadline(time.Time{})
+		_ = c.SetReadDeadline(restore)
 		return n
 	}
 }
 
 var aLongTimeAgo = time.Unix(1, 0)
+
+// maxRecordPlaintext is the most plaintext one TLS record carries.
+const maxRecordPlaintext = 16 << 10
 
 // minDrain: stop draining when less than one full record fits.
 const minDrain = 16 << 10
@@ -94,73 +137,153 @@ type relayResult struct {
 	err error // the first read or write error, for debug logs
 }
 
-// relay copies both ways until both directions are done, passing each
+// tunnel relays both ways until both directions are done, passing each
 // half-close on to the other side. When the downstream side cannot
 // half-close (HTTP/2 streams end with the handler), the tunnel ends as soon
 // as upstream is done sending. It also ends after idle without traffic, or
 // when ctx is cancelled (shutdown deadline).
-func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, onBytes func(up, down int)) relayResult {
-	var (
-		res       relayResult
-		up, down  atomic.Int64
-		closeOnce sync.Once
-		errOnce   sync.Once
-		idled     atomic.Bool
-	)
-	closeBoth := func() {
-		closeOnce.Do(func() {
-			_ = upstream.close()
-			_ = client.close()
-		})
-	}
-	setErr := func(err error) {
-		if err != nil {
-			errOnce.Do(func() { res.err = err })
-		}
-	}
-	act := newIdleWatch(idle, func() { idled.Store(true); closeBoth() })
-	defer act.stop()
-	stopCtx := context.AfterFunc(ctx, closeBoth)
-	defer stopCtx()
+type tunnel struct {
+	ctx              context.Context
+	client, upstream endpoint
+	up, down         direction
+	watch            *idleWatch
+	stopCtx          func() bool
+	onDone           func(relayResult)
 
-	upDone := make(chan struct{})
-	go func() {
-		defer close(upDone)
-		err := copyAdaptive(upstream, client.r, client.drain, act, func(n int) { up.Add(int64(n)); onBytes(n, 0) })
-		if err != nil {
-			setErr(err)
-			closeBoth()
-			return
-		}
-		if upstream.closeWrite == nil || upstream.closeWrite() != nil {
-			closeBoth()
-		}
-	}()
-	err := copyAdaptive(client, upstream.r, upstream.drain, act, func(n int) { down.Add(int64(n)); onBytes(0, n) })
-	switch {
-	case err != nil:
-		setErr(err)
-		closeBoth()
-	case client.closeWrite == nil:
-		// HTTP/2: END_STREAM is sent when the handler returns; the upload
-		// side is over once the stream ends.
-		closeBoth()
-	case client.closeWrite() != nil:
-		closeBoth()
-	}
-	<-upDone
-	closeBoth()
-	res.up, res.down = up.Load(), down.Load()
-	switch {
-	case idled.Load():
-		res.end = "idle_timeout"
-	case errors.Is(context.Cause(ctx), errShutdownDeadline):
-		res.end = "shutdown"
-	}
-	return res
+	running   atomic.Int32 // directions not yet finished
+	closeOnce sync.Once
+	errOnce   sync.Once
+	err       error
+	idled     atomic.Bool
 }
 
-func copyAdaptive(dst endpoint, src io.Reader, drain func([]byte) int, act *idleWatch, onBytes func(int)) error {
+// direction is one way through a tunnel.
+type direction struct {
+	t        *tunnel
+	src, dst endpoint
+	moved    atomic.Int64
+	onBytes  func(n int)
+	finish   func(err error) // called once, when src is done or failed
+}
+
+// relay runs a tunnel and returns when it is over. The calling goroutine
+// carries the upload direction (for HTTP/2, the handler reading the request
+// body, which cannot park); the download runs in its own goroutine.
+func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, onBytes func(up, down int)) relayResult {
+	done := make(chan relayResult, 1)
+	t := newTunnel(ctx, client, upstream, idle, onBytes, func(res relayResult) { done <- res })
+	go t.down.run()
+	t.up.run()
+	return <-done
+}
+
+// startRelay runs a tunnel in goroutines of its own and calls onDone, from
+// one of them, when it is over.
+func startRelay(ctx context.Context, client, upstream endpoint, idle time.Duration, onBytes func(up, down int), onDone func(relayResult)) {
+	t := newTunnel(ctx, client, upstream, idle, onBytes, onDone)
+	go t.down.run()
+	go t.up.run()
+}
+
+func newTunnel(ctx context.Context, client, upstream endpoint, idle time.Duration, onBytes func(up, down int), onDone func(relayResult)) *tunnel {
+	t := &tunnel{ctx: ctx, client: client, upstream: upstream, onDone: onDone}
+	t.running.Store(2)
+	t.up = direction{t: t, src: client, dst: upstream, onBytes: func(n int) { onBytes(n, 0) }, finish: t.upFinished}
+	t.down = direction{t: t, src: upstream, dst: client, onBytes: func(n int) { onBytes(0, n) }, finish: t.downFinished}
+	t.watch = newIdleWatch(idle, func() { t.idled.Store(true); t.closeBoth() })
+	t.stopCtx = context.AfterFunc(ctx, t.closeBoth)
+	return t
+}
+
+func (t *tunnel) closeBoth() {
+	t.closeOnce.Do(func() {
+		_ = t.upstream.close()
+		_ = t.client.close()
+	})
+}
+
+func (t *tunnel) setErr(err error) {
+	if err != nil {
+		t.errOnce.Do(func() { t.err = err })
+	}
+}
+
+// upFinished: the client is done sending. Its half-close goes on upstream.
+func (t *tunnel) upFinished(err error) {
+	switch {
+	case err != nil:
+		t.setErr(err)
+		t.closeBoth()
+	case t.upstream.closeWrite == nil, t.upstream.closeWrite() != nil:
+		t.closeBoth()
+	}
+	t.directionDone()
+}
+
+// downFinished: upstream is done sending.
+func (t *tunnel) downFinished(err error) {
+	switch {
+	case err != nil:
+		t.setErr(err)
+		t.closeBoth()
+	case t.client.closeWrite == nil:
+		// HTTP/2: END_STREAM is sent when the handler returns; the upload
+		// side is over once the stream ends.
+		t.closeBoth()
+	case t.client.closeWrite() != nil:
+		t.closeBoth()
+	}
+	t.directionDone()
+}
+
+func (t *tunnel) directionDone() {
+	if t.running.Add(-1) > 0 {
+		return
+	}
+	t.closeBoth()
+	t.watch.stop()
+	t.stopCtx()
+	res := relayResult{up: t.up.moved.Load(), down: t.down.moved.Load(), err: t.err}
+	switch {
+	case t.idled.Load():
+		res.end = "idle_timeout"
+	case errors.Is(context.Cause(t.ctx), errShutdownDeadline):
+		res.end = "shutdown"
+	}
+	t.onDone(res)
+}
+
+// errParked reports that a direction went quiet and parked.
+var errParked = errors.New("parked")
+
+// run copies until the source ends, then finishes the direction. A socket
+// direction that goes quiet parks instead: this goroutine ends, and a new
+// one waits for the socket.
+func (d *direction) run() {
+	err := d.copy()
+	if err == errParked {
+		go d.wait()
+		return
+	}
+	d.finish(err)
+}
+
+// wait runs in a fresh goroutine, whose stack is still small, until the
+// socket has something to read, then goes on copying.
+func (d *direction) wait() {
+	if err := waitReadable(d.src.sock.raw); err != nil {
+		d.finish(err)
+		return
+	}
+	d.run()
+}
+
+// copy copies with a small buffer while reads are small and a pooled large
+// one while they come back full. From a socket it returns errParked after
+// parkAfter without bytes, dropping both buffers. The read deadline that
+// measures the quiet time is renewed at most twice per parkAfter, so the
+// data path does not reset a timer on every read.
+func (d *direction) copy() error {
 	small := make([]byte, smallBufSize)
 	buf := small
 	var large *[]byte
@@ -169,31 +292,37 @@ func copyAdaptive(dst endpoint, src io.Reader, drain func([]byte) int, act *idle
 			largeBufs.Put(large)
 		}
 	}()
+	var lease time.Time // the read deadline; zero for non-sockets
 	for {
-		nr, rerr := src.Read(buf)
-		if large != nil && rerr == nil && drain != nil {
-			nr += drain(buf[nr:]) // busy: send what has arrived in one write
-		}
-		if nr > 0 {
-			act.touch()
-			nw, werr := dst.w.Write(buf[:nr])
-			if nw > 0 {
-				onBytes(nw)
-			}
-			if werr == nil && nw < nr {
-				werr = io.ErrShortWrite
-			}
-			if werr == nil && dst.flush != nil {
-				werr = dst.flush()
-			}
-			if werr != nil {
-				return werr
+		if d.src.sock != nil {
+			if now := time.Now(); lease.Sub(now) < parkAfter/2 {
+				lease = now.Add(parkAfter)
+				if err := d.src.sock.setReadDeadline(lease); err != nil {
+					return err
+				}
 			}
 		}
-		if rerr != nil {
-			if rerr == io.EOF {
-				return nil
+		nr, rerr := d.src.r.Read(buf)
+		if large != nil && rerr == nil && d.src.drain != nil {
+			nr += d.src.drain(buf[nr:], lease) // busy: send what has arrived in one write
+		}
+		if err := d.write(buf[:nr]); err != nil {
+			return err
+		}
+		switch {
+		case rerr == nil:
+		case rerr == io.EOF:
+			return nil
+		case d.src.sock != nil && errors.Is(rerr, os.ErrDeadlineExceeded):
+			// Quiet for parkAfter. crypto/tls keeps a partial record for
+			// the next Read and has no complete one buffered, or this Read
+			// would have returned it: the socket alone says when there is
+			// more.
+			if err := d.src.sock.setReadDeadline(time.Time{}); err != nil {
+				return err
 			}
+			return errParked
+		default:
 			return rerr
 		}
 		switch {
@@ -205,6 +334,36 @@ func copyAdaptive(dst endpoint, src io.Reader, drain func([]byte) int, act *idle
 			large, buf = nil, small
 		}
 	}
+}
+
+// write passes b on and accounts for it.
+func (d *direction) write(b []byte) error {
+	if len(b) == 0 {
+		return nil
+	}
+	d.t.watch.touch()
+	// More than one TLS record's worth: gather the records.
+	batch := d.dst.batch != nil && len(b) > maxRecordPlaintext
+	if batch {
+		d.dst.batch.startBatch()
+	}
+	nw, err := d.dst.w.Write(b)
+	if batch {
+		if ferr := d.dst.batch.flushBatch(); err == nil {
+			err = ferr
+		}
+	}
+	if nw > 0 {
+		d.moved.Add(int64(nw))
+		d.onBytes(nw)
+	}
+	if err == nil && nw < len(b) {
+		err = io.ErrShortWrite
+	}
+	if err == nil && d.dst.flush != nil {
+		err = d.dst.flush()
+	}
+	return err
 }
 
 // idleWatch closes a tunnel after idle without traffic. touch is an atomic

@@ -138,7 +138,7 @@ func (s *Server) Listen() error {
 	if err != nil {
 		return fmt.Errorf("listening on %s (PROXY_BIND:PROXY_PORT): %w", s.cfg.ListenAddr(), err)
 	}
-	s.proxyLn = ratelimit.LimitListener(ln, s.cfg.MaxConnections,
+	s.proxyLn = ratelimit.LimitListener(proxy.BatchListener(ln), s.cfg.MaxConnections,
 		s.metrics.ActiveConnections.Inc, s.metrics.ActiveConnections.Dec, s.metrics.ConnectionsRefused.Inc)
 	if s.cfg.AdminAddr != "" && s.cfg.AdminAddr != "off" {
 		aln, err := net.Listen("tcp", s.cfg.AdminAddr)
