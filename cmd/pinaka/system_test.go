@@ -248,6 +248,8 @@ func TestAdminMetricsMoveByTheRightAmounts(t *testing.T) {
 	if m["pinaka_active_tunnels"] != 1 {
 		t.Errorf("active tunnels %v, want 1", m["pinaka_active_tunnels"])
 	}
+	// Quiet for a second, both directions of the tunnel park.
+	waitFor(t, "idle tunnel parked", func() bool { return scrape(t, admin)["pinaka_tunnel_directions_parked"] == 2 })
 	c.Close()
 	for i := 0; i < 6; i++ {
 		forward(t, p.Addr, o+"/limited", tok) // bucket of 8: 3+1+1 used → 3 more pass, then 429s

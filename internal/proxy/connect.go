@@ -114,8 +114,12 @@ func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, 
 	// The buffered bytes were replayed, so the tunnel reads the conn itself
 	// and the bufio buffers can be collected with the handler. The relay
 	// runs in goroutines of its own that end while the tunnel is idle (see
-	// parkAfter); the last one to finish writes the record.
-	ctx, done := p.active.add(context.WithoutCancel(r.Context()))
+	// parkAfter); the last one to finish writes the record. Its context
+	// starts afresh rather than from r.Context(): the tunnel needs only the
+	// shutdown signal, and holding the request's context would keep
+	// net/http's per-connection and per-request contexts alive as long as
+	// the tunnel (about 1 KB).
+	ctx, done := p.active.add(context.Background())
 	q.detached = true
 	p.startTunnel(ctx, q, connEndpoint(conn), connEndpoint(upstream), func() {
 		p.finish(q)
@@ -145,7 +149,7 @@ func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, r *http.Request, q *request, 
 // runTunnel relays and accounts for one tunnel, and returns when it is over.
 func (p *Proxy) runTunnel(ctx context.Context, q *request, client, upstream endpoint) {
 	p.opt.Metrics.ActiveTunnels.Inc()
-	res := relay(ctx, client, upstream, p.opt.TunnelIdleTimeout, p.countTunnelBytes)
+	res := relay(ctx, p.parker, client, upstream, p.opt.TunnelIdleTimeout, p.countTunnelBytes)
 	p.tunnelDone(q, res)
 }
 
@@ -153,7 +157,7 @@ func (p *Proxy) runTunnel(ctx context.Context, q *request, client, upstream endp
 // and calls onDone when it is over.
 func (p *Proxy) startTunnel(ctx context.Context, q *request, client, upstream endpoint, onDone func()) {
 	p.opt.Metrics.ActiveTunnels.Inc()
-	startRelay(ctx, client, upstream, p.opt.TunnelIdleTimeout, p.countTunnelBytes, func(res relayResult) {
+	startRelay(ctx, p.parker, client, upstream, p.opt.TunnelIdleTimeout, p.countTunnelBytes, func(res relayResult) {
 		p.tunnelDone(q, res)
 		onDone()
 	})

@@ -17,23 +17,24 @@ import (
 	"github.com/pinaka-proxy/pinaka/internal/proxy"
 )
 
-// parkedDirections counts relay directions waiting for their socket with
-// no buffer (see parkAfter).
-func parkedDirections(t *testing.T) int {
+// relayGoroutines counts goroutines running a relay direction.
+func relayGoroutines(t *testing.T) int {
 	t.Helper()
 	var b bytes.Buffer
 	if err := pprof.Lookup("goroutine").WriteTo(&b, 2); err != nil {
 		t.Fatal(err)
 	}
-	return strings.Count(b.String(), "proxy.waitReadable(")
+	return strings.Count(b.String(), "proxy.(*direction).run(")
 }
 
-func waitParked(t *testing.T, want int) {
-	t.Helper()
+// waitParked waits until want tunnel directions are parked: held by the
+// parker, with no goroutine of their own (see parkAfter).
+func (e *env) waitParked(want int) {
+	e.t.Helper()
 	deadline := time.Now().Add(10 * proxy.ParkAfter)
-	for parkedDirections(t) < want {
+	for e.app.Proxy.ParkedDirections() < want {
 		if time.Now().After(deadline) {
-			t.Fatalf("%d directions parked after %v, want %d", parkedDirections(t), 10*proxy.ParkAfter, want)
+			e.t.Fatalf("%d directions parked after %v, want %d", e.app.Proxy.ParkedDirections(), 10*proxy.ParkAfter, want)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -91,12 +92,15 @@ func TestIdleHTTP1TunnelParksAndWakes(t *testing.T) {
 		}
 	}
 	exchange("hello")
-	waitParked(t, 2)
+	e.waitParked(2)
+	if n := relayGoroutines(t); n != 0 {
+		t.Errorf("%d relay goroutines while both directions are parked, want 0", n)
+	}
 
 	// Both directions wake: the upload for the client's record, the
 	// download for the origin's echo of it.
 	exchange("after the park")
-	waitParked(t, 2)
+	e.waitParked(2)
 
 	// A record split around a park: crypto/tls keeps the first half.
 	sw.armed.Store(true)
@@ -109,7 +113,7 @@ func TestIdleHTTP1TunnelParksAndWakes(t *testing.T) {
 	if _, err := io.ReadFull(br, got); err != nil || !bytes.Equal(got, big) {
 		t.Fatalf("1 MB echo: %v", err)
 	}
-	waitParked(t, 2)
+	e.waitParked(2)
 
 	// A half-close reaches a parked direction too.
 	if err := conn.CloseWrite(); err != nil {
@@ -124,7 +128,7 @@ func TestIdleHTTP1TunnelParksAndWakes(t *testing.T) {
 	if r.StatusCode != 200 || !r.Success || r.RequestSize != want || r.ResponseSize != want+5 {
 		t.Errorf("record = %+v, want %d bytes up and %d down", r, want, want+5)
 	}
-	if n := parkedDirections(t); n != 0 {
+	if n := e.app.Proxy.ParkedDirections(); n != 0 {
 		t.Errorf("%d directions still parked after the tunnel ended", n)
 	}
 }
@@ -147,7 +151,7 @@ func TestIdleHTTP2TunnelParksAndWakes(t *testing.T) {
 		if _, err := io.ReadFull(resp.Body, got); err != nil || string(got) != msg {
 			t.Fatalf("echo %d: %q %v", i, got, err)
 		}
-		waitParked(t, 1)
+		e.waitParked(1)
 	}
 	up.Close()
 	rest, err := io.ReadAll(resp.Body)
@@ -157,5 +161,36 @@ func TestIdleHTTP2TunnelParksAndWakes(t *testing.T) {
 	r := e.waitRecord(func(r recordT) bool { return r.Method == "CONNECT" })
 	if r.StatusCode != 200 || r.RequestSize != 19 || r.ResponseSize != 24 {
 		t.Errorf("record = %+v", r)
+	}
+}
+
+// TUNNEL_IDLE_TIMEOUT closes tunnels whose directions are parked: the
+// parker gives them back, both finish and the record is written.
+func TestParkedTunnelsCloseOnIdleTimeout(t *testing.T) {
+	e := startProxy(t, map[string]string{"TUNNEL_IDLE_TIMEOUT": (3 * proxy.ParkAfter).String()})
+	echo := newEchoServer(t)
+	conn, br, status := e.h1Connect(echo.addr(), e.bearer(), nil)
+	if status != 200 {
+		t.Fatal(status)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.WriteString(conn, "ping"); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4)
+	if _, err := io.ReadFull(br, got); err != nil || string(got) != "ping" {
+		t.Fatalf("echo: %q %v", got, err)
+	}
+	e.waitParked(2)
+	if _, err := io.ReadAll(br); err != nil {
+		t.Fatalf("idle tunnel: %v (want clean EOF)", err)
+	}
+	r := e.waitRecord(func(r recordT) bool { return r.Method == "CONNECT" })
+	if r.Error != "tunnel_idle_timeout" || r.RequestSize != 4 || r.ResponseSize != 4 {
+		t.Errorf("record %+v", r)
+	}
+	if n := e.app.Proxy.ParkedDirections(); n != 0 {
+		t.Errorf("%d directions still parked after the idle timeout", n)
 	}
 }

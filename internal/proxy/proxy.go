@@ -63,6 +63,7 @@ type Proxy struct {
 	transport *http.Transport
 	forwarder http.Handler
 	active    activeSet
+	parker    *parker // idle tunnel directions (see parkAfter)
 }
 
 // New returns a Proxy.
@@ -73,7 +74,7 @@ func New(o Options) *Proxy {
 	if o.Records == nil {
 		o.Records = discard{}
 	}
-	p := &Proxy{opt: o, log: o.Log}
+	p := &Proxy{opt: o, log: o.Log, parker: newParker(o.Log)}
 	p.transport = &http.Transport{
 		Proxy:                 nil, // never chain to an environment proxy
 		DialContext:           o.Dialer.DialContext,
@@ -96,7 +97,14 @@ func New(o Options) *Proxy {
 }
 
 // Close releases idle upstream connections.
-func (p *Proxy) Close() { p.transport.CloseIdleConnections() }
+func (p *Proxy) Close() {
+	p.transport.CloseIdleConnections()
+	p.parker.close()
+}
+
+// ParkedDirections is the number of tunnel directions idle without a
+// goroutine (see parkAfter).
+func (p *Proxy) ParkedDirections() int { return p.parker.len() }
 
 // ActiveRequests is the number of requests and tunnels in progress.
 func (p *Proxy) ActiveRequests() int { return p.active.len() }

@@ -17,11 +17,11 @@ import (
 // tunnel holds decides how many a node can carry; a plain io.Copy pair
 // holds two 32 KB buffers and two goroutine stacks grown by TLS to ~8 KB
 // each. Here a busy direction reads into a pooled 64 KB buffer; a direction
-// reading a socket that has been quiet for parkAfter returns the buffer and
-// ends its goroutine, and a fresh goroutine, whose stack has not grown,
-// waits for the socket to become readable without a buffer. A direction
-// whose source is not a socket (an HTTP/2 request body) keeps a small
-// buffer while idle and switches to a pooled one while busy.
+// reading a socket that has been quiet for parkAfter returns the buffer,
+// ends its goroutine and is handed to the parker, which starts a new
+// goroutine for it when the socket becomes readable (park_linux.go). A
+// direction whose source is not a socket (an HTTP/2 request body) keeps a
+// small buffer while idle and switches to a pooled one while busy.
 const (
 	smallBufSize = 1 << 10
 	// largeBufSize is four HTTP/2 DATA frames that each fit one TLS record
@@ -33,7 +33,7 @@ const (
 	shortRead = 4 << 10
 	// parkAfter is how long a socket direction waits for bytes, holding
 	// its buffer and stack, before it parks. Bulk transfers never pause
-	// this long; parking and waking cost a goroutine start and two
+	// this long; parking and waking cost a goroutine start and three
 	// syscalls.
 	parkAfter = time.Second
 )
@@ -86,7 +86,7 @@ func connEndpoint(c net.Conn) endpoint {
 // rawSocket finds the socket under c, or nil.
 func rawSocket(c net.Conn) syscall.RawConn {
 	sc, ok := under[syscall.Conn](c)
-	if !ok || !canWaitReadable {
+	if !ok {
 		return nil
 	}
 	raw, err := sc.SyscallConn()
@@ -146,6 +146,7 @@ type tunnel struct {
 	ctx              context.Context
 	client, upstream endpoint
 	up, down         direction
+	parker           *parker
 	watch            *idleWatch
 	stopCtx          func() bool
 	onDone           func(relayResult)
@@ -160,18 +161,24 @@ type tunnel struct {
 // direction is one way through a tunnel.
 type direction struct {
 	t        *tunnel
-	src, dst endpoint
+	src, dst *endpoint
 	moved    atomic.Int64
 	onBytes  func(n int)
 	finish   func(err error) // called once, when src is done or failed
+	// canPark: src is a socket and the parker works. Only the goroutine
+	// running the direction touches it.
+	canPark bool
+	// parkedFD is the socket the parker holds d for, or -1; guarded by
+	// the parker's mutex.
+	parkedFD int32
 }
 
 // relay runs a tunnel and returns when it is over. The calling goroutine
 // carries the upload direction (for HTTP/2, the handler reading the request
 // body, which cannot park); the download runs in its own goroutine.
-func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, onBytes func(up, down int)) relayResult {
+func relay(ctx context.Context, pk *parker, client, upstream endpoint, idle time.Duration, onBytes func(up, down int)) relayResult {
 	done := make(chan relayResult, 1)
-	t := newTunnel(ctx, client, upstream, idle, onBytes, func(res relayResult) { done <- res })
+	t := newTunnel(ctx, pk, client, upstream, idle, onBytes, func(res relayResult) { done <- res })
 	go t.down.run()
 	t.up.run()
 	return <-done
@@ -179,26 +186,39 @@ func relay(ctx context.Context, client, upstream endpoint, idle time.Duration, o
 
 // startRelay runs a tunnel in goroutines of its own and calls onDone, from
 // one of them, when it is over.
-func startRelay(ctx context.Context, client, upstream endpoint, idle time.Duration, onBytes func(up, down int), onDone func(relayResult)) {
-	t := newTunnel(ctx, client, upstream, idle, onBytes, onDone)
+func startRelay(ctx context.Context, pk *parker, client, upstream endpoint, idle time.Duration, onBytes func(up, down int), onDone func(relayResult)) {
+	t := newTunnel(ctx, pk, client, upstream, idle, onBytes, onDone)
 	go t.down.run()
 	go t.up.run()
 }
 
-func newTunnel(ctx context.Context, client, upstream endpoint, idle time.Duration, onBytes func(up, down int), onDone func(relayResult)) *tunnel {
-	t := &tunnel{ctx: ctx, client: client, upstream: upstream, onDone: onDone}
+func newTunnel(ctx context.Context, pk *parker, client, upstream endpoint, idle time.Duration, onBytes func(up, down int), onDone func(relayResult)) *tunnel {
+	t := &tunnel{ctx: ctx, client: client, upstream: upstream, parker: pk, onDone: onDone}
 	t.running.Store(2)
-	t.up = direction{t: t, src: client, dst: upstream, onBytes: func(n int) { onBytes(n, 0) }, finish: t.upFinished}
-	t.down = direction{t: t, src: upstream, dst: client, onBytes: func(n int) { onBytes(0, n) }, finish: t.downFinished}
+	t.up = direction{t: t, src: &t.client, dst: &t.upstream, onBytes: func(n int) { onBytes(n, 0) }, finish: t.upFinished, parkedFD: -1}
+	t.down = direction{t: t, src: &t.upstream, dst: &t.client, onBytes: func(n int) { onBytes(0, n) }, finish: t.downFinished, parkedFD: -1}
+	t.up.canPark = client.sock != nil && pk.start() == nil
+	t.down.canPark = upstream.sock != nil && pk.start() == nil
 	t.watch = newIdleWatch(idle, func() { t.idled.Store(true); t.closeBoth() })
 	t.stopCtx = context.AfterFunc(ctx, t.closeBoth)
 	return t
 }
 
+// closeBoth closes both sides. A parked direction is taken back from the
+// parker first, so that its socket is never closed while registered, and
+// finished here: nothing else would run it again.
 func (t *tunnel) closeBoth() {
 	t.closeOnce.Do(func() {
+		up, down := t.parker.unpark(&t.up), t.parker.unpark(&t.down)
 		_ = t.upstream.close()
 		_ = t.client.close()
+		// In goroutines: finish calls closeBoth, and this is inside its Once.
+		if up {
+			go t.up.finish(net.ErrClosed)
+		}
+		if down {
+			go t.down.finish(net.ErrClosed)
+		}
 	})
 }
 
@@ -257,25 +277,21 @@ func (t *tunnel) directionDone() {
 var errParked = errors.New("parked")
 
 // run copies until the source ends, then finishes the direction. A socket
-// direction that goes quiet parks instead: this goroutine ends, and a new
-// one waits for the socket.
+// direction that goes quiet parks instead: this goroutine ends, and the
+// parker runs the direction again in a new one, whose stack is small, when
+// the socket is readable.
 func (d *direction) run() {
-	err := d.copy()
-	if err == errParked {
-		go d.wait()
-		return
+	for {
+		err := d.copy()
+		if err != errParked {
+			d.finish(err)
+			return
+		}
+		if d.t.parker.park(d) == nil {
+			return
+		}
+		d.canPark = false // the parker is closing or broken: block in Read
 	}
-	d.finish(err)
-}
-
-// wait runs in a fresh goroutine, whose stack is still small, until the
-// socket has something to read, then goes on copying.
-func (d *direction) wait() {
-	if err := waitReadable(d.src.sock.raw); err != nil {
-		d.finish(err)
-		return
-	}
-	d.run()
 }
 
 // copy copies with a small buffer while reads are small and a pooled large
@@ -292,9 +308,9 @@ func (d *direction) copy() error {
 			largeBufs.Put(large)
 		}
 	}()
-	var lease time.Time // the read deadline; zero for non-sockets
+	var lease time.Time // the read deadline; zero when d cannot park
 	for {
-		if d.src.sock != nil {
+		if d.canPark {
 			if now := time.Now(); lease.Sub(now) < parkAfter/2 {
 				lease = now.Add(parkAfter)
 				if err := d.src.sock.setReadDeadline(lease); err != nil {
@@ -313,7 +329,7 @@ func (d *direction) copy() error {
 		case rerr == nil:
 		case rerr == io.EOF:
 			return nil
-		case d.src.sock != nil && errors.Is(rerr, os.ErrDeadlineExceeded):
+		case d.canPark && errors.Is(rerr, os.ErrDeadlineExceeded):
 			// Quiet for parkAfter. crypto/tls keeps a partial record for
 			// the next Read and has no complete one buffered, or this Read
 			// would have returned it: the socket alone says when there is

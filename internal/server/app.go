@@ -10,6 +10,8 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/pinaka-proxy/pinaka/internal/accesslog"
 	"github.com/pinaka-proxy/pinaka/internal/auth"
 	"github.com/pinaka-proxy/pinaka/internal/config"
@@ -86,6 +88,10 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		UpstreamHeaderTimeout: cfg.UpstreamHeaderTimeout,
 		UpstreamTLS:           o.UpstreamTLS,
 	})
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "pinaka_tunnel_directions_parked",
+		Help: "Tunnel directions idle without a goroutine or buffer, waiting for their socket.",
+	}, func() float64 { return float64(p.ParkedDirections()) }))
 	return &App{
 		Config: cfg, Server: New(cfg, log, o.Certs, p, m), Proxy: p,
 		Policy: policy, Metrics: m, Shipper: shipper, log: log,
