@@ -113,7 +113,6 @@ else
 			EGRESS_ALLOW_CIDRS=127.0.0.0/8 PROBE_NODE_REGION=bench PROBE_NODE_NAME=bench \
 			RATE_LIMIT_REQUESTS_PER_MINUTE=1000000000 RATE_LIMIT_BURST_SIZE=1000000000 \
 			MAX_TUNNELS_PER_TOKEN=1000000 MAX_CONNECTIONS=1000000 LOG_LEVEL=warn \
-			GODEBUG=adaptivestackstart=0 \
 			"$work/pinaka" serve >"$work/pinaka.log" 2>&1 &
 		pinaka_pid=$!
 		started+=("$pinaka_pid")

@@ -263,14 +263,9 @@ func TestDockerfile(t *testing.T) {
 	}
 	known := codeVariables(t)
 	for k := range env {
-		if !known[k] && k != "GODEBUG" {
+		if !known[k] {
 			t.Errorf("runtime ENV sets %s, which the code does not read", k)
 		}
-	}
-	// The image runs the binary as the unit does, parked idle tunnels on
-	// 2 KiB stacks included.
-	if env["GODEBUG"] != "adaptivestackstart=0" {
-		t.Errorf("runtime ENV GODEBUG=%q, want adaptivestackstart=0 as in pinaka.service", env["GODEBUG"])
 	}
 	entry := strings.Join(final.all("ENTRYPOINT"), " ")
 	if !strings.Contains(entry, "/usr/local/bin/pinaka") {
@@ -452,7 +447,6 @@ func TestServiceUnitDirectives(t *testing.T) {
 		"Type":                    "exec",
 		"User":                    "pinaka",
 		"EnvironmentFile":         "/etc/pinaka/pinaka.env",
-		"Environment":             "GODEBUG=adaptivestackstart=0",
 		"ExecReload":              "/bin/kill -HUP $MAINPID",
 		"Restart":                 "on-failure",
 		"AmbientCapabilities":     "CAP_NET_BIND_SERVICE",

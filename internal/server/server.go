@@ -69,11 +69,14 @@ func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy,
 			MaxEncoderHeaderTableSize: 4096,
 			SendPingTimeout:           30 * time.Second,
 			PingTimeout:               15 * time.Second,
-			WriteByteTimeout:          60 * time.Second,
+			// Write stalls: see guardWriteStall.
 		},
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
-	if err := configureHTTP2(s.proxySrv, p); err != nil {
+	if !kernelStallGuard {
+		s.proxySrv.HTTP2.WriteByteTimeout = writeStallTimeout
+	}
+	if err := configureHTTP2(s.proxySrv, p, log); err != nil {
 		// Only a TLS config without an HTTP/2-capable suite fails here,
 		// and ours is fixed.
 		panic(err)
@@ -100,6 +103,11 @@ func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy,
 	return s
 }
 
+// writeStallTimeout closes an HTTP/2 connection whose client has taken no
+// bytes for this long while the proxy had some to send: one stalled reader
+// would otherwise hold every stream of the connection.
+const writeStallTimeout = 60 * time.Second
+
 // configureHTTP2 serves HTTP/2 with golang.org/x/net/http2 and hands it
 // the proxy handler directly. net/http's own ALPN path wraps the handler in
 // a shim that fills r.TLS for every request, which erases the one signal of
@@ -108,7 +116,7 @@ func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy,
 // the proxy itself", and ws:// from wss:// in RFC 8441 CONNECT. The server
 // code is the same one net/http bundles; http.Server.HTTP2 still applies
 // and Shutdown still sends GOAWAY (ConfigureServer registers the hook).
-func configureHTTP2(srv *http.Server, h http.Handler) error {
+func configureHTTP2(srv *http.Server, h http.Handler, log *slog.Logger) error {
 	if err := http2.ConfigureServer(srv, &http2.Server{}); err != nil {
 		return fmt.Errorf("configuring HTTP/2: %w", err)
 	}
@@ -117,6 +125,11 @@ func configureHTTP2(srv *http.Server, h http.Handler) error {
 		ctx := context.Background()
 		if bc, ok := alpnHandler.(interface{ BaseContext() context.Context }); ok {
 			ctx = bc.BaseContext()
+		}
+		if kernelStallGuard {
+			if err := guardWriteStall(c, writeStallTimeout); err != nil {
+				log.Warn("HTTP/2 connection without a write-stall timeout", "err", err)
+			}
 		}
 		next(hs, c, baseContextHandler{Handler: h, ctx: ctx})
 	}
