@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -23,8 +24,10 @@ import (
 //
 // Ownership: a parked direction belongs to the parker until it is taken
 // out of parked, under mu, either by the poll loop (which runs it) or by
-// unpark (the tunnel is closing). Sockets are closed only after unpark, so
-// an fd number in parked always names the socket that was registered.
+// release (the tunnel is closing). A tunnel's sockets are closed only after
+// release, which also marks the tunnel so that a direction parking at that
+// moment is refused: an fd number in parked always names the socket that
+// was registered, and no direction is left parked on a closed socket.
 type parker struct {
 	log    *slog.Logger
 	once   sync.Once
@@ -81,8 +84,12 @@ func (p *parker) park(d *direction) error {
 	cerr := d.src.sock.raw.Control(func(fd uintptr) {
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		if p.closed {
+		switch {
+		case p.closed:
 			err = errParkerClosed
+			return
+		case d.t.released:
+			err = net.ErrClosed
 			return
 		}
 		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(fd)}
@@ -99,16 +106,21 @@ func (p *parker) park(d *direction) error {
 	return err
 }
 
-// unpark takes d back if it is parked, before its tunnel closes the
-// socket. It reports whether it did; then the caller finishes d.
-func (p *parker) unpark(d *direction) bool {
+// release is called once, before t closes its sockets: it takes t's
+// parked directions back and refuses them from then on. It reports which
+// it took; the caller finishes those.
+func (p *parker) release(t *tunnel) (up, down bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if d.parkedFD < 0 || p.parked[d.parkedFD] != d {
-		return false
+	t.released = true
+	take := func(d *direction) bool {
+		if d.parkedFD < 0 || p.parked[d.parkedFD] != d {
+			return false
+		}
+		p.take(d.parkedFD)
+		return true
 	}
-	p.take(d.parkedFD)
-	return true
+	return take(&t.up), take(&t.down)
 }
 
 // take removes a parked direction. p.mu is held.

@@ -147,6 +147,7 @@ type tunnel struct {
 	client, upstream endpoint
 	up, down         direction
 	parker           *parker
+	released         bool // closing: the parker refuses its directions; guarded by the parker's mutex
 	watch            *idleWatch
 	stopCtx          func() bool
 	onDone           func(relayResult)
@@ -204,12 +205,13 @@ func newTunnel(ctx context.Context, pk *parker, client, upstream endpoint, idle 
 	return t
 }
 
-// closeBoth closes both sides. A parked direction is taken back from the
-// parker first, so that its socket is never closed while registered, and
-// finished here: nothing else would run it again.
+// closeBoth closes both sides. The parker releases the tunnel first: a
+// parked direction is taken back, so that its socket is never closed while
+// registered, and finished here (nothing else would run it again); a
+// direction about to park is refused and reads the closed socket.
 func (t *tunnel) closeBoth() {
 	t.closeOnce.Do(func() {
-		up, down := t.parker.unpark(&t.up), t.parker.unpark(&t.down)
+		up, down := t.parker.release(t)
 		_ = t.upstream.close()
 		_ = t.client.close()
 		// In goroutines: finish calls closeBoth, and this is inside its Once.
