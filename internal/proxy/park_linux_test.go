@@ -8,26 +8,9 @@ import (
 	"net"
 	"testing"
 	"time"
-)
 
-func tcpPair(t *testing.T) (near, far net.Conn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	far, err = net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	near, err = ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { near.Close(); far.Close() })
-	return near, far
-}
+	"github.com/pinaka-proxy/pinaka/internal/testutil"
+)
 
 // The parker wakes a parked direction for bytes on its socket, and once a
 // tunnel is released it hands back what is parked and refuses new parks,
@@ -35,8 +18,8 @@ func tcpPair(t *testing.T) (near, far net.Conn) {
 func TestParkerWakesAndReleases(t *testing.T) {
 	pk := newParker(slog.New(slog.DiscardHandler))
 	defer pk.close()
-	client, clientPeer := tcpPair(t)
-	upstream, upstreamPeer := tcpPair(t)
+	client, clientPeer := testutil.TCPPair(t)
+	upstream, upstreamPeer := testutil.TCPPair(t)
 	tn := newTunnel(context.Background(), pk, connEndpoint(client), connEndpoint(upstream), 0,
 		func(int, int) {}, func(relayResult) {})
 

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pinaka-proxy/pinaka/internal/testutil"
 )
 
 // wrapped stands for the listener wrappers between the TLS connection and
@@ -16,25 +18,6 @@ import (
 type wrapped struct{ net.Conn }
 
 func (w wrapped) NetConn() net.Conn { return w.Conn }
-
-func tcpPair(t *testing.T) (server, client net.Conn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err = net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err = ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close(); server.Close() })
-	return server, client
-}
 
 func userTimeout(t *testing.T, c net.Conn) time.Duration {
 	t.Helper()
@@ -53,7 +36,7 @@ func userTimeout(t *testing.T, c net.Conn) time.Duration {
 
 // The guard finds the socket under a TLS connection and its wrappers.
 func TestGuardWriteStallReachesTheSocket(t *testing.T) {
-	server, _ := tcpPair(t)
+	server, _ := testutil.TCPPair(t)
 	if got := userTimeout(t, server); got != 0 {
 		t.Fatalf("TCP_USER_TIMEOUT before = %v", got)
 	}
@@ -73,7 +56,7 @@ func TestGuardWriteStallReachesTheSocket(t *testing.T) {
 // The kernel enforces it: writes to a peer that stopped reading fail once
 // its window has been shut for the timeout.
 func TestGuardWriteStallEndsStalledWrites(t *testing.T) {
-	server, _ := tcpPair(t) // the client never reads
+	server, _ := testutil.TCPPair(t) // the client never reads
 	if err := guardWriteStall(server, time.Second); err != nil {
 		t.Fatal(err)
 	}

@@ -75,3 +75,25 @@ func ServeTCP(t testing.TB, serve func(net.Conn)) string {
 	}()
 	return ln.Addr().String()
 }
+
+// TCPPair connects two loopback sockets: the accepted end and the dialling
+// end. Both close when the test ends.
+func TCPPair(t testing.TB) (accepted, dialed net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	dialed, err = net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted, err = ln.Accept()
+	if err != nil {
+		dialed.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { accepted.Close(); dialed.Close() })
+	return accepted, dialed
+}
