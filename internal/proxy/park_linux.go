@@ -128,13 +128,13 @@ func (p *parker) take(fd int32) *direction {
 	d := p.parked[fd]
 	delete(p.parked, fd)
 	d.parkedFD = -1
-	// Still open: sockets close only after unpark.
+	// Still open: a tunnel closes its sockets only after release.
 	_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
 	return d
 }
 
 // loop runs directions whose sockets became readable. A wake-up that finds
-// nothing to read (an event for a socket that was unparked and whose fd
+// nothing to read (an event for a socket that was released and whose fd
 // number was reused by another parked socket) costs a read that times out
 // and a new park.
 func (p *parker) loop() {
