@@ -77,14 +77,15 @@ func connEndpoint(c net.Conn) endpoint {
 		e.drain = drainTLS(tc)
 		e.batch, _ = under[*batchConn](tc)
 	}
-	if raw := rawSocket(c); raw != nil {
+	if raw := RawSocket(c); raw != nil {
 		e.sock = &readSocket{setReadDeadline: c.SetReadDeadline, raw: raw}
 	}
 	return e
 }
 
-// rawSocket finds the socket under c, or nil.
-func rawSocket(c net.Conn) syscall.RawConn {
+// RawSocket finds the socket under c (through crypto/tls and listener
+// wrappers), or nil.
+func RawSocket(c net.Conn) syscall.RawConn {
 	sc, ok := under[syscall.Conn](c)
 	if !ok {
 		return nil
@@ -198,8 +199,9 @@ func newTunnel(ctx context.Context, pk *parker, client, upstream endpoint, idle 
 	t.running.Store(2)
 	t.up = direction{t: t, src: &t.client, dst: &t.upstream, onBytes: func(n int) { onBytes(n, 0) }, finish: t.upFinished, parkedFD: -1}
 	t.down = direction{t: t, src: &t.upstream, dst: &t.client, onBytes: func(n int) { onBytes(0, n) }, finish: t.downFinished, parkedFD: -1}
-	t.up.canPark = client.sock != nil && pk.start() == nil
-	t.down.canPark = upstream.sock != nil && pk.start() == nil
+	parking := pk.start() == nil
+	t.up.canPark = client.sock != nil && parking
+	t.down.canPark = upstream.sock != nil && parking
 	t.watch = newIdleWatch(idle, func() { t.idled.Store(true); t.closeBoth() })
 	t.stopCtx = context.AfterFunc(ctx, t.closeBoth)
 	return t

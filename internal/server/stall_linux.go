@@ -4,10 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pinaka-proxy/pinaka/internal/proxy"
 )
 
 // kernelStallGuard: the kernel enforces writeStallTimeout (see
@@ -21,27 +22,18 @@ const kernelStallGuard = true
 // every frame write: those were 11% of the proxy's CPU on an HTTP/2 tunnel
 // download.
 func guardWriteStall(c net.Conn, d time.Duration) error {
-	for {
-		if sc, ok := c.(syscall.Conn); ok {
-			rc, err := sc.SyscallConn()
-			if err != nil {
-				return fmt.Errorf("setting TCP_USER_TIMEOUT: %w", err)
-			}
-			var serr error
-			if err := rc.Control(func(fd uintptr) {
-				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d.Milliseconds()))
-			}); err != nil {
-				return fmt.Errorf("setting TCP_USER_TIMEOUT: %w", err)
-			}
-			if serr != nil {
-				return fmt.Errorf("setting TCP_USER_TIMEOUT: %w", serr)
-			}
-			return nil
-		}
-		nc, ok := c.(interface{ NetConn() net.Conn })
-		if !ok {
-			return fmt.Errorf("setting TCP_USER_TIMEOUT on %T: %w", c, errors.ErrUnsupported)
-		}
-		c = nc.NetConn()
+	rc := proxy.RawSocket(c)
+	if rc == nil {
+		return fmt.Errorf("setting TCP_USER_TIMEOUT on %T: %w", c, errors.ErrUnsupported)
 	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d.Milliseconds()))
+	}); err != nil {
+		return fmt.Errorf("setting TCP_USER_TIMEOUT: %w", err)
+	}
+	if serr != nil {
+		return fmt.Errorf("setting TCP_USER_TIMEOUT: %w", serr)
+	}
+	return nil
 }
