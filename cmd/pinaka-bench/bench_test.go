@@ -164,6 +164,16 @@ func TestWorkloadsThroughProxy(t *testing.T) {
 				if (w == wSetup || w == wSetupWarm || w == wForward) && (r.Ops == 0 || r.P50Ms <= 0 || r.P99Ms < r.P50Ms) {
 					t.Errorf("%s: ops %d, p50 %v ms, p99 %v ms", w, r.Ops, r.P50Ms, r.P99Ms)
 				}
+				// Every timed workload is charged CPU; the proxied benches
+				// name this process as the proxy (-pid), the direct one
+				// has no proxy to charge.
+				if w != wMemory {
+					if r.CPUUnit == "" || r.BenchCPU == nil || (r.ProxyCPU != nil) != (b.proxy != nil) {
+						t.Errorf("%s: CPU not charged as expected: unit %q, bench %v, proxy %v", w, r.CPUUnit, r.BenchCPU, r.ProxyCPU)
+					} else if (w == wDown1 || w == wUp1) && *r.BenchCPU <= 0 {
+						t.Errorf("%s: moved data for %v at no CPU cost", w, b.cfg.duration)
+					}
+				}
 			}
 			want := 6 // down1 up1 downN upN setup forward
 			if b.proxy != nil {

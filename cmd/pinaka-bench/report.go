@@ -131,26 +131,8 @@ var tableRows = []row{
 // column). A result's own ratio (-baseline) is shown when it has one;
 // otherwise the ratio is to the direct report given in the same call.
 func writeTable(w io.Writer, reports []Report) error {
-	direct := map[string]Result{}
-	var labels []string
-	cells := map[string]map[string]Result{} // label -> proto/workload -> result
-	for _, rep := range reports {
-		if rep.Protocol == protoDirect {
-			for _, r := range rep.Results {
-				if _, dup := direct[r.Workload]; !dup {
-					direct[r.Workload] = r
-				}
-			}
-			continue
-		}
-		if !slices.Contains(labels, rep.Label) {
-			labels = append(labels, rep.Label)
-			cells[rep.Label] = map[string]Result{}
-		}
-		for _, r := range rep.Results {
-			cells[rep.Label][rep.Protocol+"/"+r.Workload] = r
-		}
-	}
+	g := groupReports(reports)
+	direct, labels, cells := g.direct, g.labels, g.cells
 
 	var b strings.Builder
 	b.WriteString("| workload | target | direct |")
@@ -219,8 +201,106 @@ func writeTable(w io.Writer, reports []Report) error {
 		}
 		b.WriteString("\n")
 	}
+	writeCPUTable(&b, g)
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// grouped is the reports of one table: the direct baseline's results by
+// workload, and every proxy's by label (reports with the same label, e.g.
+// its HTTP/1.1 and HTTP/2 runs, share a column) and protocol/workload.
+type grouped struct {
+	direct map[string]Result
+	labels []string
+	cells  map[string]map[string]Result
+}
+
+func groupReports(reports []Report) grouped {
+	g := grouped{direct: map[string]Result{}, cells: map[string]map[string]Result{}}
+	for _, rep := range reports {
+		if rep.Protocol == protoDirect {
+			for _, r := range rep.Results {
+				if _, dup := g.direct[r.Workload]; !dup {
+					g.direct[r.Workload] = r
+				}
+			}
+			continue
+		}
+		if !slices.Contains(g.labels, rep.Label) {
+			g.labels = append(g.labels, rep.Label)
+			g.cells[rep.Label] = map[string]Result{}
+		}
+		for _, r := range rep.Results {
+			g.cells[rep.Label][rep.Protocol+"/"+r.Workload] = r
+		}
+	}
+	return g
+}
+
+// writeCPUTable appends, when the reports carry CPU figures, a second
+// table with what each workload cost per unit of work: the proxy's CPU and
+// pinaka-bench's own (clients and origins; for the direct column, all there
+// is). Nothing is written when no result has them.
+func writeCPUTable(b *strings.Builder, g grouped) {
+	var rows strings.Builder
+	for _, row := range tableRows {
+		if row.workload == wMemory {
+			continue
+		}
+		key := row.proto + "/" + row.workload
+		title, unit, has := "", "", false
+		for _, l := range g.labels {
+			if r, ok := g.cells[l][key]; ok {
+				title = row.title
+				if strings.Contains(title, "%d") {
+					title = fmt.Sprintf(title, r.N)
+				}
+				if r.CPUUnit != "" {
+					unit, has = r.CPUUnit, true
+				}
+			}
+		}
+		if !has {
+			continue
+		}
+		fmt.Fprintf(&rows, "| %s | %s | ", title, unit)
+		if r, ok := g.direct[baselineOf(row.workload)]; ok && r.BenchCPU != nil {
+			fmt.Fprintf(&rows, "%s", formatNumber(*r.BenchCPU))
+		} else {
+			rows.WriteString("—")
+		}
+		rows.WriteString(" |")
+		for _, l := range g.labels {
+			r, ok := g.cells[l][key]
+			if !ok || (r.ProxyCPU == nil && r.BenchCPU == nil) {
+				rows.WriteString(" n/a |")
+				continue
+			}
+			fmt.Fprintf(&rows, " %s + %s |", formatCPU(r.ProxyCPU), formatCPU(r.BenchCPU))
+		}
+		rows.WriteString("\n")
+	}
+	if rows.Len() == 0 {
+		return
+	}
+	b.WriteString("\nCPU per unit of work, proxy + pinaka-bench (clients and origins); the direct\n")
+	b.WriteString("column is pinaka-bench alone. Lower is better; unlike throughput, it barely\n")
+	b.WriteString("moves with load from elsewhere on the machine.\n\n")
+	b.WriteString("| workload | unit | direct |")
+	for _, l := range g.labels {
+		fmt.Fprintf(b, " %s |", l)
+	}
+	b.WriteString("\n|---|---|---|")
+	b.WriteString(strings.Repeat("---|", len(g.labels)))
+	b.WriteString("\n")
+	b.WriteString(rows.String())
+}
+
+func formatCPU(v *float64) string {
+	if v == nil {
+		return "?"
+	}
+	return formatNumber(*v)
 }
 
 // formatCell renders a result as "value (ratio×)", with latency percentiles
@@ -285,6 +365,9 @@ func writeText(w io.Writer, rep Report) error {
 		}
 		if r.Ratio != nil {
 			fmt.Fprintf(&b, "  ratio %.2f×", *r.Ratio)
+		}
+		if r.CPUUnit != "" {
+			fmt.Fprintf(&b, "  cpu proxy %s + bench %s %s", formatCPU(r.ProxyCPU), formatCPU(r.BenchCPU), r.CPUUnit)
 		}
 		b.WriteString("\n")
 	}

@@ -49,6 +49,12 @@ type Result struct {
 	Ops      int64   `json:"ops,omitempty"`    // completed operations
 	Errors   int64   `json:"errors,omitempty"` // failed operations
 	Error    string  `json:"error,omitempty"`  // first error, or why the workload could not run
+	// ProxyCPU and BenchCPU are the processor time the proxy processes
+	// (-pid) and pinaka-bench itself (clients and origins) spent per unit of
+	// work while the figure was measured, in CPUUnit (see chargeCPU).
+	ProxyCPU *float64 `json:"proxy_cpu,omitempty"`
+	BenchCPU *float64 `json:"bench_cpu,omitempty"`
+	CPUUnit  string   `json:"cpu_unit,omitempty"`
 	// Baseline and Ratio are set when the same invocation also measured the
 	// direct baseline (-baseline).
 	Baseline *float64 `json:"baseline,omitempty"`
@@ -179,9 +185,9 @@ func (b *bench) throughput(ctx context.Context, dir byte, n int) (Result, error)
 		err  error
 	)
 	if dir == cmdDown {
-		rate, err = b.download(ctx, conns, raws)
+		rate, err = b.download(ctx, &res, conns, raws)
 	} else {
-		rate, err = b.upload(ctx, conns, raws)
+		rate, err = b.upload(ctx, &res, conns, raws)
 	}
 	res.Value = rate / 1e6
 	return res, err
@@ -189,7 +195,7 @@ func (b *bench) throughput(ctx context.Context, dir byte, n int) (Result, error)
 
 // download reads from every connection for the duration and counts what
 // arrived at the client.
-func (b *bench) download(ctx context.Context, conns []*tls.Conn, raws []net.Conn) (float64, error) {
+func (b *bench) download(ctx context.Context, res *Result, conns []*tls.Conn, raws []net.Conn) (float64, error) {
 	for _, c := range conns {
 		if _, err := c.Write([]byte{cmdDown}); err != nil {
 			return 0, fmt.Errorf("writing download command: %w", err)
@@ -209,12 +215,13 @@ func (b *bench) download(ctx context.Context, conns []*tls.Conn, raws []net.Conn
 			}
 		})
 	}
-	start := time.Now()
+	start, cpu := time.Now(), b.sampleCPU()
 	select {
 	case <-time.After(b.cfg.duration):
 	case <-ctx.Done():
 	}
 	got, elapsed := total.Load(), time.Since(start)
+	b.chargeCPU(res, cpu, float64(got)/1e6)
 	// Closing the raw streams (not the TLS conns) ends the readers without a
 	// close_notify that could block on a stalled tunnel.
 	for _, c := range raws {
@@ -232,11 +239,13 @@ func (b *bench) download(ctx context.Context, conns []*tls.Conn, raws []net.Conn
 
 // upload writes to every connection until the origin reports how many
 // bytes it received during the duration.
-func (b *bench) upload(ctx context.Context, conns []*tls.Conn, raws []net.Conn) (float64, error) {
+func (b *bench) upload(ctx context.Context, res *Result, conns []*tls.Conn, raws []net.Conn) (float64, error) {
 	var cmd [9]byte
 	cmd[0] = cmdUp
 	binary.BigEndian.PutUint64(cmd[1:], uint64(b.cfg.duration))
 	rates := make([]float64, len(conns))
+	received := make([]uint64, len(conns))
+	cpu := b.sampleCPU()
 	g, gctx := errgroup.WithContext(ctx)
 	for i, c := range conns {
 		if _, err := c.Write(cmd[:]); err != nil {
@@ -268,6 +277,7 @@ func (b *bench) upload(ctx context.Context, conns []*tls.Conn, raws []net.Conn) 
 				return errors.New("reading upload result: zero duration")
 			}
 			rates[i] = float64(n) / d.Seconds()
+			received[i] = n
 			return nil
 		})
 	}
@@ -275,9 +285,15 @@ func (b *bench) upload(ctx context.Context, conns []*tls.Conn, raws []net.Conn) 
 		return 0, err
 	}
 	var sum float64
-	for _, r := range rates {
+	var moved uint64
+	for i, r := range rates {
 		sum += r
+		moved += received[i]
 	}
+	// The CPU window runs from the commands to the last reply, a little
+	// longer than the origins' counting window: the cost per GB errs high
+	// by the replies' round trip.
+	b.chargeCPU(res, cpu, float64(moved)/1e6)
 	return sum, nil
 }
 
@@ -426,7 +442,7 @@ func (b *bench) closedLoop(ctx context.Context, res Result, op func(context.Cont
 		errOnce  sync.Once
 		wg       sync.WaitGroup
 	)
-	start := time.Now()
+	start, cpu := time.Now(), b.sampleCPU()
 	end := start.Add(b.cfg.duration)
 	for range b.cfg.clients {
 		wg.Go(func() {
@@ -450,6 +466,7 @@ func (b *bench) closedLoop(ctx context.Context, res Result, op func(context.Cont
 	elapsed := time.Since(start)
 	res.Ops, res.Errors = ops.Load(), errs.Load()
 	res.Value = float64(res.Ops) / elapsed.Seconds()
+	b.chargeCPU(&res, cpu, float64(res.Ops))
 	res.P50Ms, res.P99Ms = lat.percentiles()
 	if firstErr != nil {
 		return res, fmt.Errorf("%d of %d operations failed, first: %w", res.Errors, res.Errors+res.Ops, firstErr)
