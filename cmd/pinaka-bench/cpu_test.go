@@ -118,3 +118,20 @@ func TestWriteCPUTable(t *testing.T) {
 		t.Errorf("CPU table without CPU figures:\n%s", old.String())
 	}
 }
+
+func TestWriteTextCPU(t *testing.T) {
+	var b strings.Builder
+	rep := Report{Label: "x", Protocol: protoH1, Duration: "3s", Results: []Result{
+		{Workload: wDown1, N: 1, Unit: "MB/s", Value: 900, ProxyCPU: f(700), BenchCPU: f(1200), CPUUnit: "ms/GB"},
+		{Workload: wSetup, N: 16, Unit: "tunnels/s", Value: 2000, BenchCPU: f(500), CPUUnit: "µs/tunnel"},
+		{Workload: wMemory, N: 1000, Unit: "KB/tunnel", Value: 30},
+	}}
+	if err := writeText(&b, rep); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"cpu proxy 700 + bench 1200 ms/GB\n", "cpu bench 500 µs/tunnel\n", "30.0 KB\n"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("text report lacks %q:\n%s", want, b.String())
+		}
+	}
+}

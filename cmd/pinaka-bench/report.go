@@ -366,7 +366,11 @@ func writeText(w io.Writer, rep Report) error {
 		if r.Ratio != nil {
 			fmt.Fprintf(&b, "  ratio %.2f×", *r.Ratio)
 		}
-		if r.CPUUnit != "" {
+		switch {
+		case r.CPUUnit == "":
+		case r.ProxyCPU == nil:
+			fmt.Fprintf(&b, "  cpu bench %s %s", formatCPU(r.BenchCPU), r.CPUUnit)
+		default:
 			fmt.Fprintf(&b, "  cpu proxy %s + bench %s %s", formatCPU(r.ProxyCPU), formatCPU(r.BenchCPU), r.CPUUnit)
 		}
 		b.WriteString("\n")
