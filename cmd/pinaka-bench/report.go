@@ -265,7 +265,7 @@ func writeCPUTable(b *strings.Builder, g grouped) {
 		}
 		fmt.Fprintf(&rows, "| %s | %s | ", title, unit)
 		if r, ok := g.direct[baselineOf(row.workload)]; ok && r.BenchCPU != nil {
-			fmt.Fprintf(&rows, "%s", formatNumber(*r.BenchCPU))
+			rows.WriteString(formatNumber(*r.BenchCPU))
 		} else {
 			rows.WriteString("—")
 		}
