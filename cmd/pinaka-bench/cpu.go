@@ -97,7 +97,7 @@ func readCPU(path string) (time.Duration, bool) {
 func parseStatCPU(data []byte) (time.Duration, error) {
 	i := bytes.LastIndexByte(data, ')')
 	if i < 0 {
-		return 0, fmt.Errorf("parsing /proc stat: no command name in %q", shortBytes(data))
+		return 0, fmt.Errorf("parsing /proc stat: no command name in %q", shorten(string(data), 60))
 	}
 	f := bytes.Fields(data[i+1:])
 	// f[0] is field 3 (state), so utime (14) is f[11] and stime (15) f[12].
@@ -113,11 +113,4 @@ func parseStatCPU(data []byte) (time.Duration, error) {
 		ticks += n
 	}
 	return time.Duration(ticks) * time.Second / userHZ, nil
-}
-
-func shortBytes(b []byte) string {
-	if len(b) > 60 {
-		return string(b[:60]) + "…"
-	}
-	return string(b)
 }
