@@ -25,4 +25,9 @@ type Record struct {
 	Success      bool      `json:"success"`
 	RateLimited  bool      `json:"rate_limited"`
 	Error        string    `json:"error"` // short code, empty on success
+	// Suppressed counts the refusals without valid credentials from the
+	// same client address that were not written since the last record of
+	// that address (UNAUTHENTICATED_RECORDS_PER_MINUTE): this record
+	// stands for them too. Zero, and absent from the JSON, otherwise.
+	Suppressed int64 `json:"suppressed,omitempty"`
 }

@@ -44,14 +44,21 @@ type Config struct {
 	RateLimitMaxTokens         int
 	MaxConnections             int
 	MaxTunnelsPerToken         int
+	MaxForwardsPerToken        int
 	AuthFailuresPerMinute      int
-	MaxHeaderBytes             int
-	MaxConcurrentStreams       uint32
-	HeaderReadTimeout          time.Duration
-	IdleTimeout                time.Duration
-	TunnelIdleTimeout          time.Duration
-	UpstreamDialTimeout        time.Duration
-	UpstreamHeaderTimeout      time.Duration
+	// Per-client-address caps (IPv6 by /64) and what credential-less
+	// traffic may write.
+	MaxConnectionsPerIP                int
+	MaxUnauthenticatedConnectionsPerIP int
+	UnauthenticatedRecordsPerMinute    int
+	RequestBodyIdleTimeout             time.Duration
+	MaxHeaderBytes                     int
+	MaxConcurrentStreams               uint32
+	HeaderReadTimeout                  time.Duration
+	IdleTimeout                        time.Duration
+	TunnelIdleTimeout                  time.Duration
+	UpstreamDialTimeout                time.Duration
+	UpstreamHeaderTimeout              time.Duration
 
 	// Egress.
 	EgressAllowCIDRs []netip.Prefix
@@ -162,7 +169,12 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	c.RateLimitMaxTokens = p.int("RATE_LIMIT_MAX_TOKENS", 10000, 1, 1<<30)
 	c.MaxConnections = p.int("MAX_CONNECTIONS", 10000, 1, 1<<30)
 	c.MaxTunnelsPerToken = p.int("MAX_TUNNELS_PER_TOKEN", 512, 1, 1<<30)
+	c.MaxForwardsPerToken = p.int("MAX_FORWARDS_PER_TOKEN", 256, 1, 1<<30)
 	c.AuthFailuresPerMinute = p.int("AUTH_FAILURES_PER_MINUTE", 120, 1, 1<<30)
+	c.MaxConnectionsPerIP = p.int("MAX_CONNECTIONS_PER_IP", 512, 0, 1<<30)
+	c.MaxUnauthenticatedConnectionsPerIP = p.int("MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP", 64, 0, 1<<30)
+	c.UnauthenticatedRecordsPerMinute = p.int("UNAUTHENTICATED_RECORDS_PER_MINUTE", 60, 1, 1<<30)
+	c.RequestBodyIdleTimeout = p.duration("REQUEST_BODY_IDLE_TIMEOUT", 60*time.Second)
 	c.MaxHeaderBytes = p.int("MAX_HEADER_BYTES", 32<<10, 1<<10, 1<<20)
 	c.MaxConcurrentStreams = uint32(p.int("HTTP2_MAX_CONCURRENT_STREAMS", 250, 1, 10000))
 	c.HeaderReadTimeout = p.duration("HEADER_READ_TIMEOUT", 10*time.Second)

@@ -3,6 +3,9 @@
 package metrics
 
 import (
+	"net/http"
+	"strconv"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
@@ -20,7 +23,9 @@ type Metrics struct {
 	AuthFailures       *prometheus.CounterVec // reason
 	RateLimited        prometheus.Counter
 	EgressDenied       *prometheus.CounterVec // reason
-	ConnectionsRefused prometheus.Counter     // over MAX_CONNECTIONS
+	ConnectionsRefused *prometheus.CounterVec // reason: which accept-time cap
+	RecordsSuppressed  prometheus.Counter     // credential-less refusals not written (sampled)
+	WriteStalls        prometheus.Counter     // client connections closed because a write made no progress
 	DialSeconds        prometheus.Histogram
 	CertNotAfter       prometheus.Gauge // unix seconds of the serving certificate's NotAfter
 
@@ -41,7 +46,7 @@ func New() *Metrics {
 	m := &Metrics{
 		Registry: reg,
 		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "pinaka_requests_total", Help: "Requests and tunnels handled, by client protocol, method and final status.",
+			Name: "pinaka_requests_total", Help: "Requests and tunnels handled, by client protocol, method (other for unregistered methods) and final status (Nxx for unregistered codes).",
 		}, []string{"protocol", "method", "status"}),
 		ActiveTunnels: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "pinaka_active_tunnels", Help: "Tunnels (CONNECT, WebSocket upgrades) open now.",
@@ -64,8 +69,14 @@ func New() *Metrics {
 		EgressDenied: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "pinaka_egress_denied_total", Help: "Requests refused by the egress policy, by reason.",
 		}, []string{"reason"}),
-		ConnectionsRefused: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "pinaka_connections_refused_total", Help: "Client connections closed at accept because MAX_CONNECTIONS was reached.",
+		ConnectionsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pinaka_connections_refused_total", Help: "Client connections closed at accept, by the cap reached: max_connections, per_ip, per_ip_unauthenticated.",
+		}, []string{"reason"}),
+		WriteStalls: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pinaka_connections_write_stalled_total", Help: "Client connections closed because one write to them was blocked for TUNNEL_IDLE_TIMEOUT (at most 60s): the client stopped reading.",
+		}),
+		RecordsSuppressed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pinaka_unauthenticated_records_suppressed_total", Help: "Refusals of requests without valid credentials that wrote no record or log line (over UNAUTHENTICATED_RECORDS_PER_MINUTE for their address); their count rides on a later record.",
 		}),
 		DialSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "pinaka_upstream_dial_seconds", Help: "Time to resolve and connect to an origin.",
@@ -97,8 +108,35 @@ func New() *Metrics {
 		}),
 	}
 	reg.MustRegister(m.Requests, m.ActiveTunnels, m.ActiveConnections, m.BytesUpstream, m.BytesDownstream,
-		m.AuthFailures, m.RateLimited, m.EgressDenied, m.ConnectionsRefused, m.DialSeconds, m.CertNotAfter,
+		m.AuthFailures, m.RateLimited, m.EgressDenied, m.ConnectionsRefused, m.RecordsSuppressed, m.WriteStalls, m.DialSeconds, m.CertNotAfter,
 		m.ShipQueueDepth, m.BatchesSent, m.BatchesRetried, m.BatchesSpooled, m.BatchesDeadLetter,
 		m.RecordsDropped, m.SpoolBytes)
 	return m
+}
+
+// Label values must come from fixed sets: a value taken from client or
+// origin input would let anyone create series without bound (each costs
+// memory for the life of the process and bytes on every scrape).
+
+// MethodLabel is the method label value for m: the method itself if it is
+// one of RFC 9110's or PATCH (RFC 5789), else "other".
+func MethodLabel(m string) string {
+	switch m {
+	case "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH":
+		return m
+	}
+	return "other"
+}
+
+// StatusLabel is the status label value for code: the code if it is a
+// registered one, else its class ("5xx"). Origins may send any three
+// digits.
+func StatusLabel(code int) string {
+	switch {
+	case code < 100 || code > 999:
+		return "other"
+	case http.StatusText(code) != "" || code == 499:
+		return strconv.Itoa(code)
+	}
+	return strconv.Itoa(code/100) + "xx"
 }

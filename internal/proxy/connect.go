@@ -142,6 +142,9 @@ func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, r *http.Request, q *request, 
 		w:     recordSizedWriter{w},
 		flush: rc.Flush,
 		close: r.Body.Close,
+		// A write deadline in the past resets the stream, which wakes a
+		// write waiting for window the client never grants.
+		abort: func() { _ = rc.SetWriteDeadline(aLongTimeAgo) },
 	}
 	p.runTunnel(r.Context(), q, client, upstream)
 }

@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"bufio"
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -30,9 +32,12 @@ func (p *Proxy) newForwarder() http.Handler {
 			}
 			out.Host = out.URL.Host
 			// ReverseProxy clones the request before its body is read, so
-			// the clone's trailer values would stay empty; share the map
-			// the server fills at the end of the body.
-			out.Trailer = in.Trailer
+			// the clone's trailer values would stay empty: the body hands
+			// them over when it ends, filtered like headers.
+			out.Trailer = nil
+			if b, ok := in.Body.(*requestBody); ok {
+				out.Trailer = b.declareTrailers(in.Trailer)
+			}
 			// ReverseProxy has already removed the hop-by-hop headers;
 			// Proxy-Authorization is the one that must never leak, so say
 			// it again where the policy is visible.
@@ -50,6 +55,16 @@ func (p *Proxy) newForwarder() http.Handler {
 				return err
 			}
 			addVia(res.Header, res.Request)
+			// Trailers pass the same filter as headers: the declared
+			// names now (ReverseProxy announces them), the values when
+			// the body ends.
+			filterTrailer(res.Trailer)
+			if res.StatusCode != http.StatusSwitchingProtocols {
+				// (An upgrade's body is the connection, which ReverseProxy
+				// needs to see as one.)
+				q := res.Request.Context().Value(requestKey{}).(*request)
+				res.Body = &responseBody{ReadCloser: res.Body, res: res, q: q}
+			}
 			return nil
 		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
@@ -59,7 +74,15 @@ func (p *Proxy) newForwarder() http.Handler {
 				q.rec.Error = "upstream_body"
 				return
 			}
-			p.failUpstream(w, q, err)
+			switch {
+			case errors.Is(context.Cause(r.Context()), errShutdownDeadline):
+				// Cut by the drain deadline: not the origin's fault.
+				p.fail(w, q, http.StatusServiceUnavailable, "shutdown", "the proxy is shutting down")
+			case q.body != nil && q.body.timedOut.Load():
+				p.fail(w, q, http.StatusRequestTimeout, "client_body_timeout", "the request body stopped arriving")
+			default:
+				p.failUpstream(w, q, err)
+			}
 		},
 		BufferPool: bufferPool{},
 		ErrorLog:   slog.NewLogLogger(p.log.Handler(), slog.LevelWarn),
@@ -106,12 +129,24 @@ func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request)
 		defer release()
 		p.opt.Metrics.ActiveTunnels.Inc()
 		defer p.opt.Metrics.ActiveTunnels.Dec()
+	} else {
+		// A forwarded request can last as long as a tunnel (a slow
+		// body, a long poll, a stream), holding an upstream connection:
+		// it has a per-token cap of its own, separate from tunnels so
+		// that a page's burst of requests does not compete with them.
+		release, ok := p.acquireForward(w, q)
+		if !ok {
+			return
+		}
+		defer release()
 	}
 
 	cw := &countingWriter{ResponseWriter: w, q: q, p: p}
-	var body *countingBody
+	var body *requestBody
 	if r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
-		body = &countingBody{ReadCloser: r.Body, p: p}
+		body = newRequestBody(p, w, r, p.opt.BodyIdleTimeout)
+		defer body.stop()
+		q.body = body
 		r.Body = body
 		if r.ProtoMajor == 1 {
 			// An origin may answer before it has read the whole body (an
@@ -123,15 +158,32 @@ func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request)
 			_ = http.NewResponseController(w).EnableFullDuplex()
 		}
 	}
+	// ReverseProxy aborts the handler with a panic (http.ErrAbortHandler)
+	// when the response breaks after it started; the record must still
+	// say what happened, so this runs on the way out either way.
+	completed := false
+	defer func() {
+		if !completed && q.rec.Error == "" {
+			q.rec.Error = p.brokenForward(r, q, cw)
+		}
+	}()
 	p.forwarder.ServeHTTP(cw, r)
+	completed = true
 	if body != nil {
 		// The transport may still be reading the body after the response
 		// is done; what it reads later is not in the record.
 		q.rec.RequestSize += body.n.Load()
 	}
 	if cw.hijacked != nil {
+		cw.hijacked.watch.stop()
 		q.rec.RequestSize += cw.hijacked.up.Load()
 		q.rec.ResponseSize += cw.hijacked.down.Load()
+		switch {
+		case cw.hijacked.idled.Load():
+			q.rec.Error = "tunnel_idle_timeout"
+		case errors.Is(context.Cause(r.Context()), errShutdownDeadline):
+			q.rec.Error = "tunnel_shutdown"
+		}
 	}
 }
 
@@ -153,6 +205,8 @@ type countingWriter struct {
 	q        *request
 	p        *Proxy
 	hijacked *countingConn // set once an upgrade took the connection
+	// writeFailed: a write to the client failed (it went away).
+	writeFailed bool
 }
 
 func (c *countingWriter) WriteHeader(code int) {
@@ -167,6 +221,9 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 		c.q.rec.StatusCode = http.StatusOK
 	}
 	n, err := c.ResponseWriter.Write(b)
+	if err != nil {
+		c.writeFailed = true
+	}
 	c.q.rec.ResponseSize += int64(n)
 	c.p.opt.Metrics.BytesDownstream.Add(float64(n))
 	return n, err
@@ -186,19 +243,33 @@ func (c *countingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	c.q.rec.StatusCode = http.StatusSwitchingProtocols
-	c.hijacked = &countingConn{Conn: conn, m: c.p.opt.Metrics}
-	return c.hijacked, brw, nil
+	hc := &countingConn{Conn: conn, m: c.p.opt.Metrics}
+	// ReverseProxy relays the upgraded connection with no time limit of
+	// its own: the tunnel idle timeout applies here as to CONNECT.
+	// Closing the client side ends both of its copy loops.
+	hc.watch = newIdleWatch(c.p.opt.TunnelIdleTimeout, func() {
+		hc.idled.Store(true)
+		conn.Close()
+	})
+	c.hijacked = hc
+	return hc, brw, nil
 }
 
-// countingConn counts the bytes of an upgraded (hijacked) connection.
+// countingConn counts the bytes of an upgraded (hijacked) connection and
+// closes it when it has been idle for TUNNEL_IDLE_TIMEOUT.
 type countingConn struct {
 	net.Conn
 	m        *metrics.Metrics
 	up, down atomic.Int64
+	watch    *idleWatch
+	idled    atomic.Bool
 }
 
 func (c *countingConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
+	if n > 0 {
+		c.watch.touch()
+	}
 	c.up.Add(int64(n))
 	c.m.BytesUpstream.Add(float64(n))
 	return n, err
@@ -206,9 +277,17 @@ func (c *countingConn) Read(b []byte) (int, error) {
 
 func (c *countingConn) Write(b []byte) (int, error) {
 	n, err := c.Conn.Write(b)
+	if n > 0 {
+		c.watch.touch()
+	}
 	c.down.Add(int64(n))
 	c.m.BytesDownstream.Add(float64(n))
 	return n, err
+}
+
+func (c *countingConn) Close() error {
+	c.watch.stop()
+	return c.Conn.Close()
 }
 
 // CloseWrite passes the origin's half-close on, as ReverseProxy does for
@@ -220,20 +299,52 @@ func (c *countingConn) CloseWrite() error {
 	return nil
 }
 
-// countingBody counts request body bytes. The transport reads it from its
-// own goroutine, which can outlive the handler when the origin answers
-// early, so the count is atomic and copied into the record by the handler.
-type countingBody struct {
+// responseBody is the origin's response body on its way to the client. It
+// notes a read that failed (the origin cut the body off) for the record,
+// and filters the trailers once they are known (the transport fills them
+// before it reports EOF; ReverseProxy copies them after).
+type responseBody struct {
 	io.ReadCloser
-	p *Proxy
-	n atomic.Int64
+	res *http.Response
+	q   *request
 }
 
-func (c *countingBody) Read(b []byte) (int, error) {
-	n, err := c.ReadCloser.Read(b)
-	c.n.Add(int64(n))
-	c.p.opt.Metrics.BytesUpstream.Add(float64(n))
+func (b *responseBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	switch {
+	case err == io.EOF:
+		filterTrailer(b.res.Trailer)
+	case err != nil:
+		b.q.upstreamBroke = true
+	}
 	return n, err
+}
+
+// brokenForward names why a forwarded response that had started did not
+// finish: the drain deadline, the origin, or the client.
+func (p *Proxy) brokenForward(r *http.Request, q *request, cw *countingWriter) string {
+	switch {
+	case errors.Is(context.Cause(r.Context()), errShutdownDeadline):
+		return "shutdown"
+	case q.upstreamBroke:
+		return "upstream_body"
+	case cw.writeFailed:
+		return "client_closed"
+	}
+	return "aborted"
+}
+
+// acquireForward enforces MAX_FORWARDS_PER_TOKEN.
+func (p *Proxy) acquireForward(w http.ResponseWriter, q *request) (release func(), ok bool) {
+	if p.opt.Forwards == nil {
+		return func() {}, true
+	}
+	release, ok = p.opt.Forwards.Acquire(q.rec.TokenID)
+	if !ok {
+		w.Header().Set("Retry-After", "1")
+		p.fail(w, q, http.StatusTooManyRequests, "forward_limit", "too many concurrent forwarded requests for this token")
+	}
+	return release, ok
 }
 
 type bufferPool struct{}

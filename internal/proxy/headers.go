@@ -22,6 +22,35 @@ var hopHeaders = []string{
 	"Upgrade",
 }
 
+// trailerForbidden are fields a trailer section must not carry besides the
+// hop-by-hop ones: credentials, cookies, and what frames, routes or
+// describes the content (RFC 9110 §6.5.1). A trailer is only data that
+// arrives late; it must not smuggle past the filtering headers get.
+var trailerForbidden = []string{
+	"Authorization",
+	"Cookie",
+	"Set-Cookie",
+	"Www-Authenticate",
+	"Content-Length",
+	"Content-Encoding",
+	"Content-Type",
+	"Content-Range",
+	"Host",
+}
+
+// filterTrailer removes from a trailer section (the declared names, or
+// the values received) what must not pass this hop.
+func filterTrailer(t http.Header) {
+	if len(t) == 0 {
+		return
+	}
+	removeHopByHop(t)
+	t.Del("Te") // "TE: trailers" is a request header, never a trailer
+	for _, name := range trailerForbidden {
+		t.Del(name)
+	}
+}
+
 // removeHopByHop deletes hop-by-hop headers from h: Connection and every
 // header it names, then the fixed list. "TE: trailers" survives, since it
 // is end-to-end in meaning.

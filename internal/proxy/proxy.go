@@ -39,7 +39,11 @@ type Options struct {
 	Dialer       *egress.Dialer
 	Limiter      *ratelimit.Limiter
 	Tunnels      *ratelimit.TunnelLimiter
+	Forwards     *ratelimit.TunnelLimiter // concurrent forwarded requests per token
 	AuthThrottle *ratelimit.AuthThrottle
+	// Refusals bounds the records and log lines of refusals without valid
+	// credentials per client address; nil writes them all.
+	Refusals *ratelimit.RefusalSampler
 	Records      Recorder
 	Metrics      *metrics.Metrics
 	Log          *slog.Logger
@@ -51,6 +55,7 @@ type Options struct {
 	AddForwardedFor       bool          // send X-Forwarded-For upstream
 	TunnelIdleTimeout     time.Duration // close tunnels idle this long
 	UpstreamHeaderTimeout time.Duration
+	BodyIdleTimeout       time.Duration // end a forwarded request whose client stops sending its body
 	// UpstreamTLS verifies origins reached over TLS; nil means the system
 	// roots. Tests set their own CA here.
 	UpstreamTLS *tls.Config
@@ -64,6 +69,7 @@ type Proxy struct {
 	forwarder http.Handler
 	active    activeSet
 	parker    *parker // idle tunnel directions (see parkAfter)
+	stopSweep func()  // ends the suppressed-refusal summaries
 }
 
 // New returns a Proxy.
@@ -93,11 +99,17 @@ func New(o Options) *Proxy {
 		ReadBufferSize:         32 << 10,
 	}
 	p.forwarder = p.newForwarder()
+	p.stopSweep = func() {}
+	if o.Refusals != nil {
+		p.stopSweep = p.sweepSuppressed()
+	}
 	return p
 }
 
-// Close releases idle upstream connections.
+// Close releases idle upstream connections and writes the summaries of
+// suppressed refusals still pending.
 func (p *Proxy) Close() {
+	p.stopSweep()
 	p.transport.CloseIdleConnections()
 	p.parker.close()
 }
@@ -137,6 +149,12 @@ type request struct {
 	// detached: a goroutine outlives the handler (a hijacked tunnel) and
 	// finishes the record itself.
 	detached bool
+	req      *http.Request // as the handler sees it
+	body     *requestBody  // a forwarded body, nil otherwise
+	// upstreamBroke: reading the origin's response body failed.
+	upstreamBroke bool
+	// authenticated: the request carried valid credentials.
+	authenticated bool
 }
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -146,6 +164,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// One request clone carries both the drain context and the request's
 	// state (the forwarder's error handler finds it there).
 	r = r.WithContext(context.WithValue(ctx, requestKey{}, q))
+	q.req = r
 
 	q.rec = accesslog.Record{
 		Timestamp: q.start.UTC(),
@@ -181,21 +200,23 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // authorize runs the checks every request passes before any DNS lookup or
-// dial: failed-auth throttling, authentication, region, rate limit.
+// dial: authentication, failed-auth throttling, region, rate limit.
+//
+// Credentials are checked before the throttle: valid ones pass even from
+// an address that is throttled, because offices and carriers put many
+// users behind one address, and one user's bad token must not lock the
+// others out. A signature check costs microseconds, much less than the
+// TLS handshake that came before it.
 func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bool {
 	ip, _ := netip.ParseAddr(q.rec.ClientIP)
-	if p.opt.AuthThrottle != nil && !p.opt.AuthThrottle.Allowed(ip) {
-		p.opt.Metrics.AuthFailures.WithLabelValues("throttled").Inc()
-		w.Header().Set("Retry-After", "60")
-		p.fail(w, q, http.StatusTooManyRequests, "auth_throttled", "too many failed authentications")
-		return false
-	}
 	id, err := p.opt.Auth.Authenticate(r.Header.Get("Proxy-Authorization"))
 	if id != nil {
 		q.rec.TokenID, q.rec.UserID, q.rec.TokenType = id.TokenID, id.UserID, id.TokenType
 	}
 	switch {
 	case errors.Is(err, auth.ErrRegion):
+		q.authenticated = true // valid credentials, wrong region
+		ratelimit.MarkAuthenticated(r.Context())
 		p.opt.Metrics.AuthFailures.WithLabelValues("region").Inc()
 		p.fail(w, q, http.StatusForbidden, "region_not_allowed", "token not allowed in region "+strconv.Quote(p.opt.Region))
 		return false
@@ -204,6 +225,12 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 		if !errors.Is(err, auth.ErrMissing) {
 			reason = "invalid"
 			if p.opt.AuthThrottle != nil {
+				if !p.opt.AuthThrottle.Allowed(ip) {
+					p.opt.Metrics.AuthFailures.WithLabelValues("throttled").Inc()
+					w.Header().Set("Retry-After", "60")
+					p.fail(w, q, http.StatusTooManyRequests, "auth_throttled", "too many failed authentications")
+					return false
+				}
 				p.opt.AuthThrottle.Failed(ip)
 			}
 		}
@@ -215,6 +242,8 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 		p.fail(w, q, http.StatusProxyAuthRequired, "auth_"+reason, err.Error())
 		return false
 	}
+	q.authenticated = true
+	ratelimit.MarkAuthenticated(r.Context())
 	if p.opt.Limiter != nil {
 		if ok, wait := p.opt.Limiter.Allow(id.TokenID); !ok {
 			q.rec.RateLimited = true
@@ -239,8 +268,64 @@ func (p *Proxy) finish(q *request) {
 		}
 	}
 	q.rec.Success = q.rec.Error == "" && q.rec.StatusCode < 400
-	p.opt.Metrics.Requests.WithLabelValues(q.rec.Protocol, q.rec.Method, strconv.Itoa(q.rec.StatusCode)).Inc()
+	p.opt.Metrics.Requests.WithLabelValues(q.rec.Protocol, metrics.MethodLabel(q.rec.Method), metrics.StatusLabel(q.rec.StatusCode)).Inc()
+	if !q.authenticated && p.opt.Refusals != nil {
+		ip, _ := netip.ParseAddr(q.rec.ClientIP)
+		ok, suppressed := p.opt.Refusals.Allow(ip)
+		if !ok {
+			p.opt.Metrics.RecordsSuppressed.Inc()
+			return
+		}
+		q.rec.Suppressed = suppressed
+	}
 	p.opt.Records.Record(q.rec)
+}
+
+// sweepInterval is how often the counts of suppressed refusals of
+// addresses that went quiet are written as summary records.
+const sweepInterval = 10 * time.Second
+
+// sweepSuppressed writes, every sweepInterval, a summary record for each
+// address whose suppressed refusals no later record carried; the returned
+// func stops it after a last sweep.
+func (p *Proxy) sweepSuppressed() (stop func()) {
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(sweepInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				p.writeSuppressed(p.opt.Refusals.Sweep(sweepInterval))
+			case <-done:
+				p.writeSuppressed(p.opt.Refusals.Sweep(0))
+				return
+			}
+		}
+	}()
+	var once sync.Once
+	return func() {
+		once.Do(func() { close(done); <-finished })
+	}
+}
+
+// writeSuppressed writes one summary record per address: the refusals it
+// stands for were counted in pinaka_requests_total when they happened.
+func (p *Proxy) writeSuppressed(counts []ratelimit.Suppressed) {
+	now := time.Now().UTC()
+	for _, c := range counts {
+		p.opt.Records.Record(accesslog.Record{
+			Timestamp:  now,
+			ProbeNode:  p.opt.ProbeNode,
+			Region:     p.opt.Region,
+			ClientIP:   c.Addr.String(),
+			StatusCode: http.StatusProxyAuthRequired,
+			Error:      "refusals_suppressed",
+			Suppressed: c.Count,
+		})
+	}
 }
 
 // fail answers with status and a short plain-text reason, and marks the
@@ -255,10 +340,25 @@ func (p *Proxy) fail(w http.ResponseWriter, q *request, status int, code, reason
 	if q.proxyStatus != "" {
 		h.Set("Proxy-Status", "pinaka; error="+q.proxyStatus+"; details="+strconv.Quote(reason))
 	}
-	if status >= 500 || status == http.StatusForbidden || status == http.StatusBadRequest {
-		p.log.Info("request refused", "status", status, "error", code, "reason", reason,
-			"client_ip", q.rec.ClientIP, "token_id", q.rec.TokenID, "target", q.rec.TargetURL)
+	// A refusal answers at once, without waiting for a body the client
+	// announced and may never send. net/http's HTTP/1.1 server would read
+	// up to 256 KB of it, with no time limit, before answering and again
+	// when the handler returns; closing the connection after the answer
+	// makes it skip the first read, and the expired read deadline ends the
+	// second. The next request could not be found in the stream anyway.
+	if unread(q.req, q.body) && q.req.ProtoMajor == 1 {
+		h.Set("Connection", "close")
+		_ = http.NewResponseController(w).SetReadDeadline(aLongTimeAgo)
 	}
+	// Refusals of authenticated requests are logged (their rate is bounded
+	// per token); those without credentials only at debug level, since
+	// anyone can send them at line rate (their records are sampled).
+	level := slog.LevelDebug
+	if q.authenticated && (status >= 500 || status == http.StatusForbidden || status == http.StatusBadRequest) {
+		level = slog.LevelInfo
+	}
+	p.log.Log(q.req.Context(), level, "request refused", "status", status, "error", code, "reason", reason,
+		"client_ip", q.rec.ClientIP, "token_id", q.rec.TokenID, "target", q.rec.TargetURL)
 	w.WriteHeader(status)
 	fmt.Fprintln(w, reason)
 }

@@ -50,6 +50,10 @@ type endpoint struct {
 	// nil when the transport cannot half-close.
 	closeWrite func() error
 	close      func() error
+	// abort, when set, ends the side at once when the tunnel is cut (idle
+	// timeout, shutdown): an HTTP/2 stream's close does not wake a write
+	// blocked on a client's flow-control window, a stream reset does.
+	abort func()
 	// drain, when set, reads whatever the source has already buffered
 	// into b without blocking and returns how much it read; it leaves the
 	// read deadline at restore.
@@ -158,6 +162,8 @@ type tunnel struct {
 	errOnce   sync.Once
 	err       error
 	idled     atomic.Bool
+	endMu     sync.Mutex // orders abortIdle before the end of the tunnel
+	ended     bool
 }
 
 // direction is one way through a tunnel.
@@ -202,9 +208,22 @@ func newTunnel(ctx context.Context, pk *parker, client, upstream endpoint, idle 
 	parking := pk.start() == nil
 	t.up.canPark = client.sock != nil && parking
 	t.down.canPark = upstream.sock != nil && parking
-	t.watch = newIdleWatch(idle, func() { t.idled.Store(true); t.closeBoth() })
+	t.watch = newIdleWatch(idle, func() { t.idled.Store(true); t.abortIdle() })
 	t.stopCtx = context.AfterFunc(ctx, t.closeBoth)
 	return t
+}
+
+// abortIdle ends a tunnel idle for too long. A blocked write may be what
+// keeps it from ending by itself, so the client side is aborted first,
+// unless the tunnel is already over (the HTTP/2 handler may have returned,
+// and its ResponseWriter must not be used after that).
+func (t *tunnel) abortIdle() {
+	t.endMu.Lock()
+	if !t.ended && t.client.abort != nil {
+		t.client.abort()
+	}
+	t.endMu.Unlock()
+	t.closeBoth()
 }
 
 // closeBoth closes both sides. The parker releases the tunnel first: a
@@ -267,6 +286,9 @@ func (t *tunnel) directionDone() {
 	t.closeBoth()
 	t.watch.stop()
 	t.stopCtx()
+	t.endMu.Lock()
+	t.ended = true
+	t.endMu.Unlock()
 	res := relayResult{up: t.up.moved.Load(), down: t.down.moved.Load(), err: t.err}
 	switch {
 	case t.idled.Load():

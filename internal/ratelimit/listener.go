@@ -1,48 +1,97 @@
 package ratelimit
 
 import (
+	"context"
 	"errors"
 	"net"
+	"net/netip"
+	"sync"
 	"sync/atomic"
 )
 
-// LimitListener returns a Listener that keeps at most max accepted
-// connections open at once. It wraps the raw TCP listener, below TLS, so a
-// connection refused here costs no handshake.
+// ListenerLimits are the caps a LimitListener enforces at accept.
+type ListenerLimits struct {
+	// Max is the number of connections open at once on the node
+	// (MAX_CONNECTIONS). It must be at least 1.
+	Max int
+	// PerIP caps the connections one client address holds
+	// (MAX_CONNECTIONS_PER_IP); 0 means no cap. IPv6 addresses count by
+	// their /64, as the failed-authentication throttle does.
+	PerIP int
+	// UnauthenticatedPerIP caps the connections of one client address that
+	// have not yet carried an authenticated request
+	// (MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP); 0 means no cap. Without it
+	// one address without credentials can hold every slot of the node
+	// with connections that never finish a request.
+	UnauthenticatedPerIP int
+
+	// OnAccept runs for each connection handed to the caller, OnClose once
+	// when such a connection is first closed, OnRefused (with a fixed
+	// reason: RefusedNode, RefusedPerIP, RefusedUnauthenticated) for each
+	// connection shed. Any may be nil. They run synchronously, so they must
+	// be quick, like updating a metric.
+	OnAccept  func()
+	OnClose   func()
+	OnRefused func(reason string)
+}
+
+// Reasons a connection is shed at accept; fixed strings, usable as metric
+// label values.
+const (
+	RefusedNode            = "max_connections"
+	RefusedPerIP           = "per_ip"
+	RefusedUnauthenticated = "per_ip_unauthenticated"
+)
+
+// LimitListener returns a Listener that enforces lim. It wraps the raw TCP
+// listener, below TLS, so a connection refused here costs no handshake.
 //
 // Unlike golang.org/x/net/netutil.LimitListener, which stops accepting while
 // full and lets connections queue in the kernel, a full listener accepts and
 // immediately closes new connections: a saturated node should shed load
 // quickly so that clients retry elsewhere, not hang in a backlog.
 //
-// onAccept runs for each connection handed to the caller, onClose once when
-// such a connection is first closed, and onRefused for each connection shed;
-// any may be nil. They run synchronously (onAccept and onRefused on the
-// accept loop), so they must be quick, like updating a gauge. onRefused runs
-// before the shed connection is closed.
+// A connection counts as unauthenticated until MarkAuthenticated is called
+// with a context that carries it (see WithConn).
 //
-// It panics if max is less than 1.
-func LimitListener(l net.Listener, max int, onAccept func(), onClose func(), onRefused func()) net.Listener {
-	mustPositive("LimitListener", "max", max)
-	return &limitListener{
+// It panics if lim.Max is less than 1.
+func LimitListener(l net.Listener, lim ListenerLimits) net.Listener {
+	mustPositive("LimitListener", "max", lim.Max)
+	ll := &limitListener{
 		Listener:  l,
-		slots:     make(chan struct{}, max),
-		onAccept:  orNoop(onAccept),
-		onClose:   orNoop(onClose),
-		onRefused: orNoop(onRefused),
+		lim:       lim,
+		slots:     make(chan struct{}, lim.Max),
+		onAccept:  orNoop(lim.OnAccept),
+		onClose:   orNoop(lim.OnClose),
+		onRefused: lim.OnRefused,
 	}
+	if ll.onRefused == nil {
+		ll.onRefused = func(string) {}
+	}
+	if lim.PerIP > 0 || lim.UnauthenticatedPerIP > 0 {
+		ll.perIP = make(map[netip.Addr]*ipConns)
+	}
+	return ll
 }
 
 type limitListener struct {
 	net.Listener
+	lim       ListenerLimits
 	slots     chan struct{} // one element per open connection
 	onAccept  func()
 	onClose   func()
-	onRefused func()
+	onRefused func(string)
+
+	// perIP holds an entry only for addresses with connections open, so
+	// its size is bounded by Max however many addresses connect.
+	mu    sync.Mutex
+	perIP map[netip.Addr]*ipConns
 }
 
-// Accept returns the next connection for which there is a free slot,
-// closing any that arrive while all slots are taken.
+type ipConns struct{ open, unauthenticated int }
+
+// Accept returns the next connection within the limits, closing any that
+// would exceed them.
 func (l *limitListener) Accept() (net.Conn, error) {
 	for {
 		c, err := l.Listener.Accept()
@@ -53,12 +102,78 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		}
 		select {
 		case l.slots <- struct{}{}:
-			l.onAccept()
-			return &limitConn{Conn: c, l: l}, nil
 		default:
-			l.onRefused()
+			l.onRefused(RefusedNode)
 			c.Close()
+			continue
 		}
+		key, reason := l.admit(c)
+		if reason != "" {
+			<-l.slots
+			l.onRefused(reason)
+			c.Close()
+			continue
+		}
+		l.onAccept()
+		return &limitConn{Conn: c, l: l, key: key}, nil
+	}
+}
+
+// admit counts c against its address, or says why it may not be admitted.
+func (l *limitListener) admit(c net.Conn) (netip.Addr, string) {
+	if l.perIP == nil {
+		return netip.Addr{}, ""
+	}
+	ap, err := netip.ParseAddrPort(c.RemoteAddr().String())
+	if err != nil {
+		return netip.Addr{}, "" // not an IP connection (tests with pipes): no per-address cap
+	}
+	key := throttleKey(ap.Addr())
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e := l.perIP[key]
+	if e == nil {
+		e = &ipConns{}
+	}
+	switch {
+	case l.lim.PerIP > 0 && e.open >= l.lim.PerIP:
+		return key, RefusedPerIP
+	case l.lim.UnauthenticatedPerIP > 0 && e.unauthenticated >= l.lim.UnauthenticatedPerIP:
+		return key, RefusedUnauthenticated
+	}
+	e.open++
+	e.unauthenticated++
+	l.perIP[key] = e
+	return key, ""
+}
+
+func (l *limitListener) release(key netip.Addr, authenticated bool) {
+	if l.perIP == nil || !key.IsValid() {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e := l.perIP[key]
+	if e == nil {
+		return
+	}
+	e.open--
+	if !authenticated {
+		e.unauthenticated--
+	}
+	if e.open <= 0 {
+		delete(l.perIP, key)
+	}
+}
+
+func (l *limitListener) authenticated(key netip.Addr) {
+	if l.perIP == nil || !key.IsValid() {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if e := l.perIP[key]; e != nil && e.unauthenticated > 0 {
+		e.unauthenticated--
 	}
 }
 
@@ -67,17 +182,42 @@ func (l *limitListener) Accept() (net.Conn, error) {
 // underlying connection (which reports it is already closed).
 type limitConn struct {
 	net.Conn
-	l      *limitListener
-	closed atomic.Bool
+	l *limitListener
+	// key is the address the connection counts against (invalid: none).
+	key netip.Addr
+	// state: 0 open and unauthenticated, 1 authenticated, 2 closed. The
+	// transitions are compare-and-swaps so each count moves exactly once.
+	state atomic.Int32
 }
+
+const (
+	connUnauthenticated int32 = iota
+	connAuthenticated
+	connClosed
+)
 
 func (c *limitConn) Close() error {
 	err := c.Conn.Close()
-	if c.closed.CompareAndSwap(false, true) {
-		<-c.l.slots
-		c.l.onClose()
+	for {
+		s := c.state.Load()
+		if s == connClosed {
+			return err
+		}
+		if c.state.CompareAndSwap(s, connClosed) {
+			c.l.release(c.key, s == connAuthenticated)
+			<-c.l.slots
+			c.l.onClose()
+			return err
+		}
 	}
-	return err
+}
+
+// markAuthenticated moves the connection out of its address's
+// unauthenticated count, once.
+func (c *limitConn) markAuthenticated() {
+	if c.state.CompareAndSwap(connUnauthenticated, connAuthenticated) {
+		c.l.authenticated(c.key)
+	}
 }
 
 // CloseWrite half-closes the connection when the underlying one supports it
@@ -93,6 +233,35 @@ func (c *limitConn) CloseWrite() error {
 // NetConn returns the wrapped connection, following crypto/tls's Conn.NetConn,
 // for callers that need the *net.TCPConn (for example to set keep-alives).
 func (c *limitConn) NetConn() net.Conn { return c.Conn }
+
+type connKey struct{}
+
+// WithConn returns ctx carrying the limited connection under c (found
+// through crypto/tls's NetConn and other wrappers), for MarkAuthenticated.
+// The server calls it once per connection (http.Server.ConnContext).
+func WithConn(ctx context.Context, c net.Conn) context.Context {
+	for c != nil {
+		if lc, ok := c.(*limitConn); ok {
+			return context.WithValue(ctx, connKey{}, lc)
+		}
+		nc, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		c = nc.NetConn()
+	}
+	return ctx
+}
+
+// MarkAuthenticated tells the listener that the connection carried by ctx
+// (see WithConn) has carried an authenticated request: it no longer counts
+// against its address's unauthenticated cap. It is cheap after the first
+// call and does nothing for a context without a connection.
+func MarkAuthenticated(ctx context.Context) {
+	if lc, ok := ctx.Value(connKey{}).(*limitConn); ok && lc.state.Load() == connUnauthenticated {
+		lc.markAuthenticated()
+	}
+}
 
 func orNoop(f func()) func() {
 	if f == nil {

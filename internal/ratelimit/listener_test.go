@@ -2,11 +2,13 @@ package ratelimit
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -31,11 +33,12 @@ func (c *counters) listen(t *testing.T, max int) net.Listener {
 	if err != nil {
 		t.Fatalf("listening on loopback: %v", err)
 	}
-	ln := LimitListener(raw, max,
-		func() { c.accepted.Add(1) },
-		func() { c.closed.Add(1); c.closedCh <- struct{}{} },
-		func() { c.refused.Add(1) },
-	)
+	ln := LimitListener(raw, ListenerLimits{
+		Max:       max,
+		OnAccept:  func() { c.accepted.Add(1) },
+		OnClose:   func() { c.closed.Add(1); c.closedCh <- struct{}{} },
+		OnRefused: func(string) { c.refused.Add(1) },
+	})
 	t.Cleanup(func() { ln.Close() })
 	return ln
 }
@@ -288,7 +291,7 @@ func TestLimitListenerNilCallbacks(t *testing.T) {
 	if err != nil {
 		t.Fatalf("listening on loopback: %v", err)
 	}
-	ln := LimitListener(raw, 1, nil, nil, nil)
+	ln := LimitListener(raw, ListenerLimits{Max: 1})
 	conns := acceptLoop(t, ln)
 	c1 := dial(t, ln)
 	s1 := receive(t, conns)
@@ -297,4 +300,72 @@ func TestLimitListenerNilCallbacks(t *testing.T) {
 	s1.Close() // onClose nil
 	c2 := dial(t, ln)
 	served(t, c2, receive(t, conns))
+}
+
+// dialFrom connects to ln from a chosen loopback source address, so that
+// per-address caps can be tested with several "clients" on one machine.
+func dialFrom(t *testing.T, ln net.Listener, src string) net.Conn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
+	c, err := d.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatalf("dialing %s from %s: %v", ln.Addr(), src, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(failsafe))
+	return c
+}
+
+func TestLimitListenerPerIPCaps(t *testing.T) {
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listening on loopback: %v", err)
+	}
+	var mu sync.Mutex
+	refused := map[string]int{}
+	ln := LimitListener(raw, ListenerLimits{
+		Max: 100, PerIP: 3, UnauthenticatedPerIP: 2,
+		OnRefused: func(r string) { mu.Lock(); refused[r]++; mu.Unlock() },
+	})
+	conns := acceptLoop(t, ln)
+
+	// Two unauthenticated connections from 127.0.0.2 fill its
+	// unauthenticated cap; a third is shed.
+	a1, s1 := dialFrom(t, ln, "127.0.0.2"), (net.Conn)(nil)
+	s1 = receive(t, conns)
+	dialFrom(t, ln, "127.0.0.2")
+	s2 := receive(t, conns)
+	shed(t, dialFrom(t, ln, "127.0.0.2"))
+
+	// Another address is not affected: the bystander is served.
+	b := dialFrom(t, ln, "127.0.0.3")
+	served(t, b, receive(t, conns))
+
+	// Once a connection authenticates, a new unauthenticated one fits,
+	// up to the per-address total.
+	MarkAuthenticated(WithConn(context.Background(), s1))
+	MarkAuthenticated(WithConn(context.Background(), s1)) // counted once
+	dialFrom(t, ln, "127.0.0.2")
+	receive(t, conns)
+	shed(t, dialFrom(t, ln, "127.0.0.2")) // 3 open: the per-address total
+
+	// Closing frees the address's slots: an authenticated close frees a
+	// total slot, an unauthenticated one both.
+	s2.Close()
+	a3 := dialFrom(t, ln, "127.0.0.2")
+	served(t, a3, receive(t, conns))
+	served(t, a1, s1)
+
+	mu.Lock()
+	defer mu.Unlock()
+	if refused[RefusedUnauthenticated] != 1 || refused[RefusedPerIP] != 1 || refused[RefusedNode] != 0 {
+		t.Fatalf("refusals = %v, want one per_ip_unauthenticated and one per_ip", refused)
+	}
+	limited := ln.(*limitListener)
+	limited.mu.Lock()
+	e := *limited.perIP[netip.MustParseAddr("127.0.0.2")]
+	limited.mu.Unlock()
+	if e.open != 3 || e.unauthenticated != 2 {
+		t.Fatalf("127.0.0.2 holds %+v, want 3 open, 2 unauthenticated", e)
+	}
 }

@@ -75,7 +75,9 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		Dialer:                dialer,
 		Limiter:               ratelimit.New(cfg.RateLimitRequestsPerMinute, cfg.RateLimitBurstSize, cfg.RateLimitMaxTokens),
 		Tunnels:               ratelimit.NewTunnelLimiter(cfg.MaxTunnelsPerToken),
+		Forwards:              ratelimit.NewTunnelLimiter(cfg.MaxForwardsPerToken),
 		AuthThrottle:          ratelimit.NewAuthThrottle(cfg.AuthFailuresPerMinute, 100000),
+		Refusals:              ratelimit.NewRefusalSampler(cfg.UnauthenticatedRecordsPerMinute, 100000),
 		Records:               shipper,
 		Metrics:               m,
 		Log:                   log,
@@ -86,6 +88,7 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		AddForwardedFor:       cfg.AddForwardedFor,
 		TunnelIdleTimeout:     cfg.TunnelIdleTimeout,
 		UpstreamHeaderTimeout: cfg.UpstreamHeaderTimeout,
+		BodyIdleTimeout:       cfg.RequestBodyIdleTimeout,
 		UpstreamTLS:           o.UpstreamTLS,
 	})
 	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{

@@ -9,9 +9,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,6 +41,7 @@ type Server struct {
 	adminLn  net.Listener
 	ready    atomic.Bool
 	wg       sync.WaitGroup
+	stalls   *stallGuard
 }
 
 // New prepares a Server; Listen opens its sockets.
@@ -72,6 +75,9 @@ func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy,
 			// Write stalls: see guardWriteStall.
 		},
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		// Requests find their connection's listener slot through their
+		// context, to mark it authenticated (per-address caps).
+		ConnContext: ratelimit.WithConn,
 	}
 	if !kernelStallGuard {
 		s.proxySrv.HTTP2.WriteByteTimeout = writeStallTimeout
@@ -96,11 +102,31 @@ func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy,
 	// Profiles, for measuring before tuning. The admin listener is
 	// loopback-only by default; expose it with care.
 	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
-	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	mux.HandleFunc("GET /debug/pprof/profile", capSeconds(pprof.Profile))
+	mux.HandleFunc("GET /debug/pprof/trace", capSeconds(pprof.Trace))
 	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
 	s.adminSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	return s
+}
+
+// maxProfileSeconds caps ?seconds= of the profiling endpoints: a profile
+// holds a goroutine and a buffer for as long as it runs, and only one CPU
+// profile can run at a time.
+const maxProfileSeconds = 60
+
+// capSeconds refuses a profile longer than maxProfileSeconds (or a
+// malformed duration) with 400 instead of running it.
+func capSeconds(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if v := r.URL.Query().Get("seconds"); v != "" {
+			n, err := strconv.ParseFloat(v, 64)
+			if err != nil || n <= 0 || n > maxProfileSeconds || math.IsNaN(n) {
+				http.Error(w, fmt.Sprintf("seconds must be a number in (0, %d]", maxProfileSeconds), http.StatusBadRequest)
+				return
+			}
+		}
+		h(w, r)
+	}
 }
 
 // writeStallTimeout closes an HTTP/2 connection whose client has taken no
@@ -151,8 +177,22 @@ func (s *Server) Listen() error {
 	if err != nil {
 		return fmt.Errorf("listening on %s (PROXY_BIND:PROXY_PORT): %w", s.cfg.ListenAddr(), err)
 	}
-	s.proxyLn = ratelimit.LimitListener(proxy.BatchListener(ln), s.cfg.MaxConnections,
-		s.metrics.ActiveConnections.Inc, s.metrics.ActiveConnections.Dec, s.metrics.ConnectionsRefused.Inc)
+	limited := ratelimit.LimitListener(proxy.BatchListener(ln), ratelimit.ListenerLimits{
+		Max:                  s.cfg.MaxConnections,
+		PerIP:                s.cfg.MaxConnectionsPerIP,
+		UnauthenticatedPerIP: s.cfg.MaxUnauthenticatedConnectionsPerIP,
+		OnAccept:             s.metrics.ActiveConnections.Inc,
+		OnClose:              s.metrics.ActiveConnections.Dec,
+		OnRefused:            func(reason string) { s.metrics.ConnectionsRefused.WithLabelValues(reason).Inc() },
+	})
+	// A write blocked for the tunnel idle timeout (at most
+	// writeStallTimeout) is a stream or tunnel without progress.
+	limit := writeStallTimeout
+	if t := s.cfg.TunnelIdleTimeout; t > 0 && t < limit {
+		limit = t
+	}
+	s.stalls = newStallGuard(limit, s.metrics.WriteStalls.Inc)
+	s.proxyLn = s.stalls.listener(limited)
 	if s.cfg.AdminAddr != "" && s.cfg.AdminAddr != "off" {
 		aln, err := net.Listen("tcp", s.cfg.AdminAddr)
 		if err != nil {
@@ -229,6 +269,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	defer cancel()
 	_ = s.adminSrv.Shutdown(actx)
 	s.wg.Wait()
+	if s.stalls != nil {
+		s.stalls.close()
+	}
 	s.proxy.Close()
 	return errors.Join(drainErr, shutErrIfNotDeadline(shutErr))
 }
