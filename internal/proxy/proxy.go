@@ -44,9 +44,9 @@ type Options struct {
 	// Refusals bounds the records and log lines of refusals without valid
 	// credentials per client address; nil writes them all.
 	Refusals *ratelimit.RefusalSampler
-	Records      Recorder
-	Metrics      *metrics.Metrics
-	Log          *slog.Logger
+	Records  Recorder
+	Metrics  *metrics.Metrics
+	Log      *slog.Logger
 
 	HTTPProxyEnabled      bool
 	ProbeNode             string
