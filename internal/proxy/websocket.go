@@ -93,6 +93,17 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		p.fail(w, q, http.StatusBadGateway, "upstream_error", "origin sent an invalid status")
 		return
 	}
+	if res.StatusCode >= 200 && res.StatusCode < 300 {
+		// RFC 8441 §5: a 2xx answer to extended CONNECT means the tunnel
+		// is open. An origin that answers the upgrade with 200 has not
+		// switched protocols; passing its 200 on would make the client
+		// start speaking WebSocket to an HTTP response.
+		res.Body.Close()
+		conn.Close()
+		q.proxyStatus = "http_protocol_error"
+		p.fail(w, q, http.StatusBadGateway, "upgrade_invalid", fmt.Sprintf("origin answered the WebSocket upgrade with %d instead of 101", res.StatusCode))
+		return
+	}
 	if res.StatusCode != http.StatusSwitchingProtocols {
 		// The origin refused the upgrade: pass its answer on.
 		defer conn.Close()
@@ -143,6 +154,10 @@ func websocketHandshake(conn net.Conn, r *http.Request, t egress.Target) (*http.
 	h.Del("Sec-Websocket-Key")
 	h.Del("Sec-Websocket-Accept")
 	h.Del("Host")
+	// The client's content-length describes its HTTP/2 stream, not this
+	// GET, which has no body: sent on, it would make the origin wait for
+	// (or read WebSocket frames as) a body.
+	h.Del("Content-Length")
 	h.Set("Sec-WebSocket-Key", key)
 	if h.Get("Sec-Websocket-Version") == "" {
 		h.Set("Sec-WebSocket-Version", "13")

@@ -55,6 +55,11 @@ func newWSOrigin(t *testing.T, secure bool) *wsOrigin {
 		w.Header().Set("X-Origin-Reason", "members only")
 		http.Error(w, "origin says no", http.StatusForbidden)
 	})
+	mux.HandleFunc("/ok-200", func(w http.ResponseWriter, r *http.Request) {
+		// Not a WebSocket server: it answers the upgrade as a plain GET.
+		o.handshakes <- r.Header.Clone()
+		fmt.Fprintln(w, "plain page")
+	})
 	mux.HandleFunc("/bad-accept", func(w http.ResponseWriter, r *http.Request) {
 		// A 101 whose Sec-WebSocket-Accept does not match the key: not a
 		// WebSocket server, whatever it claims.
@@ -292,6 +297,40 @@ func TestExtendedConnectOriginRefuses(t *testing.T) {
 		if rec.StatusCode != want || rec.Success {
 			t.Errorf("%s: record = %+v", path, rec)
 		}
+	}
+}
+
+// An origin that answers the upgrade with 200 has not opened a WebSocket:
+// the client must get 502, since a 2xx to extended CONNECT means "tunnel
+// open" (RFC 8441 §5). And the client's content-length, which describes
+// its HTTP/2 stream, never reaches the origin's bodiless GET.
+func TestExtendedConnectOrigin200IsBadGateway(t *testing.T) {
+	e := startProxy(t, nil)
+	o := newWSOrigin(t, false)
+	req := &http.Request{
+		Method:        http.MethodConnect,
+		URL:           &url.URL{Scheme: "http", Host: o.hostPort(), Path: "/ok-200"},
+		Host:          o.hostPort(),
+		Header:        http.Header{":protocol": {"websocket"}, "Proxy-Authorization": {e.bearer()}},
+		Body:          io.NopCloser(strings.NewReader("hello")),
+		ContentLength: 5,
+	}
+	resp, err := e.h2Conn().RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadGateway {
+		t.Fatalf("status %d, want 502 for an origin answering the upgrade with 200", resp.StatusCode)
+	}
+	h := <-o.handshakes
+	if cl := h.Get("Content-Length"); cl != "" {
+		t.Errorf("origin received Content-Length %q on the upgrade GET", cl)
+	}
+	rec := e.waitRecord(func(r recordT) bool { return strings.HasSuffix(r.TargetURL, "/ok-200") })
+	if rec.StatusCode != http.StatusBadGateway || rec.Error != "upgrade_invalid" || rec.Success {
+		t.Errorf("record = %+v", rec)
 	}
 }
 
