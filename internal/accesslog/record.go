@@ -25,4 +25,11 @@ type Record struct {
 	Success      bool      `json:"success"`
 	RateLimited  bool      `json:"rate_limited"`
 	Error        string    `json:"error"` // short code, empty on success
+
+	// Suppressed is how many further credential-less refusals from the
+	// same client IP this record stands for: a client hammering the proxy
+	// without a token gets one record per interval instead of one per
+	// request, and the count keeps the total honest. 0 (omitted) for an
+	// ordinary record. Not part of SPEC §5's list; older collectors ignore it.
+	Suppressed int64 `json:"suppressed,omitempty"`
 }
