@@ -79,6 +79,7 @@ func checkConfig(args []string, stdout, stderr io.Writer) error {
 	row("BACKEND_API_KEY", mask(cfg.BackendAPIKey))
 	row("LOG_BATCH_SIZE", cfg.LogBatchSize)
 	row("LOG_BATCH_INTERVAL", cfg.LogBatchInterval)
+	row("LOG_SHIP_TIMEOUT", cfg.LogShipTimeout)
 	row("LOG_SPOOL_DIR", orNone(cfg.LogSpoolDir))
 	row("LOG_SPOOL_MAX_BYTES", cfg.LogSpoolMaxBytes)
 	row("LOG_QUEUE_SIZE", cfg.LogQueueSize)

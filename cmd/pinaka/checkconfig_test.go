@@ -105,7 +105,7 @@ func TestCheckConfigGood(t *testing.T) {
 	}
 	// Every configuration variable with a setting has a row.
 	for _, k := range []string{"HTTP_PROXY_ENABLED", "JWT_LEEWAY", "RATE_LIMIT_REQUESTS_PER_MINUTE", "MAX_CONNECTIONS",
-		"HTTP2_MAX_CONCURRENT_STREAMS", "TUNNEL_IDLE_TIMEOUT", "DNS_SERVERS", "LOG_BATCH_INTERVAL", "LOG_INCLUDE_QUERY"} {
+		"HTTP2_MAX_CONCURRENT_STREAMS", "TUNNEL_IDLE_TIMEOUT", "DNS_SERVERS", "LOG_BATCH_INTERVAL", "LOG_SHIP_TIMEOUT", "LOG_INCLUDE_QUERY"} {
 		if _, ok := s[k]; !ok {
 			t.Errorf("no %s row", k)
 		}

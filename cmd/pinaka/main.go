@@ -152,9 +152,12 @@ func serve(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	logOut := newLogWriter(stderr)
-	defer logOut.Close()
-	log := newLogger(logOut, cfg.LogLevel)
+	// Unbuffered on purpose: slog writes each line with one Write, so a
+	// record line is in the kernel (the pipe, journald, the file) as soon as
+	// its request finishes, and a kill -9 cannot take it. The log is the copy
+	// of the records that survives any shipping loss; the batched writer
+	// used before lost up to 100 ms of lines.
+	log := newLogger(stderr, cfg.LogLevel)
 
 	if cfg.Dev && len(cfg.JWTSecret) == 0 {
 		b := make([]byte, 32)

@@ -28,6 +28,7 @@ type Record struct {
 	// Suppressed counts the refusals without valid credentials from the
 	// same client address that were not written since the last record of
 	// that address (UNAUTHENTICATED_RECORDS_PER_MINUTE): this record
-	// stands for them too. Zero, and absent from the JSON, otherwise.
+	// stands for them too. Zero, and absent from the JSON, otherwise. Not
+	// part of SPEC §5's list; older collectors ignore it.
 	Suppressed int64 `json:"suppressed,omitempty"`
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -119,12 +120,15 @@ func permanent(err error) bool {
 
 // sender POSTs batches to the backend, one attempt per call.
 type sender struct {
-	client *http.Client
-	url    string
-	apiKey string
+	client  *http.Client
+	url     string
+	apiKey  string
+	timeout time.Duration // per attempt, response body included
 }
 
 func (s *sender) send(ctx context.Context, b *batch) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.url, bytes.NewReader(b.body))
 	if err != nil {
 		return fmt.Errorf("building request for batch %s: %w", b.id, err)
@@ -150,6 +154,14 @@ func (s *sender) send(ctx context.Context, b *batch) error {
 		Body:       strings.TrimSpace(string(snippet)),
 		RetryAfter: retryAfter(resp.Header.Get("Retry-After")),
 	}
+}
+
+// timedOut reports whether a failed attempt got no answer in time (the
+// attempt's deadline or a client timeout), as opposed to a refusal or an
+// error status.
+func timedOut(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }
 
 // retryAfter parses a Retry-After header (seconds or an HTTP date).

@@ -27,7 +27,7 @@ const (
 	DefaultRetryBase      = 500 * time.Millisecond
 	DefaultRetryMax       = 30 * time.Second
 	DefaultMaxAttempts    = 3
-	DefaultClientTimeout  = 30 * time.Second
+	DefaultShipTimeout    = 10 * time.Second
 )
 
 // Drop reasons, the values of the reason label of
@@ -62,10 +62,18 @@ type Options struct {
 	ProbeNode, Region string // batch envelope, and records' defaults when empty
 
 	Metrics *metrics.Metrics // nil = a private metrics.New()
-	Client  *http.Client     // nil = timeout DefaultClientTimeout, redirects not followed
+	Client  *http.Client     // nil = redirects not followed
+	// Timeout bounds one delivery attempt (LOG_SHIP_TIMEOUT). It is short
+	// because a batch waiting on an attempt is only in memory: a backend
+	// that accepts connections and never answers must not keep records
+	// from the spool for long.
+	Timeout time.Duration
 
 	RetryBase, RetryMax time.Duration // backoff between attempts
-	MaxAttempts         int           // live attempts before a batch is parked
+	// MaxAttempts is how many live attempts a batch gets before it is
+	// parked in memory. With a spool directory a batch is spooled after its
+	// first failed attempt instead, so a crash cannot take it.
+	MaxAttempts int
 }
 
 // Shipper writes every record as a JSON log line and, with a backend
@@ -108,6 +116,8 @@ type Shipper struct {
 
 	dropLog    rate.Sometimes
 	queueDrops atomic.Int64 // queue_full drops since the last warning
+
+	mem inMemory // records a crash would take from shipping
 
 	closeOnce sync.Once
 	closeErr  error
@@ -157,9 +167,11 @@ func newShipper(o Options) (*Shipper, error) {
 	if o.MaxAttempts <= 0 {
 		o.MaxAttempts = DefaultMaxAttempts
 	}
+	if o.Timeout <= 0 {
+		o.Timeout = DefaultShipTimeout
+	}
 	if o.Client == nil {
 		o.Client = &http.Client{
-			Timeout: DefaultClientTimeout,
 			// A redirect means BACKEND_URL is wrong; following it would
 			// turn the POST into a GET or send the key elsewhere.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
@@ -175,6 +187,7 @@ func newShipper(o Options) (*Shipper, error) {
 		drain:     make(chan struct{}),
 		redeliver: make(chan struct{}),
 		dropLog:   rate.Sometimes{Interval: 10 * time.Second},
+		mem:       inMemory{m: o.Metrics, batches: map[*batch]time.Time{}},
 	}
 	s.runCtx, s.cancelRun = context.WithCancel(context.Background())
 	if o.BackendURL == "" {
@@ -182,9 +195,12 @@ func newShipper(o Options) (*Shipper, error) {
 	}
 	s.queue = make(chan Record, o.QueueSize)
 	s.handoff = make(chan *batch, 16)
-	s.sender = &sender{client: o.Client, url: strings.TrimRight(o.BackendURL, "/") + BatchPath, apiKey: o.BackendAPIKey}
+	s.sender = &sender{client: o.Client, url: strings.TrimRight(o.BackendURL, "/") + BatchPath, apiKey: o.BackendAPIKey, timeout: o.Timeout}
+	// The gauge is set under the parking's own lock, so concurrent changes
+	// cannot publish their totals out of order.
+	publish := func(n int64) { s.m.SpoolBytes.Set(float64(n)) }
 	if o.SpoolDir != "" {
-		sp, err := openSpool(o.SpoolDir, o.SpoolMaxBytes, func(msg string, args ...any) { s.log.Error(msg, args...) })
+		sp, err := openSpool(o.SpoolDir, o.SpoolMaxBytes, o.RetryMax, s.m, publish, func(msg string, args ...any) { s.log.Error(msg, args...) })
 		if err != nil {
 			return nil, err
 		}
@@ -193,9 +209,8 @@ func newShipper(o Options) (*Shipper, error) {
 			s.log.Info("undelivered record batches found in spool; delivering them", "dir", o.SpoolDir, "batches", n)
 		}
 	} else {
-		s.park = &memPark{max: o.MemoryMaxBytes}
+		s.park = &memPark{max: o.MemoryMaxBytes, publish: publish}
 	}
-	s.m.SpoolBytes.Set(float64(s.park.bytes()))
 	return s, nil
 }
 
@@ -248,7 +263,7 @@ func (s *Shipper) Record(r Record) {
 
 // recordAttrs are the record's fields under their wire names.
 func recordAttrs(r *Record) []slog.Attr {
-	return []slog.Attr{
+	attrs := []slog.Attr{
 		slog.Time("timestamp", r.Timestamp),
 		slog.String("token_id", r.TokenID),
 		slog.String("user_id", r.UserID),
@@ -267,6 +282,12 @@ func recordAttrs(r *Record) []slog.Attr {
 		slog.Bool("rate_limited", r.RateLimited),
 		slog.String("error", r.Error),
 	}
+	// Like the wire format (omitempty): only a record standing for
+	// suppressed refusals carries it, and the log must keep that count.
+	if r.Suppressed != 0 {
+		attrs = append(attrs, slog.Int64("suppressed", r.Suppressed))
+	}
+	return attrs
 }
 
 // Close stops accepting records and flushes: queued records are batched and
@@ -300,7 +321,6 @@ func (s *Shipper) close(ctx context.Context) error {
 		return nil
 	}
 	left := mp.takeAll()
-	s.m.SpoolBytes.Set(0)
 	records := 0
 	for _, b := range left {
 		records += b.records
@@ -330,6 +350,7 @@ func (s *Shipper) batchLoop() {
 		batches, err := newBatches(s.opts.ProbeNode, s.opts.Region, buf, MaxBatchBytes)
 		n := len(buf)
 		buf = make([]Record, 0, s.opts.BatchSize)
+		s.mem.cut(batches)
 		if err != nil {
 			s.m.RecordsDropped.WithLabelValues(DropEncode).Add(float64(n))
 			s.log.Error("record batch not shipped (records are in the log)", "reason", DropEncode, "records", n, "error", err)
@@ -354,6 +375,7 @@ func (s *Shipper) batchLoop() {
 		buf = append(buf, r)
 		if len(buf) == 1 {
 			timer.Reset(s.opts.BatchInterval)
+			s.mem.building(time.Now())
 		}
 		if len(buf) >= s.opts.BatchSize {
 			flush(final)
@@ -387,9 +409,11 @@ func (s *Shipper) deliverLoop() {
 	}
 }
 
-// deliver tries b up to MaxAttempts times, then parks it. While the backend
-// is known to be down, b is parked at once: the redeliverer is already
-// probing the backend, and b would only wait out the same failures.
+// deliver tries b, then parks it: with a spool directory after the first
+// failed attempt (a batch retrying in memory is a batch a crash loses), else
+// after MaxAttempts. While the backend is known to be down, b is parked at
+// once: the redeliverer is already probing the backend, and b would only
+// wait out the same failures.
 func (s *Shipper) deliver(b *batch) {
 	if s.down.Load() {
 		s.parkBatch(b)
@@ -397,7 +421,7 @@ func (s *Shipper) deliver(b *batch) {
 	}
 	bo := backoff{base: s.opts.RetryBase, max: s.opts.RetryMax}
 	for attempt := 1; ; attempt++ {
-		err := s.sender.send(s.runCtx, b)
+		err := s.attempt(b)
 		switch {
 		case err == nil:
 			s.delivered(b)
@@ -410,7 +434,7 @@ func (s *Shipper) deliver(b *batch) {
 			return
 		}
 		s.m.BatchesRetried.Inc()
-		if attempt >= s.opts.MaxAttempts {
+		if attempt >= s.opts.MaxAttempts || s.park.durable() {
 			s.down.Store(true)
 			s.log.Warn("record batch not delivered; parked for redelivery", "batch_id", b.id, "records", b.records, "attempts", attempt, "error", err)
 			s.parkBatch(b)
@@ -440,7 +464,7 @@ func (s *Shipper) redeliverLoop() {
 			return
 		}
 		b, err := s.park.oldest()
-		if err != nil {
+		if err != nil && !errors.Is(err, errStuck) { // stuck files were logged as they failed
 			s.log.Error("reading record spool", "error", err)
 		}
 		if b == nil {
@@ -456,7 +480,7 @@ func (s *Shipper) redeliverLoop() {
 				continue
 			}
 		} else {
-			err = s.sender.send(s.runCtx, b)
+			err = s.attempt(b)
 			switch {
 			case err == nil:
 				s.unpark(b)
@@ -485,7 +509,17 @@ func (s *Shipper) redeliverLoop() {
 	}
 }
 
+// attempt sends b once, counting an attempt that got no answer in time.
+func (s *Shipper) attempt(b *batch) error {
+	err := s.sender.send(s.runCtx, b)
+	if err != nil && s.runCtx.Err() == nil && timedOut(err) {
+		s.m.ShipAttemptsTimedOut.Inc()
+	}
+	return err
+}
+
 func (s *Shipper) delivered(b *batch) {
+	s.mem.release(b)
 	s.m.BatchesSent.Inc()
 	if s.down.Swap(false) {
 		s.log.Info("record backend reachable again", "batch_id", b.id)
@@ -500,7 +534,6 @@ func (s *Shipper) delivered(b *batch) {
 // dropped — counted and logged with its records, never silently.
 func (s *Shipper) parkBatch(b *batch) {
 	err := s.park.put(b)
-	s.m.SpoolBytes.Set(float64(s.park.bytes()))
 	if err != nil {
 		reason := DropSpoolError
 		switch {
@@ -513,6 +546,7 @@ func (s *Shipper) parkBatch(b *batch) {
 		return
 	}
 	if s.park.durable() {
+		s.mem.release(b)
 		s.m.BatchesSpooled.Inc()
 	}
 	select {
@@ -527,12 +561,12 @@ func (s *Shipper) unpark(b *batch) {
 		// dedupes it by batch_id.
 		s.log.Error("removing delivered batch from spool", "batch_id", b.id, "error", err)
 	}
-	s.m.SpoolBytes.Set(float64(s.park.bytes()))
 }
 
 // deadLetter keeps a batch the backend rejected as invalid: in the
 // dead-letter file, or without a spool directory in the error log.
 func (s *Shipper) deadLetter(b *batch, cause error) {
+	s.mem.release(b)
 	s.m.BatchesDeadLetter.Inc()
 	if s.spool == nil {
 		s.log.Error("backend rejected record batch; no LOG_SPOOL_DIR for a dead-letter file, batch logged here",
@@ -540,7 +574,6 @@ func (s *Shipper) deadLetter(b *batch, cause error) {
 		return
 	}
 	err := s.spool.putDeadLetter(b, cause)
-	s.m.SpoolBytes.Set(float64(s.spool.bytes()))
 	if err != nil {
 		s.dropBatch(b, DropDeadLetterFull, fmt.Errorf("backend rejected the batch (%v) and keeping it failed: %w", cause, err))
 		return
@@ -552,7 +585,68 @@ func (s *Shipper) deadLetter(b *batch, cause error) {
 // dropBatch gives up on b: the drop is counted by reason and the whole batch
 // is written to the error log, the last place it can be recovered from.
 func (s *Shipper) dropBatch(b *batch, reason string, cause error) {
+	s.mem.release(b)
 	s.m.RecordsDropped.WithLabelValues(reason).Add(float64(b.records))
 	s.log.Error("record batch dropped", "reason", reason, "batch_id", b.id, "records", b.records,
 		"error", cause, "batch", json.RawMessage(b.body))
+}
+
+// inMemory tracks the records held only in process memory — the batch being
+// built and batches cut but neither delivered nor written to the spool —
+// and publishes when the oldest of them arrived: those are what a crash
+// takes from shipping, so their age is the exposure.
+type inMemory struct {
+	m *metrics.Metrics
+
+	mu      sync.Mutex
+	first   time.Time // first record of the batch being built; zero if none
+	batches map[*batch]time.Time
+}
+
+// building notes the first record of a new batch.
+func (w *inMemory) building(t time.Time) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.first = t
+	w.publish()
+}
+
+// cut moves the batch being built into batches (none if it could not be
+// encoded, in which case it was dropped).
+func (w *inMemory) cut(batches []*batch) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, b := range batches {
+		w.batches[b] = w.first
+	}
+	w.first = time.Time{}
+	w.publish()
+}
+
+// release forgets b: delivered, on disk, or dropped (and logged). Batches
+// read back from the spool were never tracked; releasing them is a no-op.
+func (w *inMemory) release(b *batch) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if _, ok := w.batches[b]; !ok {
+		return
+	}
+	delete(w.batches, b)
+	w.publish()
+}
+
+// publish runs under w.mu. The map holds at most the handoff backlog and,
+// without a spool directory, the batches parked in memory.
+func (w *inMemory) publish() {
+	oldest := w.first
+	for _, t := range w.batches {
+		if oldest.IsZero() || t.Before(oldest) {
+			oldest = t
+		}
+	}
+	var ns int64
+	if !oldest.IsZero() {
+		ns = oldest.UnixNano()
+	}
+	w.m.ShipMemoryOldest.Store(ns)
 }

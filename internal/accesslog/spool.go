@@ -10,11 +10,17 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/metrics"
 )
 
 // errFull means a parking bound (LOG_SPOOL_MAX_BYTES or the in-memory
 // bound) would be exceeded.
 var errFull = errors.New("bound reached")
+
+// errStuck means the only spool files left could not be read or moved
+// aside; they are retried later.
+var errStuck = errors.New("spool files unreadable")
 
 // parking holds batches that could not be delivered yet, for the redelivery
 // loop to take oldest first. It is the disk spool when LOG_SPOOL_DIR is set
@@ -42,15 +48,21 @@ type spool struct {
 	dir string
 	max int64
 	log func(msg string, args ...any)
+	m   *metrics.Metrics
+	// retry is how long a file that could be neither read nor moved aside
+	// is skipped before it is tried again.
+	retry   time.Duration
+	publish func(total int64) // called under mu whenever total changes
 
 	mu    sync.Mutex
 	names []string // spool files, sorted: UUIDv7 names sort oldest first
 	sizes map[string]int64
-	total int64 // spool files + dead-letter file
+	stuck map[string]time.Time // unreadable files kept in names, and when to try them again
+	total int64                // spool files + dead-letter file
 }
 
 // openSpool creates dir if needed and indexes what a previous process left.
-func openSpool(dir string, max int64, logf func(string, ...any)) (*spool, error) {
+func openSpool(dir string, max int64, retry time.Duration, m *metrics.Metrics, publish func(int64), logf func(string, ...any)) (*spool, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating spool directory %s: %w", dir, err)
 	}
@@ -58,7 +70,8 @@ func openSpool(dir string, max int64, logf func(string, ...any)) (*spool, error)
 	if err != nil {
 		return nil, fmt.Errorf("reading spool directory %s: %w", dir, err)
 	}
-	s := &spool{dir: dir, max: max, log: logf, sizes: map[string]int64{}}
+	s := &spool{dir: dir, max: max, log: logf, m: m, retry: retry, publish: publish,
+		sizes: map[string]int64{}, stuck: map[string]time.Time{}}
 	for _, e := range entries {
 		name := e.Name()
 		if !e.Type().IsRegular() {
@@ -84,6 +97,7 @@ func openSpool(dir string, max int64, logf func(string, ...any)) (*spool, error)
 		}
 	}
 	slices.Sort(s.names)
+	s.publish(s.total)
 	return s, nil
 }
 
@@ -108,12 +122,14 @@ func (s *spool) reserve(n int64) error {
 		return fmt.Errorf("spool %s holds %d bytes, LOG_SPOOL_MAX_BYTES is %d: %w", s.dir, s.total, s.max, errFull)
 	}
 	s.total += n
+	s.publish(s.total)
 	return nil
 }
 
 func (s *spool) release(n int64) {
 	s.mu.Lock()
 	s.total -= n
+	s.publish(s.total)
 	s.mu.Unlock()
 }
 
@@ -136,6 +152,7 @@ func (s *spool) put(b *batch) error {
 	defer s.mu.Unlock()
 	if _, dup := s.sizes[name]; dup { // put twice: the file was replaced
 		s.total -= s.sizes[name]
+		s.publish(s.total)
 	} else {
 		i, _ := slices.BinarySearch(s.names, name)
 		s.names = slices.Insert(s.names, i, name)
@@ -144,18 +161,21 @@ func (s *spool) put(b *batch) error {
 	return nil
 }
 
-// oldest reads the oldest spool file. A file that does not decode (written
-// by something else, or damaged on disk) is renamed to *.corrupt, logged and
-// skipped, so it cannot block the spool forever.
+// oldest reads the oldest spool file. A file that cannot be shipped — it
+// does not decode (written by something else, damaged on disk) or cannot be
+// read — is set aside so it cannot block the spool forever.
 func (s *spool) oldest() (*batch, error) {
 	for {
-		s.mu.Lock()
-		if len(s.names) == 0 {
+		name, ok := s.next()
+		if !ok {
+			s.mu.Lock()
+			n := len(s.stuck)
 			s.mu.Unlock()
+			if n > 0 {
+				return nil, fmt.Errorf("%d spool files in %s can be neither read nor moved aside: %w", n, s.dir, errStuck)
+			}
 			return nil, nil
 		}
-		name := s.names[0]
-		s.mu.Unlock()
 
 		path := filepath.Join(s.dir, name)
 		body, err := os.ReadFile(path)
@@ -166,22 +186,55 @@ func (s *spool) oldest() (*batch, error) {
 			continue
 		}
 		if err != nil {
-			// One unreadable file must not hold up every batch behind it.
-			s.log("spool file unreadable; moved aside and skipped", "file", path, "error", err)
-			_ = os.Rename(path, path+".unreadable")
-			s.forget(name)
+			s.setAside(name, ".unreadable", "unreadable", "spool file unreadable; moved aside and skipped", err)
 			continue
 		}
 		b, err := decodeBatch(body)
 		if err == nil {
+			s.mu.Lock()
+			delete(s.stuck, name)
+			s.mu.Unlock()
 			return b, nil
 		}
-		s.log("spool file does not hold a batch; moved aside", "file", path, "error", err)
-		if rerr := os.Rename(path, path+".corrupt"); rerr != nil {
-			return nil, fmt.Errorf("moving aside corrupt spool file: %w", rerr)
-		}
-		s.forget(name)
+		s.setAside(name, ".corrupt", "corrupt", "spool file does not hold a batch; moved aside", err)
 	}
+}
+
+// next is the oldest spool file not waiting out a failed read.
+func (s *spool) next() (string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	for _, name := range s.names {
+		if t, ok := s.stuck[name]; !ok || !now.Before(t) {
+			return name, true
+		}
+	}
+	return "", false
+}
+
+// setAside renames a spool file that cannot be shipped to name+suffix, out
+// of the spool, and counts it; its records stay on disk for an operator.
+// If even the rename fails, the file is kept — still indexed, its bytes
+// still counted against LOG_SPOOL_MAX_BYTES and in the gauge — and tried
+// again after s.retry: forgetting it would lose its records from shipping
+// without a trace until the next restart.
+func (s *spool) setAside(name, suffix, reason, msg string, cause error) {
+	path := filepath.Join(s.dir, name)
+	if err := os.Rename(path, path+suffix); err != nil {
+		s.m.SpoolReadErrors.Inc()
+		s.log("spool file can be neither read nor moved aside; kept, retrying later",
+			"file", path, "error", cause, "rename_error", err, "retry_in", s.retry.String())
+		s.mu.Lock()
+		s.stuck[name] = time.Now().Add(s.retry)
+		s.mu.Unlock()
+		return
+	}
+	s.log(msg, "file", path, "moved_to", path+suffix, "error", cause)
+	// Forgotten before it is counted, so a reader who sees the count sees
+	// the gauge without the file.
+	s.forget(name)
+	s.m.SpoolFilesSetAside.WithLabelValues(reason).Inc()
 }
 
 func (s *spool) remove(b *batch) error {
@@ -201,6 +254,8 @@ func (s *spool) forget(name string) {
 	}
 	s.total -= s.sizes[name]
 	delete(s.sizes, name)
+	delete(s.stuck, name)
+	s.publish(s.total)
 }
 
 // deadLetter is one line of the dead-letter file.
@@ -312,7 +367,8 @@ func syncDir(dir string) error {
 // memPark keeps undelivered batches in memory when there is no spool
 // directory, up to max bytes of encoded batches.
 type memPark struct {
-	max int64
+	max     int64
+	publish func(total int64) // called under mu whenever total changes
 
 	mu      sync.Mutex
 	batches []*batch
@@ -336,6 +392,7 @@ func (m *memPark) put(b *batch) error {
 	}
 	m.batches = append(m.batches, b)
 	m.total += n
+	m.publish(m.total)
 	return nil
 }
 
@@ -354,6 +411,7 @@ func (m *memPark) remove(b *batch) error {
 	if i := slices.Index(m.batches, b); i >= 0 {
 		m.batches = slices.Delete(m.batches, i, i+1)
 		m.total -= int64(len(b.body))
+		m.publish(m.total)
 	}
 	return nil
 }
@@ -364,5 +422,6 @@ func (m *memPark) takeAll() []*batch {
 	defer m.mu.Unlock()
 	all := m.batches
 	m.batches, m.total = nil, 0
+	m.publish(0)
 	return all
 }

@@ -74,6 +74,7 @@ type Config struct {
 	BackendAPIKey    string
 	LogBatchSize     int
 	LogBatchInterval time.Duration
+	LogShipTimeout   time.Duration
 	LogSpoolDir      string
 	LogSpoolMaxBytes int64
 	LogQueueSize     int
@@ -206,6 +207,12 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	c.BackendAPIKey = p.str("BACKEND_API_KEY", "")
 	c.LogBatchSize = p.int("LOG_BATCH_SIZE", 100, 1, 100000)
 	c.LogBatchInterval = p.duration("LOG_BATCH_INTERVAL", 5*time.Second)
+	// Short on purpose: while an attempt waits, its batch is only in
+	// memory (with LOG_SPOOL_DIR it is spooled when the attempt fails).
+	c.LogShipTimeout = p.duration("LOG_SHIP_TIMEOUT", 10*time.Second)
+	if c.LogShipTimeout == 0 {
+		p.fail("LOG_SHIP_TIMEOUT", "must be more than 0")
+	}
 	c.LogSpoolDir = p.str("LOG_SPOOL_DIR", "")
 	c.LogSpoolMaxBytes = int64(p.int("LOG_SPOOL_MAX_BYTES", 1<<30, 1<<10, 1<<62))
 	c.LogQueueSize = p.int("LOG_QUEUE_SIZE", 100000, 1, 1<<26)

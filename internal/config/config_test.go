@@ -59,6 +59,7 @@ func TestInvalidValuesNameTheVariable(t *testing.T) {
 		"BACKEND_URL":        "ftp://backend",
 		"ADMIN_ADDR":         "9090",
 		"LOG_BATCH_SIZE":     "0",
+		"LOG_SHIP_TIMEOUT":   "0",
 	} {
 		_, err := Load(lookupOf(map[string]string{name: value}), true)
 		if err == nil || !strings.Contains(err.Error(), name) {
@@ -74,6 +75,7 @@ func TestParsing(t *testing.T) {
 		"ALLOWED_PORTS":      "443, 8000-8100",
 		"SHUTDOWN_TIMEOUT":   "45",
 		"LOG_BATCH_INTERVAL": "250ms",
+		"LOG_SHIP_TIMEOUT":   "3",
 		"RUST_LOG":           "pinaka=debug,hyper=warn",
 		"BACKEND_URL":        "https://backend.example/",
 	}), true)
@@ -90,8 +92,8 @@ func TestParsing(t *testing.T) {
 	if c.AllowedPorts.String() != "443,8000-8100" || !c.AllowedPorts.Contains(8050) || c.AllowedPorts.Contains(80) {
 		t.Errorf("ports %v", c.AllowedPorts)
 	}
-	if c.ShutdownTimeout != 45*time.Second || c.LogBatchInterval != 250*time.Millisecond {
-		t.Errorf("durations %v %v", c.ShutdownTimeout, c.LogBatchInterval)
+	if c.ShutdownTimeout != 45*time.Second || c.LogBatchInterval != 250*time.Millisecond || c.LogShipTimeout != 3*time.Second {
+		t.Errorf("durations %v %v %v", c.ShutdownTimeout, c.LogBatchInterval, c.LogShipTimeout)
 	}
 	if c.LogLevel != "debug" {
 		t.Errorf("RUST_LOG directive level: %q", c.LogLevel)

@@ -5,6 +5,8 @@ package metrics
 import (
 	"net/http"
 	"strconv"
+	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -36,6 +38,14 @@ type Metrics struct {
 	BatchesDeadLetter prometheus.Counter
 	RecordsDropped    *prometheus.CounterVec // reason
 	SpoolBytes        prometheus.Gauge
+
+	// Record shipping: how long records sit in memory only (lost by a
+	// crash), and spool files that could not be read.
+	ShipMemoryOldest     atomic.Int64           // unix nanoseconds of the oldest record held only in memory; 0 = none
+	ShipMemoryAge        prometheus.GaugeFunc   // exports ShipMemoryOldest as an age
+	ShipAttemptsTimedOut prometheus.Counter     // attempts that hit LOG_SHIP_TIMEOUT
+	SpoolFilesSetAside   *prometheus.CounterVec // reason: corrupt, unreadable
+	SpoolReadErrors      prometheus.Counter     // read failures of a spool file kept for a later retry
 }
 
 // New creates the collectors and registers them, with the Go runtime and
@@ -111,6 +121,28 @@ func New() *Metrics {
 		m.AuthFailures, m.RateLimited, m.EgressDenied, m.ConnectionsRefused, m.RecordsSuppressed, m.WriteStalls, m.DialSeconds, m.CertNotAfter,
 		m.ShipQueueDepth, m.BatchesSent, m.BatchesRetried, m.BatchesSpooled, m.BatchesDeadLetter,
 		m.RecordsDropped, m.SpoolBytes)
+
+	// An age rather than a timestamp, so an alert is a plain threshold; it is
+	// computed at scrape time because it grows between shipper events.
+	m.ShipMemoryAge = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "pinaka_ship_memory_oldest_seconds",
+		Help: "Age of the oldest record held only in memory (not yet delivered nor spooled); 0 when none.",
+	}, func() float64 {
+		if t := m.ShipMemoryOldest.Load(); t != 0 {
+			return max(time.Since(time.Unix(0, t)).Seconds(), 0)
+		}
+		return 0
+	})
+	m.ShipAttemptsTimedOut = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "pinaka_ship_attempts_timed_out_total", Help: "Batch delivery attempts that got no answer within LOG_SHIP_TIMEOUT.",
+	})
+	m.SpoolFilesSetAside = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "pinaka_ship_spool_files_set_aside_total", Help: "Spool files renamed aside (*.corrupt, *.unreadable) and no longer shipped, by reason.",
+	}, []string{"reason"})
+	m.SpoolReadErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "pinaka_ship_spool_read_errors_total", Help: "Times a spool file could be neither read nor moved aside; it stays in the spool and is retried.",
+	})
+	reg.MustRegister(m.ShipMemoryAge, m.ShipAttemptsTimedOut, m.SpoolFilesSetAside, m.SpoolReadErrors)
 	return m
 }
 

@@ -59,6 +59,7 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		BackendAPIKey: cfg.BackendAPIKey,
 		BatchSize:     cfg.LogBatchSize,
 		BatchInterval: cfg.LogBatchInterval,
+		Timeout:       cfg.LogShipTimeout,
 		SpoolDir:      cfg.LogSpoolDir,
 		SpoolMaxBytes: cfg.LogSpoolMaxBytes,
 		QueueSize:     cfg.LogQueueSize,
