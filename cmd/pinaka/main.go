@@ -251,8 +251,8 @@ JWT_SECRET for "pinaka token": %[3]s
 
 func token(args []string, stdout, stderr io.Writer) error {
 	fs := flagSet("token", stderr)
-	user := fs.String("user", "", "user_id claim")
-	tokenID := fs.String("token-id", "", "token_id claim (required; used for rate limiting)")
+	user := fs.String("user", "", fmt.Sprintf("user_id claim (at most %d bytes)", auth.MaxIDLen))
+	tokenID := fs.String("token-id", "", fmt.Sprintf("token_id claim (required; used for rate limiting; at most %d bytes)", auth.MaxIDLen))
 	regions := fs.String("regions", "", `allowed_regions, comma-separated ("*" for all)`)
 	ttl := fs.Duration("ttl", time.Hour, "lifetime")
 	tokenType := fs.String("type", "", `token_type claim: "manual" or "session" (optional)`)
@@ -267,6 +267,13 @@ func token(args []string, stdout, stderr io.Writer) error {
 	}
 	if *tokenID == "" {
 		return errors.New("--token-id is required")
+	}
+	// The proxy refuses ids its record store cannot hold (auth.CheckID):
+	// say so here instead of printing a token that never works.
+	for _, f := range []struct{ flag, claim, v string }{{"--token-id", "token_id", *tokenID}, {"--user", "user_id", *user}} {
+		if err := auth.CheckID(f.claim, f.v); err != nil {
+			return fmt.Errorf("%s: %w", f.flag, err)
+		}
 	}
 	var rs []string
 	for _, r := range strings.Split(*regions, ",") {

@@ -181,6 +181,22 @@ func TestTokenMintsAVerifiableToken(t *testing.T) {
 	}
 }
 
+// Ids of exactly auth.MaxIDLen bytes are the longest the token command
+// mints, and the proxy accepts them.
+func TestTokenLongestIDs(t *testing.T) {
+	clearEnv(t)
+	t.Setenv("JWT_SECRET", testSecret)
+	tokenID, user := strings.Repeat("t", auth.MaxIDLen), strings.Repeat("u", auth.MaxIDLen)
+	r := runCLI("token", "--env-file", emptyEnvFile(t), "--user", user, "--token-id", tokenID, "--regions", "*")
+	if r.code != 0 {
+		t.Fatalf("pinaka token: %v", r)
+	}
+	id, err := auth.NewVerifier([]byte(testSecret), "eu-west", 0).Verify(strings.TrimSpace(r.stdout))
+	if err != nil || id.TokenID != tokenID || id.UserID != user {
+		t.Fatalf("Verify = %+v, %v", id, err)
+	}
+}
+
 func TestTokenFromEnvFileWithTypeAndAlgorithm(t *testing.T) {
 	clearEnv(t)
 	file := envFile(t, map[string]string{"JWT_SECRET": testSecret})
@@ -221,6 +237,15 @@ func TestTokenErrors(t *testing.T) {
 		{"blank regions", testSecret, []string{"--token-id", "1", "--regions", " , "}, "--regions"},
 		{"bad algorithm", testSecret, []string{"--token-id", "1", "--regions", "*", "--alg", "RS256"}, "RS256"},
 		{"bad ttl", testSecret, []string{"--token-id", "1", "--regions", "*", "--ttl", "-1h"}, "ttl"},
+		// Ids the proxy would refuse (auth.CheckID): the record store's
+		// token_id column is VARCHAR(50).
+		{"token id of 60 characters", testSecret, []string{"--token-id", strings.Repeat("t", 60), "--regions", "*"},
+			"--token-id: token_id is longer than 50 bytes"},
+		{"user id of 51 characters", testSecret, []string{"--token-id", "1", "--user", strings.Repeat("u", 51), "--regions", "*"},
+			"--user: user_id is longer than 50 bytes"},
+		{"token id with NUL", testSecret, []string{"--token-id", "t\x00", "--regions", "*"}, "--token-id: token_id contains a control character"},
+		{"token id with newline", testSecret, []string{"--token-id", "t\n1", "--regions", "*"}, "--token-id: token_id contains a control character"},
+		{"user id not UTF-8", testSecret, []string{"--token-id", "1", "--user", "\xff", "--regions", "*"}, "--user: user_id is not valid UTF-8"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

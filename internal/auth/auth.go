@@ -11,10 +11,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/golang-jwt/jwt/v5"
 	lru "github.com/hashicorp/golang-lru/v2"
@@ -23,6 +26,13 @@ import (
 // MaxHeaderLen caps Proxy-Authorization before any parsing: a JWT with our
 // claims is a few hundred bytes, so anything near this is an attack.
 const MaxHeaderLen = 4096
+
+// MaxIDLen is the longest token_id or user_id accepted, in bytes. Records
+// carry both ids to the collector, whose token_id column is VARCHAR(50)
+// (SPEC §5); the collector checks records against this same constant.
+// Counting bytes rather than characters keeps every accepted id inside that
+// column whatever its characters, and bounds the rate limiter's keys.
+const MaxIDLen = 50
 
 // Algorithms are the only accepted signing methods. Pinning them refuses
 // "none" and every asymmetric algorithm (the classic HS/RS confusion).
@@ -47,19 +57,126 @@ type Identity struct {
 
 // Claims are the JWT claims Pinaka reads. user_id and token_id may be
 // strings or numbers: the Rust proxy's tokens use both.
+//
+// exp, nbf and iat shadow RegisteredClaims' fields (encoding/json prefers
+// the shallower field of a name) because jwt.NumericDate also takes a
+// string holding a number ("exp":"9999999999"), which RFC 7519 §2 does not
+// allow: a NumericDate is a JSON number. The Get* methods below hand
+// golang-jwt's validator these fields instead of the embedded ones.
 type Claims struct {
-	UserID         FlexString `json:"user_id"`
-	TokenID        FlexString `json:"token_id"`
-	TokenType      string     `json:"token_type,omitempty"`
-	AllowedRegions []string   `json:"allowed_regions"`
+	UserID         FlexString   `json:"user_id"`
+	TokenID        FlexString   `json:"token_id"`
+	TokenType      string       `json:"token_type,omitempty"`
+	AllowedRegions []string     `json:"allowed_regions"`
+	ExpiresAt      *NumericDate `json:"exp,omitempty"`
+	NotBefore      *NumericDate `json:"nbf,omitempty"`
+	IssuedAt       *NumericDate `json:"iat,omitempty"`
 	jwt.RegisteredClaims
+}
+
+// GetExpirationTime implements jwt.Claims with the strict exp.
+func (c Claims) GetExpirationTime() (*jwt.NumericDate, error) { return c.ExpiresAt.jwt(), nil }
+
+// GetNotBefore implements jwt.Claims with the strict nbf.
+func (c Claims) GetNotBefore() (*jwt.NumericDate, error) { return c.NotBefore.jwt(), nil }
+
+// GetIssuedAt implements jwt.Claims with the strict iat.
+func (c Claims) GetIssuedAt() (*jwt.NumericDate, error) { return c.IssuedAt.jwt(), nil }
+
+// Validate is golang-jwt's hook (jwt.ClaimsValidator) for checks of our
+// own, run with exp and nbf once the signature verified: identifiers the
+// record store cannot hold are refused here rather than failing later, in
+// the collector, for a whole batch of other tokens' records.
+func (c Claims) Validate() error {
+	if c.TokenID == "" {
+		return &refusal{"token_id claim missing"}
+	}
+	for _, id := range []struct {
+		claim string
+		v     FlexString
+	}{{"token_id", c.TokenID}, {"user_id", c.UserID}} {
+		if err := CheckID(id.claim, string(id.v)); err != nil {
+			return &refusal{err.Error()}
+		}
+	}
+	return nil
+}
+
+// CheckID says why v cannot be the identifier claim named (token_id or
+// user_id), or returns nil. An empty v passes: whether the claim is
+// required is the caller's rule. Control characters (NUL included, which
+// PostgreSQL text cannot hold) and invalid UTF-8 would corrupt log lines
+// and records.
+func CheckID(claim, v string) error {
+	switch {
+	case len(v) > MaxIDLen:
+		return fmt.Errorf("%s is longer than %d bytes", claim, MaxIDLen)
+	case !utf8.ValidString(v):
+		return fmt.Errorf("%s is not valid UTF-8", claim)
+	case strings.ContainsFunc(v, unicode.IsControl):
+		return fmt.Errorf("%s contains a control character", claim)
+	}
+	return nil
+}
+
+// refusal is a token refusal of our own. Its text names the claim or
+// header and the rule, never a value: it goes into the 407 body and the
+// log.
+type refusal struct{ msg string }
+
+func (e *refusal) Error() string { return e.msg }
+
+// NumericDate is a jwt.NumericDate that must be a JSON number.
+type NumericDate struct{ jwt.NumericDate }
+
+func newNumericDate(t time.Time) *NumericDate { return &NumericDate{*jwt.NewNumericDate(t)} }
+
+// UnmarshalJSON refuses everything but a JSON number, then leaves the
+// conversion to golang-jwt. The error is a json.UnmarshalTypeError so that
+// encoding/json fills in the claim's name. (null never gets here: it sets
+// the pointer to nil, a missing claim.)
+func (d *NumericDate) UnmarshalJSON(b []byte) error {
+	if len(b) == 0 || (b[0] != '-' && (b[0] < '0' || b[0] > '9')) {
+		return &json.UnmarshalTypeError{Value: jsonKind(b), Type: reflect.TypeFor[float64]()}
+	}
+	return d.NumericDate.UnmarshalJSON(b)
+}
+
+// jwt returns the date in golang-jwt's type, nil for a missing claim.
+func (d *NumericDate) jwt() *jwt.NumericDate {
+	if d == nil {
+		return nil
+	}
+	return &d.NumericDate
+}
+
+// jsonKind names the kind of a JSON value that is not a number.
+func jsonKind(b []byte) string {
+	switch {
+	case len(b) == 0:
+		return "nothing"
+	case b[0] == '"':
+		return "string"
+	case b[0] == '{':
+		return "object"
+	case b[0] == '[':
+		return "array"
+	case b[0] == 't' || b[0] == 'f':
+		return "bool"
+	}
+	return "value"
 }
 
 // FlexString is a JSON string or number, kept as its decimal text.
 type FlexString string
 
-// UnmarshalJSON accepts "abc", 42 and 4.2e1-style integers.
+// UnmarshalJSON accepts "abc", 42 and 4.2e1-style integers. Invalid UTF-8
+// is refused rather than silently replaced by U+FFFD as encoding/json
+// would, so a token's id is the id its issuer wrote or nothing.
 func (f *FlexString) UnmarshalJSON(b []byte) error {
+	if !utf8.Valid(b) {
+		return &json.UnmarshalTypeError{Value: invalidUTF8, Type: reflect.TypeFor[string]()}
+	}
 	b = bytes.TrimSpace(b)
 	if len(b) > 0 && b[0] == '"' {
 		var s string
@@ -84,6 +201,9 @@ func (f *FlexString) UnmarshalJSON(b []byte) error {
 	*f = FlexString(n.String())
 	return nil
 }
+
+// invalidUTF8 marks FlexString's refusal in a json.UnmarshalTypeError.
+const invalidUTF8 = "invalid UTF-8"
 
 // Verifier checks tokens against one secret and this node's region.
 type Verifier struct {
@@ -151,12 +271,9 @@ func (v *Verifier) Verify(raw string) (*Identity, error) {
 
 func (v *Verifier) verify(raw string) (*Identity, error) {
 	var c Claims
-	_, err := v.parser.ParseWithClaims(raw, &c, func(*jwt.Token) (any, error) { return v.secret, nil })
+	_, err := v.parser.ParseWithClaims(raw, &c, v.key)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s", ErrInvalid, reason(err))
-	}
-	if c.TokenID == "" {
-		return nil, fmt.Errorf("%w: token_id claim missing", ErrInvalid)
 	}
 	id := &Identity{
 		UserID:    string(c.UserID),
@@ -179,6 +296,29 @@ func (v *Verifier) verify(raw string) (*Identity, error) {
 	return id, nil
 }
 
+// key is the jwt.Keyfunc. golang-jwt ignores the crit header, so it is
+// checked here, where the library hands over the parsed header before the
+// signature is checked. RFC 7515 §4.1.11: a JWS whose crit lists an
+// extension the recipient does not understand is invalid. Pinaka
+// understands none, so any crit is refused; one that is not a non-empty
+// array of strings is malformed (§4.1.11 forbids producers the empty list).
+func (v *Verifier) key(t *jwt.Token) (any, error) {
+	crit, ok := t.Header["crit"]
+	if !ok {
+		return v.secret, nil
+	}
+	names, _ := crit.([]any)
+	if len(names) == 0 {
+		return nil, &refusal{"crit header is not a list of extension names"}
+	}
+	for _, n := range names {
+		if _, ok := n.(string); !ok {
+			return nil, &refusal{"crit header is not a list of extension names"}
+		}
+	}
+	return nil, &refusal{"crit header names extensions this proxy does not understand"}
+}
+
 // regionAllowed: "*" allows every node; a node without a region accepts only
 // "*" tokens, and a token without the claim is allowed nowhere.
 func regionAllowed(allowed []string, region string) bool {
@@ -188,8 +328,20 @@ func regionAllowed(allowed []string, region string) bool {
 	return region != "" && slices.Contains(allowed, region)
 }
 
-// reason turns a jwt error into a short phrase safe to log (no token text).
+// reason turns a jwt error into a short phrase safe to log and to send
+// back in the 407 (it names claims and rules, never token text). Our own
+// refusals come first: golang-jwt wraps them in its generic errors.
 func reason(err error) string {
+	if ce, ok := errors.AsType[*refusal](err); ok {
+		return ce.msg
+	}
+	if te, ok := errors.AsType[*json.UnmarshalTypeError](err); ok && te.Field != "" {
+		claim := te.Field[strings.LastIndexByte(te.Field, '.')+1:]
+		if te.Value == invalidUTF8 {
+			return claim + " is not valid UTF-8"
+		}
+		return fmt.Sprintf("%s claim must be %s, not %s", claim, jsonTypeName(te.Type), te.Value)
+	}
 	switch {
 	case errors.Is(err, jwt.ErrTokenMalformed):
 		return "malformed token"
@@ -207,6 +359,21 @@ func reason(err error) string {
 		return "invalid claims"
 	}
 	return "invalid token"
+}
+
+// jsonTypeName names the JSON type a Go type decodes from.
+func jsonTypeName(t reflect.Type) string {
+	switch t.Kind() {
+	case reflect.Float32, reflect.Float64, reflect.Int, reflect.Int64:
+		return "a number"
+	case reflect.String:
+		return "a string"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	case reflect.Bool:
+		return "a boolean"
+	}
+	return "another type"
 }
 
 // TokenFromHeader extracts the JWT from "Bearer <jwt>" or
@@ -268,6 +435,12 @@ func Mint(secret []byte, o MintOptions) (string, error) {
 	if o.TokenID == "" {
 		return "", errors.New("token id is required")
 	}
+	// A token the verifier would refuse is not worth minting.
+	for _, id := range []struct{ claim, v string }{{"token_id", o.TokenID}, {"user_id", o.UserID}} {
+		if err := CheckID(id.claim, id.v); err != nil {
+			return "", err
+		}
+	}
 	if o.Now.IsZero() {
 		o.Now = time.Now()
 	}
@@ -276,11 +449,9 @@ func Mint(secret []byte, o MintOptions) (string, error) {
 		TokenID:        FlexString(o.TokenID),
 		TokenType:      o.TokenType,
 		AllowedRegions: o.Regions,
-		RegisteredClaims: jwt.RegisteredClaims{
-			IssuedAt:  jwt.NewNumericDate(o.Now),
-			NotBefore: jwt.NewNumericDate(o.Now),
-			ExpiresAt: jwt.NewNumericDate(o.Now.Add(o.TTL)),
-		},
+		IssuedAt:       newNumericDate(o.Now),
+		NotBefore:      newNumericDate(o.Now),
+		ExpiresAt:      newNumericDate(o.Now.Add(o.TTL)),
 	}
 	return jwt.NewWithClaims(jwt.GetSigningMethod(o.Algorithm), c).SignedString(secret)
 }

@@ -6,7 +6,10 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -183,8 +186,15 @@ func FuzzTokenFromHeader(f *testing.F) {
 			}
 		}
 		// A verifier must reject whatever the fuzzer produced without
-		// panicking.
-		_, _ = NewVerifier(secret, "r", 0).Verify(tok)
+		// panicking. The seed corpus holds tokens signed with secret that
+		// must be refused (crit header, string exp, a 60-character and a
+		// NUL token_id); whatever is accepted has ids the record store can
+		// hold.
+		if id, err := NewVerifier(secret, "r", 0).Verify(tok); err == nil {
+			if e := errors.Join(CheckID("token_id", id.TokenID), CheckID("user_id", id.UserID)); e != nil || id.TokenID == "" {
+				t.Fatalf("accepted identity %+v: %v", id, e)
+			}
+		}
 	})
 }
 
@@ -250,5 +260,160 @@ func BenchmarkVerifyUncached(b *testing.B) {
 		if _, err := v.verify(tok); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// signRaw signs a header and payload given as JSON text, byte for byte, so
+// tests can send what jwt.NewWithClaims would never encode (invalid UTF-8).
+func signRaw(t *testing.T, header, payload string) string {
+	t.Helper()
+	enc := base64.RawURLEncoding
+	signing := enc.EncodeToString([]byte(header)) + "." + enc.EncodeToString([]byte(payload))
+	sig, err := jwt.SigningMethodHS256.Sign(signing, secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return signing + "." + enc.EncodeToString(sig)
+}
+
+// verifyCase is a token and what Verify must say about it: want "" means
+// accepted; otherwise ErrInvalid with want in the message.
+type verifyCase struct {
+	name, token, want string
+}
+
+func runVerifyCases(t *testing.T, cases []verifyCase) {
+	t.Helper()
+	v := NewVerifier(secret, "us-east", 0)
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			id, err := v.Verify(c.token)
+			if c.want == "" {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("Verify = %+v, %v; want ErrInvalid saying %q", id, err, c.want)
+			}
+			if id != nil {
+				t.Errorf("identity %+v returned with an invalid token", id)
+			}
+		})
+	}
+}
+
+// Identifiers the record store cannot hold are refused, and the refusal
+// says why without quoting the value (it goes into the 407 body).
+func TestVerifyRefusesUnstorableIDs(t *testing.T) {
+	exp := time.Now().Add(time.Hour).Unix()
+	tok := func(k string, v any) string {
+		c := jwt.MapClaims{"user_id": "u1", "token_id": "t1", "allowed_regions": []string{"*"}, "exp": exp}
+		if v == nil {
+			delete(c, k)
+		} else {
+			c[k] = v
+		}
+		return sign(t, jwt.SigningMethodHS256, secret, c)
+	}
+	long := strings.Repeat("x", MaxIDLen+1)
+	runVerifyCases(t, []verifyCase{
+		{"token_id of MaxIDLen bytes", tok("token_id", strings.Repeat("x", MaxIDLen)), ""},
+		{"user_id of MaxIDLen bytes", tok("user_id", strings.Repeat("x", MaxIDLen)), ""},
+		{"no user_id", tok("user_id", nil), ""},
+		{"token_id of 60 characters", tok("token_id", strings.Repeat("t", 60)), "token_id is longer than 50 bytes"},
+		{"user_id over MaxIDLen", tok("user_id", long), "user_id is longer than 50 bytes"},
+		// 26 characters, 52 bytes: the limit is in bytes.
+		{"multi-byte token_id", tok("token_id", strings.Repeat("é", 26)), "token_id is longer than 50 bytes"},
+		{"numeric token_id of 51 digits", tok("token_id", json.Number("1"+strings.Repeat("0", 50))), "token_id is longer than 50 bytes"},
+		{"NUL in token_id", tok("token_id", "a\x00b"), "token_id contains a control character"},
+		{"newline in user_id", tok("user_id", "u\n1"), "user_id contains a control character"},
+		{"DEL in token_id", tok("token_id", "t\x7f"), "token_id contains a control character"},
+		{"C1 control in token_id", tok("token_id", "t\u0085"), "token_id contains a control character"},
+		{"empty token_id", tok("token_id", ""), "token_id claim missing"},
+		{"null token_id", tok("token_id", json.RawMessage("null")), "token_id claim missing"},
+		{"invalid UTF-8 token_id", signRaw(t, `{"alg":"HS256","typ":"JWT"}`,
+			fmt.Sprintf("{\"token_id\":\"t\xff\",\"allowed_regions\":[\"*\"],\"exp\":%d}", exp)), "token_id is not valid UTF-8"},
+		{"invalid UTF-8 user_id", signRaw(t, `{"alg":"HS256","typ":"JWT"}`,
+			fmt.Sprintf("{\"token_id\":\"t\",\"user_id\":\"\xc3(\",\"allowed_regions\":[\"*\"],\"exp\":%d}", exp)), "user_id is not valid UTF-8"},
+	})
+	v := NewVerifier(secret, "us-east", 0)
+	_, err := v.Verify(tok("token_id", "hostile-"+long))
+	if err == nil || strings.Contains(err.Error(), "hostile") {
+		t.Errorf("error %v quotes the refused value", err)
+	}
+}
+
+// RFC 7515 §4.1.11: a crit header naming extensions the recipient does not
+// understand makes the JWS invalid; Pinaka understands none.
+func TestVerifyRefusesCrit(t *testing.T) {
+	exp := time.Now().Add(time.Hour).Unix()
+	withHeader := func(k string, v any) string {
+		tk := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"token_id": "t1", "allowed_regions": []string{"*"}, "exp": exp})
+		tk.Header[k] = v
+		s, err := tk.SignedString(secret)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	runVerifyCases(t, []verifyCase{
+		{"no crit", withHeader("kid", "k1"), ""},
+		{"unknown extension", withHeader("crit", []string{"x-ext"}), "crit header names extensions this proxy does not understand"},
+		{"registered name", withHeader("crit", []string{"exp"}), "crit header names extensions"},
+		{"empty list", withHeader("crit", []string{}), "crit header is not a list of extension names"},
+		{"string", withHeader("crit", "x-ext"), "crit header is not a list"},
+		{"number in list", withHeader("crit", []any{"x-ext", 1}), "crit header is not a list"},
+		{"null", withHeader("crit", nil), "crit header is not a list"},
+	})
+}
+
+// RFC 7519 §2: NumericDate is a JSON number. golang-jwt's NumericDate also
+// takes a string holding a number; Claims does not.
+func TestVerifyRefusesNonNumericDates(t *testing.T) {
+	now := time.Now()
+	exp := now.Add(time.Hour).Unix()
+	tok := func(k string, v any) string {
+		return sign(t, jwt.SigningMethodHS256, secret,
+			jwt.MapClaims{"token_id": "t1", "allowed_regions": []string{"*"}, "exp": exp, k: v})
+	}
+	runVerifyCases(t, []verifyCase{
+		{"numbers", tok("iat", now.Unix()), ""},
+		{"fractional exp", tok("exp", float64(exp)+0.5), ""},
+		{"string exp", tok("exp", "9999999999"), "exp claim must be a number, not string"},
+		{"string nbf", tok("nbf", "0"), "nbf claim must be a number, not string"},
+		{"string iat", tok("iat", strconv.FormatInt(now.Unix(), 10)), "iat claim must be a number, not string"},
+		{"bool exp", tok("exp", true), "exp claim must be a number, not bool"},
+		{"object nbf", tok("nbf", map[string]int{"n": 1}), "nbf claim must be a number, not object"},
+		{"array exp", tok("exp", []int64{exp}), "exp claim must be a number, not array"},
+		{"null exp", tok("exp", nil), "exp claim missing"},
+		// Still decided by the date after the type check.
+		{"expired number", tok("exp", now.Add(-time.Hour).Unix()), "token expired"},
+	})
+}
+
+// Mint refuses what Verify would refuse, with the same reason.
+func TestMintRefusesUnstorableIDs(t *testing.T) {
+	for _, c := range []struct {
+		o    MintOptions
+		want string
+	}{
+		{MintOptions{TokenID: strings.Repeat("t", 60)}, "token_id is longer than 50 bytes"},
+		{MintOptions{TokenID: "t", UserID: strings.Repeat("u", 51)}, "user_id is longer than 50 bytes"},
+		{MintOptions{TokenID: "t\x00"}, "token_id contains a control character"},
+		{MintOptions{TokenID: "t", UserID: "\xff"}, "user_id is not valid UTF-8"},
+	} {
+		c.o.TTL, c.o.Regions = time.Hour, []string{"*"}
+		if tok, err := Mint(secret, c.o); err == nil || err.Error() != c.want {
+			t.Errorf("Mint(%q, %q) = %q, %v; want %q", c.o.TokenID, c.o.UserID, tok, err, c.want)
+		}
+	}
+	tok, err := Mint(secret, MintOptions{TokenID: strings.Repeat("t", MaxIDLen), UserID: strings.Repeat("u", MaxIDLen), TTL: time.Hour, Regions: []string{"*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewVerifier(secret, "r", 0).Verify(tok); err != nil {
+		t.Errorf("ids of MaxIDLen bytes: %v", err)
 	}
 }

@@ -10,8 +10,8 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
-	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
@@ -26,14 +26,17 @@ import (
 // one request from exhausting memory.
 const MaxBodyBytes = 16 << 20
 
-// MaxTokenIDLen is the length of the token_id column, VARCHAR(50).
-const MaxTokenIDLen = 50
-
 // handler serves the batch endpoint and /healthz.
 type handler struct {
 	pool   *pgxpool.Pool
 	apiKey []byte // empty: no authentication (COLLECTOR_INSECURE_NO_AUTH)
 	log    *slog.Logger
+
+	// limits are read from the database on the first batch (the handler
+	// is built without a context to query with) and kept: Migrate runs
+	// before the handler serves and never narrows a column.
+	limitsMu sync.Mutex
+	limits   *columnLimits
 }
 
 // NewHandler serves POST accesslog.BatchPath and GET /healthz. An empty
@@ -47,12 +50,16 @@ func NewHandler(pool *pgxpool.Pool, apiKey string, log *slog.Logger) http.Handle
 }
 
 // answer is every response body: status is stored, duplicate, rejected,
-// unauthorized, error or ok.
+// unauthorized, error or ok. A stored batch says how many records it had,
+// how many were stored and how many were kept aside in
+// forward_proxy_rejected_records (records = stored + rejected).
 type answer struct {
-	Status  string `json:"status"`
-	Reason  string `json:"reason,omitempty"`
-	BatchID string `json:"batch_id,omitempty"`
-	Records int    `json:"records,omitempty"`
+	Status   string `json:"status"`
+	Reason   string `json:"reason,omitempty"`
+	BatchID  string `json:"batch_id,omitempty"`
+	Records  int    `json:"records,omitempty"`
+	Stored   *int   `json:"stored,omitempty"`
+	Rejected *int   `json:"rejected,omitempty"`
 }
 
 func reply(w http.ResponseWriter, code int, a answer) {
@@ -85,14 +92,17 @@ func (h *handler) authorized(r *http.Request) bool {
 
 // batch stores one batch. Status codes are chosen for the shipper: 200 means
 // stored (or stored before), 4xx means this batch will never be accepted
-// (dead-letter it), 5xx means try again later.
+// (dead-letter it), 5xx means try again later. A batch is refused only when
+// it is not a batch (not JSON, wrong shape, too large): records that cannot
+// be stored are kept aside and the rest of the batch is stored, because a
+// 4xx would make the shipper dead-letter every other record with them.
 func (h *handler) batch(w http.ResponseWriter, r *http.Request) {
 	if !h.authorized(r) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="pinaka-collector"`)
 		reply(w, http.StatusUnauthorized, answer{Status: "unauthorized", Reason: "missing or wrong bearer API key"})
 		return
 	}
-	b, id, err := decode(http.MaxBytesReader(w, r.Body, MaxBodyBytes))
+	b, err := decode(http.MaxBytesReader(w, r.Body, MaxBodyBytes))
 	if err != nil {
 		code := http.StatusBadRequest
 		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
@@ -102,118 +112,133 @@ func (h *handler) batch(w http.ResponseWriter, r *http.Request) {
 		reply(w, code, answer{Status: "rejected", Reason: err.Error()})
 		return
 	}
-	stored, err := store(r.Context(), h.pool, id, b)
+	limits, err := h.columnLimits(r.Context())
 	if err != nil {
-		h.log.Error("storing batch", "batch_id", id, "records", len(b.Logs), "error", err)
-		reply(w, http.StatusServiceUnavailable, answer{Status: "error", Reason: "storage unavailable", BatchID: id.String()})
+		h.log.Error("storing batch", "batch_id", b.id, "records", len(b.logs), "error", err)
+		reply(w, http.StatusServiceUnavailable, answer{Status: "error", Reason: "storage unavailable", BatchID: b.id.String()})
+		return
+	}
+	good, bad := b.sort(limits)
+	stored, err := store(r.Context(), h.pool, b, good, bad)
+	if err != nil {
+		h.log.Error("storing batch", "batch_id", b.id, "records", len(b.logs), "error", err)
+		reply(w, http.StatusServiceUnavailable, answer{Status: "error", Reason: "storage unavailable", BatchID: b.id.String()})
 		return
 	}
 	if !stored {
-		h.log.Info("duplicate batch ignored", "batch_id", id, "probe_node", b.ProbeNode)
-		reply(w, http.StatusOK, answer{Status: "duplicate", BatchID: id.String()})
+		h.log.Info("duplicate batch ignored", "batch_id", b.id, "probe_node", b.probeNode)
+		reply(w, http.StatusOK, answer{Status: "duplicate", BatchID: b.id.String()})
 		return
 	}
-	h.log.Debug("batch stored", "batch_id", id, "probe_node", b.ProbeNode, "records", len(b.Logs))
-	reply(w, http.StatusOK, answer{Status: "stored", BatchID: id.String(), Records: len(b.Logs)})
+	if len(bad) > 0 {
+		// One line per batch, not per record: the records and every
+		// reason are in forward_proxy_rejected_records.
+		h.log.Warn("records rejected", "batch_id", b.id, "probe_node", b.probeNode, "stored", len(good),
+			"rejected", len(bad), "first_position", bad[0].position, "first_reason", bad[0].reason)
+	}
+	h.log.Debug("batch stored", "batch_id", b.id, "probe_node", b.probeNode, "stored", len(good), "rejected", len(bad))
+	nGood, nBad := len(good), len(bad)
+	reply(w, http.StatusOK, answer{Status: "stored", BatchID: b.id.String(), Records: len(b.logs), Stored: &nGood, Rejected: &nBad})
 }
 
-// decode reads and validates a batch. Unknown fields are ignored so a newer
-// proxy can talk to an older collector; everything that would make the
-// insert fail (and so be retried forever) is refused here instead.
-func decode(body io.Reader) (*accesslog.Batch, uuid.UUID, error) {
+// columnLimits returns the limits of forward_proxy_request_logs' columns,
+// reading them on first use.
+func (h *handler) columnLimits(ctx context.Context) (*columnLimits, error) {
+	h.limitsMu.Lock()
+	defer h.limitsMu.Unlock()
+	if h.limits == nil {
+		l, err := loadLimits(ctx, h.pool)
+		if err != nil {
+			return nil, err
+		}
+		h.limits = l
+	}
+	return h.limits, nil
+}
+
+// batch is a request body that is a batch: its records are still raw,
+// each to be validated on its own.
+type batch struct {
+	id        uuid.UUID
+	probeNode string
+	region    string
+	logs      []json.RawMessage
+}
+
+// rejected is a record kept aside, with why.
+type rejected struct {
+	position int    // index in the batch's logs
+	reason   string // every rule it broke, "; "-separated
+	raw      string // the record as received (invalid UTF-8 replaced: the column is TEXT)
+}
+
+// decode reads the envelope of a batch. Only what makes the body not a
+// batch is an error here; the records are checked one by one by sort.
+// Unknown fields are ignored so a newer proxy can talk to an older
+// collector.
+func decode(body io.Reader) (*batch, error) {
 	var raw struct {
-		BatchID *string            `json:"batch_id"`
-		Logs    *[]json.RawMessage `json:"logs"`
+		BatchID   *string            `json:"batch_id"`
+		ProbeNode string             `json:"probe_node"`
+		Region    string             `json:"region"`
+		Logs      *[]json.RawMessage `json:"logs"`
 	}
 	data, err := io.ReadAll(body)
 	if err != nil {
 		if mbe, ok := errors.AsType[*http.MaxBytesError](err); ok {
-			return nil, uuid.Nil, fmt.Errorf("body larger than %d bytes: %w", mbe.Limit, err)
+			return nil, fmt.Errorf("body larger than %d bytes: %w", mbe.Limit, err)
 		}
-		return nil, uuid.Nil, fmt.Errorf("reading body: %w", err)
+		return nil, fmt.Errorf("reading body: %w", err)
 	}
 	if err := json.Unmarshal(data, &raw); err != nil {
-		return nil, uuid.Nil, fmt.Errorf("bad JSON: %v", err)
+		return nil, fmt.Errorf("bad JSON: %v", err)
 	}
 	if raw.BatchID == nil || *raw.BatchID == "" {
-		return nil, uuid.Nil, errors.New("missing batch_id")
+		return nil, errors.New("missing batch_id")
 	}
 	id, err := uuid.Parse(*raw.BatchID)
 	if err != nil {
-		return nil, uuid.Nil, fmt.Errorf("batch_id %q is not a UUID", *raw.BatchID)
+		return nil, fmt.Errorf("batch_id %q is not a UUID", *raw.BatchID)
 	}
 	if raw.Logs == nil {
-		return nil, uuid.Nil, errors.New("missing logs")
+		return nil, errors.New("missing logs")
 	}
-	var b accesslog.Batch
-	if err := json.Unmarshal(data, &b); err != nil {
-		var te *json.UnmarshalTypeError
-		if errors.As(err, &te) {
-			return nil, uuid.Nil, fmt.Errorf("bad record fields: %s must be %s, got %s", te.Field, te.Type, te.Value)
-		}
-		return nil, uuid.Nil, fmt.Errorf("bad record fields: %v", err)
-	}
-	if err := checkText("probe_node", b.ProbeNode); err != nil {
-		return nil, uuid.Nil, err
-	}
-	if err := checkText("region", b.Region); err != nil {
-		return nil, uuid.Nil, err
-	}
-	for i := range b.Logs {
-		if err := checkRecord(&b.Logs[i]); err != nil {
-			return nil, uuid.Nil, fmt.Errorf("bad record fields: logs[%d].%w", i, err)
+	// The batch row needs these; they come from the proxy's configuration,
+	// not from clients.
+	for _, f := range []struct{ name, v string }{{"probe_node", raw.ProbeNode}, {"region", raw.Region}} {
+		if strings.IndexByte(f.v, 0) >= 0 {
+			return nil, fmt.Errorf("%s contains a NUL character", f.name)
 		}
 	}
-	return &b, id, nil
+	return &batch{id: id, probeNode: raw.ProbeNode, region: raw.Region, logs: *raw.Logs}, nil
 }
 
-func checkRecord(r *accesslog.Record) error {
-	if r.Timestamp.IsZero() {
-		return errors.New("timestamp is missing")
-	}
-	if n := utf8.RuneCountInString(r.TokenID); n > MaxTokenIDLen {
-		return fmt.Errorf("token_id is %d characters, at most %d", n, MaxTokenIDLen)
-	}
-	for _, f := range []struct{ name, v string }{
-		{"token_id", r.TokenID}, {"user_id", r.UserID}, {"token_type", r.TokenType}, {"region", r.Region},
-		{"probe_node", r.ProbeNode}, {"client_ip", r.ClientIP}, {"protocol", r.Protocol}, {"method", r.Method},
-		{"target_url", r.TargetURL}, {"error", r.Error},
-	} {
-		if err := checkText(f.name, f.v); err != nil {
-			return err
+// sort validates every record: good rows to store, bad ones to keep aside.
+func (b *batch) sort(limits *columnLimits) (good []row, bad []rejected) {
+	for i, raw := range b.logs {
+		r, why := limits.validate(raw)
+		if why != nil {
+			bad = append(bad, rejected{position: i, reason: strings.Join(why, "; "), raw: printable(string(raw))})
+			continue
 		}
+		good = append(good, r)
 	}
-	switch {
-	case r.StatusCode < 0 || r.StatusCode > 999:
-		return fmt.Errorf("status_code %d out of range", r.StatusCode)
-	case r.RequestSize < 0:
-		return errors.New("request_size is negative")
-	case r.ResponseSize < 0:
-		return errors.New("response_size is negative")
-	case r.DurationMS < 0:
-		return errors.New("duration_ms is negative")
-	}
-	return nil
-}
-
-// checkText refuses NUL, which PostgreSQL text cannot hold.
-func checkText(name, v string) error {
-	if strings.IndexByte(v, 0) >= 0 {
-		return fmt.Errorf("%s contains a NUL character", name)
-	}
-	return nil
+	return good, bad
 }
 
 // store writes a batch in one transaction. The batch row goes first: if its
 // batch_id is already there (a retry, or a concurrent twin that committed
-// first) nothing is written and stored is false.
-func store(ctx context.Context, pool *pgxpool.Pool, id uuid.UUID, b *accesslog.Batch) (stored bool, err error) {
+// first) nothing is written and stored is false. The rejected records are
+// written in the same transaction, so a retried batch stores neither its
+// good nor its rejected records twice.
+func store(ctx context.Context, pool *pgxpool.Pool, b *batch, good []row, bad []rejected) (stored bool, err error) {
+	pgID := pgtype.UUID{Bytes: b.id, Valid: true}
 	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		tag, err := tx.Exec(ctx, `INSERT INTO forward_proxy_batches (batch_id, probe_node, region, record_count)
-			VALUES ($1, $2, $3, $4) ON CONFLICT (batch_id) DO NOTHING`,
-			pgtype.UUID{Bytes: id, Valid: true}, b.ProbeNode, b.Region, len(b.Logs))
+		tag, err := tx.Exec(ctx, `INSERT INTO forward_proxy_batches (batch_id, probe_node, region, record_count, rejected_count)
+			VALUES ($1, $2, $3, $4, $5) ON CONFLICT (batch_id) DO NOTHING`,
+			pgID, b.probeNode, b.region, len(b.logs), len(bad))
 		if err != nil {
-			return fmt.Errorf("inserting batch %s: %w", id, err)
+			return fmt.Errorf("inserting batch %s: %w", b.id, err)
 		}
 		if tag.RowsAffected() == 0 {
 			return nil
@@ -223,19 +248,29 @@ func store(ctx context.Context, pool *pgxpool.Pool, id uuid.UUID, b *accesslog.B
 		for i, c := range logColumns {
 			cols[i] = c.name
 		}
-		pgID := pgtype.UUID{Bytes: id, Valid: true}
 		n, err := tx.CopyFrom(ctx, pgx.Identifier{"forward_proxy_request_logs"}, cols,
-			pgx.CopyFromSlice(len(b.Logs), func(i int) ([]any, error) {
-				r := &b.Logs[i]
-				return []any{pgID, r.Timestamp, r.TokenID, r.UserID, r.TokenType, r.Region, r.ProbeNode,
-					r.ClientIP, r.Protocol, r.Method, r.TargetURL, r.StatusCode, r.RequestSize, r.ResponseSize,
-					r.DurationMS, r.Success, r.RateLimited, r.Error}, nil
+			pgx.CopyFromSlice(len(good), func(i int) ([]any, error) {
+				return append([]any{pgID}, good[i]...), nil
 			}))
 		if err != nil {
-			return fmt.Errorf("copying %d records of batch %s: %w", len(b.Logs), id, err)
+			return fmt.Errorf("copying %d records of batch %s: %w", len(good), b.id, err)
 		}
-		if n != int64(len(b.Logs)) {
-			return fmt.Errorf("copying batch %s: %d of %d records written", id, n, len(b.Logs))
+		if n != int64(len(good)) {
+			return fmt.Errorf("copying batch %s: %d of %d records written", b.id, n, len(good))
+		}
+		if len(bad) == 0 {
+			return nil
+		}
+		n, err = tx.CopyFrom(ctx, pgx.Identifier{"forward_proxy_rejected_records"},
+			[]string{"batch_id", "probe_node", "position", "reason", "record"},
+			pgx.CopyFromSlice(len(bad), func(i int) ([]any, error) {
+				return []any{pgID, b.probeNode, bad[i].position, bad[i].reason, bad[i].raw}, nil
+			}))
+		if err != nil {
+			return fmt.Errorf("copying %d rejected records of batch %s: %w", len(bad), b.id, err)
+		}
+		if n != int64(len(bad)) {
+			return fmt.Errorf("copying rejected records of batch %s: %d of %d written", b.id, n, len(bad))
 		}
 		return nil
 	})

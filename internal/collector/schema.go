@@ -6,24 +6,33 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pinaka-proxy/pinaka/internal/auth"
 )
 
 // SchemaVersion is the version Migrate records in
-// forward_proxy_schema_version.
-const SchemaVersion = 1
+// forward_proxy_schema_version. 2 added forward_proxy_rejected_records,
+// forward_proxy_batches.rejected_count and
+// forward_proxy_request_logs.suppressed.
+const SchemaVersion = 2
+
+// tokenIDType is the token_id column: as long as the longest token_id the
+// proxy accepts (SPEC §5 says VARCHAR(50)).
+var tokenIDType = fmt.Sprintf("VARCHAR(%d)", auth.MaxIDLen)
 
 // migrateLockID serialises Migrate across collectors starting together
 // (CREATE TABLE IF NOT EXISTS is not safe against a concurrent twin).
 const migrateLockID = 0x70696e616b61 // "pinaka"
 
 // logColumns are the record columns of forward_proxy_request_logs, in COPY
-// order, with the type used when adding a column to an older table. They are
-// added nullable so the ALTER works on a table that already has rows (for
-// example one created by the Rust implementation's backend).
+// order (batch_id, then validate's row), with the type used when adding a
+// column to an older table. They are added nullable so the ALTER works on a
+// table that already has rows (for example one created by the Rust
+// implementation's backend).
 var logColumns = []struct{ name, typ string }{
 	{"batch_id", "UUID"},
 	{"timestamp", "TIMESTAMPTZ"},
-	{"token_id", "VARCHAR(50)"},
+	{"token_id", tokenIDType},
 	{"user_id", "TEXT"},
 	{"token_type", "TEXT"},
 	{"region", "TEXT"},
@@ -39,6 +48,8 @@ var logColumns = []struct{ name, typ string }{
 	{"success", "BOOLEAN"},
 	{"rate_limited", "BOOLEAN"},
 	{"error", "TEXT"},
+	// Rows stored before the column existed read 0: each stood for itself.
+	{"suppressed", "INTEGER DEFAULT 0"},
 }
 
 var schema = []string{
@@ -54,6 +65,21 @@ var schema = []string{
 		record_count INTEGER NOT NULL,
 		received_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 	)`,
+	// Records of a stored batch that failed validate, kept as received.
+	// They are written in the batch's transaction, so the batch row makes
+	// them idempotent too; the unique key says so in the schema. record is
+	// TEXT, not JSON or JSONB: jsonb refuses \u0000, the likeliest reason a
+	// record is here, and a value the table refuses would cost the batch.
+	`CREATE TABLE IF NOT EXISTS forward_proxy_rejected_records (
+		id          BIGSERIAL PRIMARY KEY,
+		batch_id    UUID NOT NULL,
+		probe_node  TEXT NOT NULL,
+		position    INTEGER NOT NULL,
+		reason      TEXT NOT NULL,
+		record      TEXT NOT NULL,
+		received_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+		UNIQUE (batch_id, position)
+	)`,
 	// token_id is VARCHAR(50) with no foreign key: records of unknown or
 	// deleted tokens are stored too.
 	`CREATE TABLE IF NOT EXISTS forward_proxy_request_logs (
@@ -61,7 +87,7 @@ var schema = []string{
 		batch_id      UUID NOT NULL,
 		received_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
 		"timestamp"   TIMESTAMPTZ NOT NULL,
-		token_id      VARCHAR(50),
+		token_id      ` + tokenIDType + `,
 		user_id       TEXT,
 		token_type    TEXT,
 		region        TEXT,
@@ -76,7 +102,8 @@ var schema = []string{
 		duration_ms   BIGINT,
 		success       BOOLEAN,
 		rate_limited  BOOLEAN,
-		error         TEXT
+		error         TEXT,
+		suppressed    INTEGER DEFAULT 0
 	)`,
 }
 
@@ -84,6 +111,7 @@ var indexes = []string{
 	`CREATE INDEX IF NOT EXISTS forward_proxy_request_logs_timestamp_idx ON forward_proxy_request_logs ("timestamp")`,
 	`CREATE INDEX IF NOT EXISTS forward_proxy_request_logs_token_id_idx ON forward_proxy_request_logs (token_id, "timestamp")`,
 	`CREATE INDEX IF NOT EXISTS forward_proxy_request_logs_batch_id_idx ON forward_proxy_request_logs (batch_id)`,
+	`CREATE INDEX IF NOT EXISTS forward_proxy_rejected_records_received_at_idx ON forward_proxy_rejected_records (received_at)`,
 }
 
 // Migrate creates or upgrades the schema. It is idempotent and safe to run
@@ -94,7 +122,9 @@ func Migrate(ctx context.Context, pool *pgxpool.Pool) error {
 			return fmt.Errorf("taking the migration lock: %w", err)
 		}
 		stmts := append([]string(nil), schema...)
-		stmts = append(stmts, `ALTER TABLE forward_proxy_request_logs ADD COLUMN IF NOT EXISTS received_at TIMESTAMPTZ DEFAULT now()`)
+		stmts = append(stmts,
+			`ALTER TABLE forward_proxy_request_logs ADD COLUMN IF NOT EXISTS received_at TIMESTAMPTZ DEFAULT now()`,
+			`ALTER TABLE forward_proxy_batches ADD COLUMN IF NOT EXISTS rejected_count INTEGER NOT NULL DEFAULT 0`)
 		for _, c := range logColumns {
 			stmts = append(stmts, fmt.Sprintf(`ALTER TABLE forward_proxy_request_logs ADD COLUMN IF NOT EXISTS %s %s`,
 				pgx.Identifier{c.name}.Sanitize(), c.typ))
