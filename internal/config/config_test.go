@@ -141,3 +141,31 @@ func TestEnvironmentWinsOverDotEnv(t *testing.T) {
 		t.Errorf("an absent default .env is an error: %v", err)
 	}
 }
+
+func TestHardeningLimits(t *testing.T) {
+	c, err := Load(lookupOf(map[string]string{}), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.MaxConnectionsPerIP != 512 || c.MaxUnauthenticatedConnectionsPerIP != 64 || c.MaxForwardsPerToken != 256 ||
+		c.UnauthenticatedRecordsPerMinute != 60 || c.RequestBodyIdleTimeout != 60*time.Second {
+		t.Errorf("defaults: %d %d %d %d %v", c.MaxConnectionsPerIP, c.MaxUnauthenticatedConnectionsPerIP,
+			c.MaxForwardsPerToken, c.UnauthenticatedRecordsPerMinute, c.RequestBodyIdleTimeout)
+	}
+	c, err = Load(lookupOf(map[string]string{
+		"MAX_CONNECTIONS_PER_IP": "0", "MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP": "0", "REQUEST_BODY_IDLE_TIMEOUT": "0",
+	}), true)
+	if err != nil || c.MaxConnectionsPerIP != 0 || c.MaxUnauthenticatedConnectionsPerIP != 0 || c.RequestBodyIdleTimeout != 0 {
+		t.Errorf("0 turns the caps off: %v %+v", err, c)
+	}
+	for _, bad := range []map[string]string{
+		{"MAX_CONNECTIONS_PER_IP": "-1"},
+		{"MAX_FORWARDS_PER_TOKEN": "0"},
+		{"UNAUTHENTICATED_RECORDS_PER_MINUTE": "0"},
+		{"REQUEST_BODY_IDLE_TIMEOUT": "soon"},
+	} {
+		if _, err := Load(lookupOf(bad), true); err == nil {
+			t.Errorf("%v accepted", bad)
+		}
+	}
+}
