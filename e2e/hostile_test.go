@@ -737,3 +737,50 @@ func TestAttackCredentialsInTrailer(t *testing.T) {
 		t.Errorf("the ordinary trailer did not arrive: %v", h)
 	}
 }
+
+// Item 8: a request with both Content-Length and Transfer-Encoding is
+// answered by its Transfer-Encoding, then the connection closes (RFC 9112
+// §6.1): what follows on it may be a request smuggled past another parser,
+// and is never served. Without the conflict the same pipeline is served.
+func TestAttackContentLengthWithTransferEncodingCloses(t *testing.T) {
+	origin := echoOrigin(t)
+	p, _ := hostile(t)
+	tok := mint(t, "smuggle", "us-east")
+	pipeline := func(conflict bool) (first *http.Response, second error) {
+		c, err := dialFrom(p, "127.0.0.13")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		cl := ""
+		if conflict {
+			cl = "Content-Length: 4\r\n"
+		}
+		fmt.Fprintf(c, "POST %s/first HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer %s\r\n%sTransfer-Encoding: chunked\r\n\r\n"+
+			"5\r\nhello\r\n0\r\n\r\n"+
+			"GET %s/second HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer %s\r\n\r\n", origin.URL, tok, cl, origin.URL, tok)
+		br := bufio.NewReader(c)
+		first, err = http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("first answer: %v", err)
+		}
+		body, _ := io.ReadAll(first.Body)
+		if !strings.Contains(string(body), "POST /first 5") {
+			t.Errorf("first request not answered by its chunked body: %d %q", first.StatusCode, body)
+		}
+		res, err := http.ReadResponse(br, nil)
+		if err == nil {
+			res.Body.Close()
+		}
+		return first, err
+	}
+	first, second := pipeline(true)
+	if !first.Close || second == nil {
+		t.Fatalf("with both fields: first answer Close=%v, second request answered=%v; want the connection closed after the first", first.Close, second == nil)
+	}
+	first, second = pipeline(false)
+	if first.Close || second != nil {
+		t.Fatalf("chunked alone: first answer Close=%v, second: %v; want both served", first.Close, second)
+	}
+	bystander(t, p, origin.URL)
+}

@@ -73,6 +73,12 @@ type readSocket struct {
 }
 
 func connEndpoint(c net.Conn) endpoint {
+	if tc, ok := under[*tls.Conn](c); ok {
+		// A client connection the server wraps to watch HTTP/1.1 request
+		// framing is relayed from the TLS connection beneath: the
+		// wrapper's job ended with the request that opened the tunnel.
+		c = tc
+	}
 	e := endpoint{r: c, w: c, close: c.Close}
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
 		e.closeWrite = cw.CloseWrite

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -37,7 +38,8 @@ type Server struct {
 
 	proxySrv *http.Server
 	adminSrv *http.Server
-	proxyLn  net.Listener
+	proxyLn  net.Listener // TCP, with the connection limits and the stall guard
+	tlsLn    *tlsAcceptor // TLS on top: what the HTTP server accepts from
 	adminLn  net.Listener
 	ready    atomic.Bool
 	wg       sync.WaitGroup
@@ -51,7 +53,7 @@ func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy,
 		m.CertNotAfter.Set(float64(leaf.NotAfter.Unix()))
 	}
 	s.proxySrv = &http.Server{
-		Handler:           p,
+		Handler:           closeAmbiguous(p),
 		TLSConfig:         certs.TLSConfig(cfg.TLSPostQuantum),
 		ReadHeaderTimeout: cfg.HeaderReadTimeout,
 		IdleTimeout:       cfg.IdleTimeout,
@@ -76,8 +78,14 @@ func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy,
 		},
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 		// Requests find their connection's listener slot through their
-		// context, to mark it authenticated (per-address caps).
-		ConnContext: ratelimit.WithConn,
+		// context, to mark it authenticated (per-address caps), and an
+		// HTTP/1.1 connection's framing watch (see h1Conn).
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if h1, ok := c.(*h1Conn); ok {
+				ctx = context.WithValue(ctx, h1ConnKey{}, h1)
+			}
+			return ratelimit.WithConn(ctx, c)
+		},
 	}
 	if !kernelStallGuard {
 		s.proxySrv.HTTP2.WriteByteTimeout = writeStallTimeout
@@ -193,6 +201,17 @@ func (s *Server) Listen() error {
 	}
 	s.stalls = newStallGuard(limit, s.metrics.WriteStalls.Inc)
 	s.proxyLn = s.stalls.listener(limited)
+	// TLS as http.Server.ServeTLS sets it up, but with the handshake ours
+	// (see tlsAcceptor). ConfigureServer has added h2 to NextProtos.
+	tlsCfg := s.proxySrv.TLSConfig.Clone()
+	if !slices.Contains(tlsCfg.NextProtos, "http/1.1") {
+		tlsCfg.NextProtos = append(tlsCfg.NextProtos, "http/1.1")
+	}
+	handshakeTimeout := s.cfg.HeaderReadTimeout
+	if handshakeTimeout <= 0 {
+		handshakeTimeout = 10 * time.Second
+	}
+	s.tlsLn = newTLSAcceptor(s.proxyLn, tlsCfg, handshakeTimeout, s.log)
 	if s.cfg.AdminAddr != "" && s.cfg.AdminAddr != "off" {
 		aln, err := net.Listen("tcp", s.cfg.AdminAddr)
 		if err != nil {
@@ -220,7 +239,7 @@ func (s *Server) Serve() {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		if err := s.proxySrv.ServeTLS(s.proxyLn, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := s.proxySrv.Serve(s.tlsLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.log.Error("proxy listener stopped", "err", err)
 		}
 	}()
