@@ -784,3 +784,50 @@ func TestAttackContentLengthWithTransferEncodingCloses(t *testing.T) {
 	}
 	bystander(t, p, origin.URL)
 }
+
+// The stall guard must not mistake a slow reader for a stalled one: the
+// kernel wakes a blocked writer only once much of the send buffer has
+// drained, so a client reading steadily at a few KB/s has writes pending
+// far longer than the guard's limit. It keeps being served.
+func TestSlowReaderIsNotAStalledReader(t *testing.T) {
+	p, admin := hostile(t, "TUNNEL_IDLE_TIMEOUT=2s")
+	big := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		chunk := bytes.Repeat([]byte("z"), 32<<10)
+		for i := 0; i < 256; i++ { // 8 MB
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	}))
+	t.Cleanup(big.Close)
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.14")}, Timeout: failsafe}
+	raw, err := d.Dial("tcp", p.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	_ = raw.(*net.TCPConn).SetReadBuffer(8 << 10) // the proxy's writes block soon
+	c := tls.Client(raw, tlsConfig("http/1.1"))
+	_ = c.SetDeadline(time.Now().Add(4 * failsafe))
+	fmt.Fprintf(c, "GET %s/big HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer %s\r\n\r\n", big.URL, mint(t, "slow-reader", "us-east"))
+	res, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// (No res.Body.Close: it would read the rest; raw.Close ends it.)
+	// 32 KB/s for 6 s: three times the guard's 2 s limit.
+	start, read := time.Now(), 0
+	buf := make([]byte, 4<<10)
+	for time.Since(start) < 6*time.Second {
+		n, err := io.ReadFull(res.Body, buf)
+		read += n
+		if err != nil {
+			t.Fatalf("the slow reader was cut off after %d bytes and %v: %v", read, time.Since(start).Round(time.Millisecond), err)
+		}
+		time.Sleep(125 * time.Millisecond)
+	}
+	if v := metricValue(metricsText(t, admin), "pinaka_connections_write_stalled_total", ""); v != 0 {
+		t.Errorf("pinaka_connections_write_stalled_total = %v for a client that kept reading", v)
+	}
+	t.Logf("slow reader: %d KB in %v, not cut off", read>>10, time.Since(start).Round(time.Millisecond))
+}

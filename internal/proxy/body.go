@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"io"
 	"net/http"
 	"sync"
@@ -29,9 +30,15 @@ type requestBody struct {
 	base         time.Time
 	readingSince atomic.Int64 // nanoseconds after base when the pending Read began; 0: none
 	timedOut     atomic.Bool
-	mu           sync.Mutex // guards timer
-	timer        *time.Timer
-	stopped      atomic.Bool
+	// mu orders the timer against stop: once stop has returned, the
+	// timer never calls expire (the ResponseWriter is not to be used after
+	// its handler returns; for HTTP/2 that would touch recycled state).
+	mu      sync.Mutex
+	timer   *time.Timer
+	stopped atomic.Bool // set under mu
+	// rmu is held across each Read, so finish can wait for a pending one.
+	rmu      sync.Mutex
+	finished bool // guarded by rmu: Reads fail from now on
 
 	// Trailers: in is the server's map, filled when the body ends; out is
 	// what the transport sends, the declared names that may pass this hop.
@@ -51,6 +58,11 @@ func newRequestBody(p *Proxy, w http.ResponseWriter, r *http.Request, idle time.
 }
 
 func (b *requestBody) Read(buf []byte) (int, error) {
+	b.rmu.Lock()
+	defer b.rmu.Unlock()
+	if b.finished {
+		return 0, errBodyFinished
+	}
 	if b.idle > 0 {
 		b.readingSince.Store(int64(time.Since(b.base)) | 1) // never 0
 	}
@@ -69,6 +81,8 @@ func (b *requestBody) Read(buf []byte) (int, error) {
 // check runs from the timer: it expires a Read that has waited idle, or
 // re-arms for when the pending one would.
 func (b *requestBody) check() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.stopped.Load() {
 		return
 	}
@@ -82,23 +96,38 @@ func (b *requestBody) check() {
 		}
 		wait = b.idle - waited
 	}
-	b.mu.Lock()
-	if !b.stopped.Load() {
-		b.timer.Reset(wait)
-	}
-	b.mu.Unlock()
+	b.timer.Reset(wait)
 }
 
-// stop ends the idle watch: the body is done or the handler is.
+// stop ends the idle watch: the body is done or the handler is. After it
+// returns the timer does nothing.
 func (b *requestBody) stop() {
-	if b.stopped.CompareAndSwap(false, true) {
-		b.mu.Lock()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.stopped.Load() {
+		b.stopped.Store(true)
 		if b.timer != nil {
 			b.timer.Stop()
 		}
-		b.mu.Unlock()
 	}
 }
+
+// finish ends an HTTP/1.1 body the client has not completed, before the
+// handler returns. net/http's HTTP/1.1 server would otherwise read up to
+// 256 KB of it after the answer, with no time limit, hoping to reuse the
+// connection (the forwarder answers with Connection: close, which stops
+// only the drain before the answer). An expired read deadline fails that
+// read at once, but only if no Read is pending: net/http waits for a
+// pending one and then clears the deadline. So finish expires, waits for a
+// pending Read to fail, and makes later ones fail without reading.
+func (b *requestBody) finish() {
+	b.expire()
+	b.rmu.Lock()
+	b.finished = true
+	b.rmu.Unlock()
+}
+
+var errBodyFinished = errors.New("request body abandoned: the answer was sent")
 
 // declareTrailers sets what the transport announces and later sends:
 // the client's declared trailer names, filtered like headers.

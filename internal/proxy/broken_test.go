@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -92,5 +93,85 @@ func TestForwardCutAtDrainDeadlineIsShutdown(t *testing.T) {
 	rec := e.waitRecord(func(r recordT) bool { return strings.HasSuffix(r.TargetURL, "/slow-origin") })
 	if rec.Error != "shutdown" || rec.Success {
 		t.Errorf("record = %+v, want error shutdown", rec)
+	}
+}
+
+// An origin that answers before the client has sent its body (an early
+// 401 or 413) ends the exchange: the connection closes right after the
+// answer instead of waiting, with no time limit, for the rest of a body
+// nobody will read, and without a forwarding slot.
+func TestForwardEarlyAnswerClosesConnection(t *testing.T) {
+	e := startProxy(t, map[string]string{"MAX_FORWARDS_PER_TOKEN": "1"})
+	// A raw origin: net/http's own server would wait for the body before
+	// it answered.
+	addr := testutil.ServeTCP(t, func(c net.Conn) {
+		defer c.Close()
+		br := bufio.NewReader(c)
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 401 Unauthorized\r\nContent-Length: 3\r\n\r\nno\n")
+		_, _ = io.Copy(io.Discard, br)
+	})
+	o := struct{ URL string }{"http://" + addr}
+	for _, framing := range []string{"Content-Length: 1000", "Transfer-Encoding: chunked"} {
+		c, err := tlsDialConfig(e.addr, e.tlsConfig("http/1.1"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "POST %s/early HTTP/1.1\r\nHost: x\r\nProxy-Authorization: %s\r\n%s\r\n\r\n", o.URL, e.bearer(), framing)
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", framing, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized || !resp.Close {
+			t.Errorf("%s: %d, Close=%v; want the origin's 401 and Connection: close", framing, resp.StatusCode, resp.Close)
+		}
+		if _, err := io.Copy(io.Discard, br); err != nil {
+			t.Errorf("%s: the connection was not closed after the answer: %v", framing, err)
+		}
+	}
+	if n := e.app.Proxy.ActiveRequests(); n != 0 {
+		t.Errorf("%d requests still active", n)
+	}
+}
+
+// A client that leaves while the origin is quiet (a server-sent event
+// stream between events) is recorded as client_closed: the origin's read
+// fails only because the request was cancelled.
+func TestForwardClientLeavesWhileOriginIdle(t *testing.T) {
+	e := startProxy(t, nil)
+	o := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		fmt.Fprint(w, "data: one\n\n")
+		w.(http.Flusher).Flush()
+		select { // then nothing, until the proxy hangs up
+		case <-r.Context().Done():
+		case <-time.After(10 * time.Second):
+		}
+	}))
+	t.Cleanup(o.Close)
+	c, err := tlsDialConfig(e.addr, e.tlsConfig("http/1.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(c, "GET %s/events HTTP/1.1\r\nHost: x\r\nProxy-Authorization: %s\r\n\r\n", o.URL, e.bearer())
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(resp.Body).ReadString('\n')
+	if err != nil || line != "data: one\n" {
+		t.Fatalf("first event: %q %v", line, err)
+	}
+	c.Close()
+	rec := e.waitRecord(func(r recordT) bool { return strings.HasSuffix(r.TargetURL, "/events") })
+	if rec.Error != "client_closed" || rec.Success {
+		t.Errorf("record = %+v, want error client_closed", rec)
 	}
 }

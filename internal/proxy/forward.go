@@ -64,6 +64,14 @@ func (p *Proxy) newForwarder() http.Handler {
 				// needs to see as one.)
 				q := res.Request.Context().Value(requestKey{}).(*request)
 				res.Body = &responseBody{ReadCloser: res.Body, res: res, q: q}
+				if q.req.ProtoMajor == 1 && unread(q.req, q.body) {
+					// The origin answered before the client finished its
+					// body: the rest of it will not be read (see
+					// requestBody.finish), so the connection cannot carry
+					// another request. ReverseProxy has removed the
+					// origin's hop-by-hop fields already; this one is ours.
+					res.Header.Set("Connection", "close")
+				}
 			}
 			return nil
 		},
@@ -167,6 +175,13 @@ func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request)
 			q.rec.Error = p.brokenForward(r, q, cw)
 		}
 	}()
+	if body != nil && r.ProtoMajor == 1 {
+		defer func() { // also on ReverseProxy's abort
+			if !body.eof.Load() {
+				body.finish()
+			}
+		}()
+	}
 	p.forwarder.ServeHTTP(cw, r)
 	completed = true
 	if body != nil {
@@ -326,6 +341,10 @@ func (p *Proxy) brokenForward(r *http.Request, q *request, cw *countingWriter) s
 	switch {
 	case errors.Is(context.Cause(r.Context()), errShutdownDeadline):
 		return "shutdown"
+	case r.Context().Err() != nil:
+		// The client went away (connection closed, stream reset): the
+		// origin's read then fails too, but it did not break first.
+		return "client_closed"
 	case q.upstreamBroke:
 		return "upstream_body"
 	case cw.writeFailed:

@@ -147,34 +147,43 @@ func (l *limitListener) admit(c net.Conn) (netip.Addr, string) {
 	return key, ""
 }
 
-func (l *limitListener) release(key netip.Addr, authenticated bool) {
-	if l.perIP == nil || !key.IsValid() {
-		return
+// transition moves c to state to (connAuthenticated or connClosed) once,
+// and moves its address's counts with it, under one lock: a connection
+// closing while it authenticates must not count twice or against a newer
+// connection from its address. It reports whether c was still open.
+func (l *limitListener) transition(c *limitConn, to int32) bool {
+	if l.perIP == nil || !c.key.IsValid() {
+		for {
+			from := c.state.Load()
+			if from == connClosed || from == to {
+				return false
+			}
+			if c.state.CompareAndSwap(from, to) {
+				return true
+			}
+		}
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	e := l.perIP[key]
+	from := c.state.Load()
+	if from == connClosed || from == to {
+		return false
+	}
+	c.state.Store(to)
+	e := l.perIP[c.key]
 	if e == nil {
-		return
+		return true
 	}
-	e.open--
-	if !authenticated {
+	if from == connUnauthenticated {
 		e.unauthenticated--
 	}
-	if e.open <= 0 {
-		delete(l.perIP, key)
+	if to == connClosed {
+		e.open--
+		if e.open <= 0 {
+			delete(l.perIP, c.key)
+		}
 	}
-}
-
-func (l *limitListener) authenticated(key netip.Addr) {
-	if l.perIP == nil || !key.IsValid() {
-		return
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if e := l.perIP[key]; e != nil && e.unauthenticated > 0 {
-		e.unauthenticated--
-	}
+	return true
 }
 
 // limitConn frees its listener slot on the first Close. net/http and
@@ -185,8 +194,8 @@ type limitConn struct {
 	l *limitListener
 	// key is the address the connection counts against (invalid: none).
 	key netip.Addr
-	// state: 0 open and unauthenticated, 1 authenticated, 2 closed. The
-	// transitions are compare-and-swaps so each count moves exactly once.
+	// state: open and unauthenticated, authenticated, closed. It only
+	// moves forward (transition), and each count moves exactly once.
 	state atomic.Int32
 }
 
@@ -198,26 +207,11 @@ const (
 
 func (c *limitConn) Close() error {
 	err := c.Conn.Close()
-	for {
-		s := c.state.Load()
-		if s == connClosed {
-			return err
-		}
-		if c.state.CompareAndSwap(s, connClosed) {
-			c.l.release(c.key, s == connAuthenticated)
-			<-c.l.slots
-			c.l.onClose()
-			return err
-		}
+	if c.l.transition(c, connClosed) {
+		<-c.l.slots
+		c.l.onClose()
 	}
-}
-
-// markAuthenticated moves the connection out of its address's
-// unauthenticated count, once.
-func (c *limitConn) markAuthenticated() {
-	if c.state.CompareAndSwap(connUnauthenticated, connAuthenticated) {
-		c.l.authenticated(c.key)
-	}
+	return err
 }
 
 // CloseWrite half-closes the connection when the underlying one supports it
@@ -259,7 +253,7 @@ func WithConn(ctx context.Context, c net.Conn) context.Context {
 // call and does nothing for a context without a connection.
 func MarkAuthenticated(ctx context.Context) {
 	if lc, ok := ctx.Value(connKey{}).(*limitConn); ok && lc.state.Load() == connUnauthenticated {
-		lc.markAuthenticated()
+		lc.l.transition(lc, connAuthenticated)
 	}
 }
 

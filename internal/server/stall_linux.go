@@ -37,3 +37,18 @@ func guardWriteStall(c net.Conn, d time.Duration) error {
 	}
 	return nil
 }
+
+// socketOutq is the number of bytes written to c's socket that the peer
+// has not yet acknowledged (TIOCOUTQ).
+func socketOutq(c net.Conn) (int, bool) {
+	rc := proxy.RawSocket(c)
+	if rc == nil {
+		return 0, false
+	}
+	var n int
+	var err error
+	if cerr := rc.Control(func(fd uintptr) { n, err = unix.IoctlGetInt(int(fd), unix.TIOCOUTQ) }); cerr != nil || err != nil {
+		return 0, false
+	}
+	return n, true
+}

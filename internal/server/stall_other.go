@@ -12,3 +12,7 @@ import (
 const kernelStallGuard = false
 
 func guardWriteStall(net.Conn, time.Duration) error { return errors.ErrUnsupported }
+
+// socketOutq: no TIOCOUTQ here; the stall guard goes by the pending
+// write's age alone.
+func socketOutq(net.Conn) (int, bool) { return 0, false }

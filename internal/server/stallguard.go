@@ -9,15 +9,21 @@ import (
 	"time"
 )
 
-// stallGuard closes client connections whose writes have been blocked for
-// longer than limit: a client that stops reading while it keeps the
-// connection alive otherwise holds it, its streams and their upstream
-// connections forever. TCP_USER_TIMEOUT (guardWriteStall) does not cover
-// it: every segment the client sends (an HTTP/2 PING, say) resets the
-// kernel's zero-window probe clock. And a write deadline per write costs
-// timer updates on the data path, so instead each connection notes when
-// its pending write began (one clock read and two atomic stores per write)
+// stallGuard closes client connections whose writes have made no progress
+// for limit: a client that stops reading while it keeps the connection
+// alive otherwise holds it, its streams and their upstream connections
+// forever. TCP_USER_TIMEOUT (guardWriteStall) does not cover it: every
+// segment the client sends (an HTTP/2 PING, say) resets the kernel's
+// zero-window probe clock. And a write deadline per write costs timer
+// updates on the data path, so instead each connection notes when its
+// pending write began (one clock read and two atomic stores per write)
 // and one goroutine looks at all of them every limit/4.
+//
+// A write that has been pending for limit is not enough: the kernel wakes
+// a blocked writer only once much of the send buffer has drained, so a
+// client reading slowly but steadily has long pending writes too. Progress
+// is the socket's unsent-bytes count (TIOCOUTQ) going down between two
+// looks; only a connection without progress for limit is closed.
 type stallGuard struct {
 	limit    time.Duration
 	base     time.Time // monotonic origin
@@ -48,17 +54,32 @@ func (g *stallGuard) run(ctx context.Context) {
 	}
 }
 
-// sweep closes every connection whose pending write began limit ago.
+// sweep closes every connection whose pending write has made no progress
+// for limit.
 func (g *stallGuard) sweep() {
 	now := time.Since(g.base)
-	var stalled []*stallConn
+	var pending, stalled []*stallConn
 	g.mu.Lock()
 	for c := range g.conns {
-		if since := c.writingSince.Load(); since != 0 && now-time.Duration(since) >= g.limit {
-			stalled = append(stalled, c)
+		if c.writingSince.Load() != 0 {
+			pending = append(pending, c)
+		} else {
+			c.outqSeen = -1
 		}
 	}
 	g.mu.Unlock()
+	for _, c := range pending {
+		start := max(time.Duration(c.writingSince.Load()), c.progressAt)
+		if q, ok := socketOutq(c.Conn); ok {
+			if c.outqSeen >= 0 && q < c.outqSeen {
+				c.progressAt, start = now, now // bytes left since the last look
+			}
+			c.outqSeen = q
+		}
+		if since := c.writingSince.Load(); since != 0 && now-start >= g.limit {
+			stalled = append(stalled, c)
+		}
+	}
 	for _, c := range stalled {
 		g.onStall()
 		c.Close() // fails the blocked write; the engine then ends its streams
@@ -80,7 +101,7 @@ func (l stallListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	sc := &stallConn{Conn: c, g: l.g}
+	sc := &stallConn{Conn: c, g: l.g, outqSeen: -1}
 	l.g.mu.Lock()
 	l.g.conns[sc] = struct{}{}
 	l.g.mu.Unlock()
@@ -94,6 +115,10 @@ type stallConn struct {
 	// g.base (odd, so never 0), or 0 when no Write is pending.
 	writingSince atomic.Int64
 	closeOnce    sync.Once
+	// Seen by the sweeping goroutine alone: the unsent bytes at its last
+	// look (-1: no write was pending) and when they last went down.
+	outqSeen   int
+	progressAt time.Duration
 }
 
 func (c *stallConn) Write(b []byte) (int, error) {
