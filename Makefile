@@ -39,6 +39,7 @@ fuzz:
 	$(GO) test -run='^$$' -fuzz='^FuzzParseAuthority$$' -fuzztime=$(FUZZTIME) ./internal/egress
 	$(GO) test -run='^$$' -fuzz='^FuzzTokenFromHeader$$' -fuzztime=$(FUZZTIME) ./internal/auth
 	$(GO) test -run='^$$' -fuzz='^FuzzRemoveHopByHop$$' -fuzztime=$(FUZZTIME) ./internal/proxy
+	$(GO) test -run='^$$' -fuzz='^FuzzH1ConnScan$$' -fuzztime=$(FUZZTIME) ./internal/server
 
 h2spec:
 	./e2e/h2spec.sh

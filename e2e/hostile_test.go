@@ -335,6 +335,9 @@ func TestAttackUniqueMethodsDoNotGrowMetrics(t *testing.T) {
 			if withToken {
 				auth = "Proxy-Authorization: Bearer " + tok + "\r\n"
 			}
+			if i == n/2 {
+				bystander(t, p, origin.URL) // while the methods pour in
+			}
 			fmt.Fprintf(c, "M%s%05d %s/m HTTP/1.1\r\nHost: x\r\n%s\r\n", src[len(src)-1:], i, origin.URL, auth)
 			res, err := http.ReadResponse(br, nil)
 			if err != nil {
@@ -380,6 +383,9 @@ func TestAttackCredentiallessFloodLogIsBounded(t *testing.T) {
 		auth := ""
 		if i%2 == 1 { // half with a forged token: these trip the failed-auth throttle
 			auth = "Proxy-Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.forged\r\n"
+		}
+		if i == flood/2 {
+			bystander(t, p, origin.URL) // while the flood is on
 		}
 		fmt.Fprintf(c, "GET %s/flood HTTP/1.1\r\nHost: x\r\n%s\r\n", origin.URL, auth)
 		res, err := http.ReadResponse(br, nil)

@@ -155,8 +155,8 @@ func (c *h1Conn) scan(b []byte) {
 		if i >= 0 {
 			seg = b[:i]
 		}
-		if len(seg) > 1 || len(seg) == 1 && seg[0] != '\r' {
-			c.lineHasContents = true
+		if !c.lineHasContents && len(bytes.Trim(seg, "\r")) > 0 {
+			c.lineHasContents = true // a line of nothing but \r counts as empty
 		}
 		if c.lineLen == 0 && len(seg) > 0 && seg[0]|0x20 != 'c' && seg[0]|0x20 != 't' {
 			c.skipLine = true // neither field: the rest of the line is not copied

@@ -48,3 +48,45 @@ func BenchmarkH1ConnScan(b *testing.B) {
 		h.scan(body)
 	}
 }
+
+// FuzzH1ConnScan checks the line watcher against a plain reading of the
+// same rules on the whole stream, however the stream is cut into reads.
+func FuzzH1ConnScan(f *testing.F) {
+	f.Add([]byte("POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"), uint8(3))
+	f.Add([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nContent-length:1\r\n\r\nx"), uint8(1))
+	f.Add([]byte("transfer-encoding: a\ncontent-length: b\n\n"), uint8(7))
+	f.Add([]byte("\r\n\r\nContent-Length\r\nTransfer-Encoding:\r\n\r"), uint8(2))
+	f.Fuzz(func(t *testing.T, stream []byte, cut uint8) {
+		step := int(cut)%64 + 1
+		h := &h1Conn{}
+		for i := 0; i < len(stream); i += step {
+			h.scan(stream[i:min(i+step, len(stream))])
+		}
+		if got, want := h.ambiguous.Load(), referenceAmbiguous(stream); got != want {
+			t.Fatalf("ambiguous = %v, reference %v, reads of %d bytes: %q", got, want, step, stream)
+		}
+	})
+}
+
+// referenceAmbiguous is the watcher's rule read plainly: lines end at \n
+// (a \r anywhere is ignored for emptiness), a block ends at an empty line,
+// and a block is ambiguous when it has a line starting (case-insensitively)
+// with "content-length:" and one with "transfer-encoding:".
+func referenceAmbiguous(stream []byte) bool {
+	lines := strings.Split(string(stream), "\n")
+	lines = lines[:len(lines)-1] // the last piece has no \n yet
+	cl, te := false, false
+	for _, l := range lines {
+		if strings.Trim(l, "\r") == "" {
+			if cl && te {
+				return true
+			}
+			cl, te = false, false
+			continue
+		}
+		low := strings.ToLower(l)
+		cl = cl || strings.HasPrefix(low, "content-length:")
+		te = te || strings.HasPrefix(low, "transfer-encoding:")
+	}
+	return false
+}
