@@ -1,6 +1,7 @@
 package accesslog
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -280,3 +281,23 @@ func dirEntries(t *testing.T, dir string) []string {
 }
 
 var toFloat = promtest.ToFloat64
+
+// spoolUndelivered runs a Shipper whose backend is unreachable over dir,
+// records n records and closes it: the batches are left in the spool, as
+// after a life without a backend. It returns the options it used.
+func spoolUndelivered(t *testing.T, dir string, n int) Options {
+	t.Helper()
+	o, _ := testOptions(closedURL(t))
+	o.SpoolDir = dir
+	s, err := New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		s.Record(record(i))
+	}
+	if err := s.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return o
+}

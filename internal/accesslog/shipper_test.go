@@ -188,19 +188,8 @@ func TestTimeoutIsRetried(t *testing.T) {
 // spool directory (a restart) delivers them, oldest first, and empties it.
 func TestSpoolSurvivesRestart(t *testing.T) {
 	dir := t.TempDir()
-	o, _ := testOptions(closedURL(t))
-	o.SpoolDir = dir
-	s, err := New(o)
-	if err != nil {
-		t.Fatal(err)
-	}
 	const n = 35
-	for i := range n {
-		s.Record(record(i))
-	}
-	if err := s.Close(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	o := spoolUndelivered(t, dir, n)
 	files := spoolFiles(t, dir)
 	if len(files) != 4 {
 		t.Fatalf("spool holds %d files, want 4 (35 records in batches of 10)", len(files))

@@ -114,19 +114,8 @@ func TestHangingBackendSpoolsAfterFirstAttempt(t *testing.T) {
 func TestUnreadableSpoolFileIsKeptAndRetried(t *testing.T) {
 	dir := t.TempDir()
 	// A first life with the backend unreachable leaves three batches.
-	o, _ := testOptions(closedURL(t))
-	o.SpoolDir = dir
-	s, err := New(o)
-	if err != nil {
-		t.Fatal(err)
-	}
 	const n = 30
-	for i := range n {
-		s.Record(record(i))
-	}
-	if err := s.Close(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	spoolUndelivered(t, dir, n)
 	files := spoolFiles(t, dir)
 	if len(files) != 3 {
 		t.Fatalf("spool holds %d files, want 3", len(files))

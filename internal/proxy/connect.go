@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/pinaka-proxy/pinaka/internal/egress"
+	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
 )
 
 // serveConnect opens a tunnel to the CONNECT authority. The upstream dial
@@ -58,13 +59,24 @@ func (p *Proxy) checkTarget(w http.ResponseWriter, q *request, authority string,
 
 // acquireTunnel enforces MAX_TUNNELS_PER_TOKEN.
 func (p *Proxy) acquireTunnel(w http.ResponseWriter, q *request) (release func(), ok bool) {
-	if p.opt.Tunnels == nil {
+	return p.acquireSlot(w, q, p.opt.Tunnels, "tunnel_limit", "too many concurrent tunnels for this token")
+}
+
+// acquireForward enforces MAX_FORWARDS_PER_TOKEN.
+func (p *Proxy) acquireForward(w http.ResponseWriter, q *request) (release func(), ok bool) {
+	return p.acquireSlot(w, q, p.opt.Forwards, "forward_limit", "too many concurrent forwarded requests for this token")
+}
+
+// acquireSlot takes one of the token's slots in lim (nil: no cap), or
+// answers 429 with code and reason.
+func (p *Proxy) acquireSlot(w http.ResponseWriter, q *request, lim *ratelimit.TunnelLimiter, code, reason string) (release func(), ok bool) {
+	if lim == nil {
 		return func() {}, true
 	}
-	release, ok = p.opt.Tunnels.Acquire(q.rec.TokenID)
+	release, ok = lim.Acquire(q.rec.TokenID)
 	if !ok {
 		w.Header().Set("Retry-After", "1")
-		p.fail(w, q, http.StatusTooManyRequests, "tunnel_limit", "too many concurrent tunnels for this token")
+		p.fail(w, q, http.StatusTooManyRequests, code, reason)
 	}
 	return release, ok
 }

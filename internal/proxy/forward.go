@@ -353,19 +353,6 @@ func (p *Proxy) brokenForward(r *http.Request, q *request, cw *countingWriter) s
 	return "aborted"
 }
 
-// acquireForward enforces MAX_FORWARDS_PER_TOKEN.
-func (p *Proxy) acquireForward(w http.ResponseWriter, q *request) (release func(), ok bool) {
-	if p.opt.Forwards == nil {
-		return func() {}, true
-	}
-	release, ok = p.opt.Forwards.Acquire(q.rec.TokenID)
-	if !ok {
-		w.Header().Set("Retry-After", "1")
-		p.fail(w, q, http.StatusTooManyRequests, "forward_limit", "too many concurrent forwarded requests for this token")
-	}
-	return release, ok
-}
-
 type bufferPool struct{}
 
 func (bufferPool) Get() []byte  { return *largeBufs.Get().(*[]byte) }
