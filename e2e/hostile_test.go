@@ -668,29 +668,46 @@ func TestAttackSlowForwardsAreCapped(t *testing.T) {
 	origin := echoOrigin(t)
 	p, _ := hostile(t, "MAX_FORWARDS_PER_TOKEN=5", "REQUEST_BODY_IDLE_TIMEOUT=60s")
 	tok := mint(t, "slow-forwards", "us-east")
-	var held []net.Conn
-	refused := 0
-	for i := 0; i < 12; i++ {
+	conns := make([]net.Conn, 12)
+	for i := range conns {
 		c, err := dialFrom(p, "127.0.0.11")
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.Close()
 		fmt.Fprintf(c, "POST %s/slow HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer %s\r\nContent-Length: 1000000\r\n\r\nsome", origin.URL, tok)
-		// Either the answer comes at once (refused) or the request is in
-		// flight, held by the slow body.
-		_ = c.SetReadDeadline(time.Now().Add(time.Second))
-		res, err := http.ReadResponse(bufio.NewReader(c), nil)
-		if err == nil {
-			res.Body.Close()
-			if res.StatusCode != http.StatusTooManyRequests {
-				t.Fatalf("forward %d: status %d", i, res.StatusCode)
-			}
-			refused++
-			continue
-		}
-		held = append(held, c)
+		conns[i] = c
 	}
+	// The refused ones are answered and recorded at once; the others are
+	// in flight, held by their slow bodies, for REQUEST_BODY_IDLE_TIMEOUT.
+	waitFor(t, "seven refusals recorded", func() bool {
+		n := 0
+		for _, r := range p.records(t) {
+			if r.TokenID == "slow-forwards" && r.Error == "forward_limit" {
+				n++
+			}
+		}
+		return n >= 7
+	})
+	var mu sync.Mutex
+	var held []net.Conn
+	refused := 0
+	parallel(t, len(conns), len(conns), func(i int) {
+		c := conns[i]
+		_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		res, err := http.ReadResponse(bufio.NewReader(c), nil)
+		mu.Lock()
+		defer mu.Unlock()
+		if err != nil {
+			held = append(held, c)
+			return
+		}
+		res.Body.Close()
+		if res.StatusCode != http.StatusTooManyRequests {
+			t.Errorf("forward %d: status %d", i, res.StatusCode)
+		}
+		refused++
+	})
 	t.Logf("12 slow-body forwards with MAX_FORWARDS_PER_TOKEN=5: %d in flight, %d refused", len(held), refused)
 	if len(held) != 5 || refused != 7 {
 		t.Fatalf("%d in flight and %d refused, want 5 and 7", len(held), refused)
