@@ -46,15 +46,17 @@ func (a *tlsAcceptor) acceptLoop() {
 	for {
 		c, err := a.inner.Accept()
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() && a.ctx.Err() == nil {
-				// EMFILE and the like: wait, as net/http would.
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				time.Sleep(backoff)
-				continue
+			if errors.Is(err, net.ErrClosed) || a.ctx.Err() != nil {
+				a.err = err
+				return
 			}
-			a.err = err
-			return
+			// Out of file descriptors (EMFILE), a connection reset while
+			// queued, and the like: wait and go on, as net/http does. A
+			// listener that stopped accepting would stop the node.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			a.log.Warn("accepting a connection failed; retrying", "err", err, "in", backoff)
+			time.Sleep(backoff)
+			continue
 		}
 		backoff = 0
 		go a.handshake(c)

@@ -1,8 +1,16 @@
 package server
 
 import (
+	"crypto/tls"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // The watch sees a head with both fields however the bytes are split
@@ -89,4 +97,58 @@ func referenceAmbiguous(stream []byte) bool {
 		te = te || strings.HasPrefix(low, "transfer-encoding:")
 	}
 	return false
+}
+
+// failingListener fails its first Accepts the way a process out of file
+// descriptors does, then accepts.
+type failingListener struct {
+	net.Listener
+	failures atomic.Int32
+}
+
+func (l *failingListener) Accept() (net.Conn, error) {
+	if l.failures.Add(-1) >= 0 {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: syscall.EMFILE}
+	}
+	return l.Listener.Accept()
+}
+
+// An accept error that is not the listener closing (EMFILE) must not stop
+// the node from accepting.
+func TestTLSAcceptorSurvivesAcceptErrors(t *testing.T) {
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fl := &failingListener{Listener: raw}
+	fl.failures.Store(3)
+	cert, _, _, err := SelfSigned(time.Hour, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newTLSAcceptor(fl, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2", "http/1.1"}},
+		5*time.Second, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	defer a.Close()
+	for _, proto := range []string{"h2", "http/1.1"} {
+		go func() {
+			c, err := tls.Dial("tcp", raw.Addr().String(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{proto}})
+			if err == nil {
+				defer c.Close()
+				_, _ = c.Read(make([]byte, 1))
+			}
+		}()
+		c, err := a.Accept()
+		if err != nil {
+			t.Fatalf("Accept after accept errors: %v", err)
+		}
+		_, isH1 := c.(*h1Conn)
+		if isH1 != (proto == "http/1.1") {
+			t.Errorf("ALPN %s handed over as %T", proto, c)
+		}
+		c.Close()
+	}
+	a.Close()
+	if _, err := a.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Accept after Close = %v, want net.ErrClosed", err)
+	}
 }
