@@ -185,22 +185,7 @@ func (s *Server) Listen() error {
 	if err != nil {
 		return fmt.Errorf("listening on %s (PROXY_BIND:PROXY_PORT): %w", s.cfg.ListenAddr(), err)
 	}
-	limited := ratelimit.LimitListener(proxy.BatchListener(ln), ratelimit.ListenerLimits{
-		Max:                  s.cfg.MaxConnections,
-		PerIP:                s.cfg.MaxConnectionsPerIP,
-		UnauthenticatedPerIP: s.cfg.MaxUnauthenticatedConnectionsPerIP,
-		OnAccept:             s.metrics.ActiveConnections.Inc,
-		OnClose:              s.metrics.ActiveConnections.Dec,
-		OnRefused:            func(reason string) { s.metrics.ConnectionsRefused.WithLabelValues(reason).Inc() },
-	})
-	// A write blocked for the tunnel idle timeout (at most
-	// writeStallTimeout) is a stream or tunnel without progress.
-	limit := writeStallTimeout
-	if t := s.cfg.TunnelIdleTimeout; t > 0 && t < limit {
-		limit = t
-	}
-	s.stalls = newStallGuard(limit, s.metrics.WriteStalls.Inc)
-	s.proxyLn = s.stalls.listener(limited)
+	s.proxyLn = s.stackListener(ln)
 	// TLS as http.Server.ServeTLS sets it up, but with the handshake ours
 	// (see tlsAcceptor). ConfigureServer has added h2 to NextProtos.
 	tlsCfg := s.proxySrv.TLSConfig.Clone()
@@ -215,12 +200,36 @@ func (s *Server) Listen() error {
 	if s.cfg.AdminAddr != "" && s.cfg.AdminAddr != "off" {
 		aln, err := net.Listen("tcp", s.cfg.AdminAddr)
 		if err != nil {
-			ln.Close()
+			s.tlsLn.Close() // and the listeners beneath it
+			s.stalls.close()
 			return fmt.Errorf("listening on %s (ADMIN_ADDR): %w", s.cfg.AdminAddr, err)
 		}
 		s.adminLn = aln
 	}
 	return nil
+}
+
+// stackListener wraps the proxy's TCP listener, from the socket up: the
+// connection caps (a connection refused there costs nothing more), the
+// write-stall guard, then write batching, so that the relay's batched
+// flushes pass the stall guard too. TLS goes on top (tlsAcceptor).
+func (s *Server) stackListener(ln net.Listener) net.Listener {
+	limited := ratelimit.LimitListener(ln, ratelimit.ListenerLimits{
+		Max:                  s.cfg.MaxConnections,
+		PerIP:                s.cfg.MaxConnectionsPerIP,
+		UnauthenticatedPerIP: s.cfg.MaxUnauthenticatedConnectionsPerIP,
+		OnAccept:             s.metrics.ActiveConnections.Inc,
+		OnClose:              s.metrics.ActiveConnections.Dec,
+		OnRefused:            func(reason string) { s.metrics.ConnectionsRefused.WithLabelValues(reason).Inc() },
+	})
+	// A write without progress for the tunnel idle timeout (at most
+	// writeStallTimeout) is a stream or tunnel without progress.
+	limit := writeStallTimeout
+	if t := s.cfg.TunnelIdleTimeout; t > 0 && t < limit {
+		limit = t
+	}
+	s.stalls = newStallGuard(limit, s.metrics.WriteStalls.Inc)
+	return proxy.BatchListener(s.stalls.listener(limited))
 }
 
 // ProxyAddr is the proxy listener's address (useful with port 0).

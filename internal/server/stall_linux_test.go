@@ -10,6 +10,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pinaka-proxy/pinaka/internal/config"
+	"github.com/pinaka-proxy/pinaka/internal/metrics"
+	"github.com/pinaka-proxy/pinaka/internal/proxy"
 	"github.com/pinaka-proxy/pinaka/internal/testutil"
 )
 
@@ -70,5 +73,42 @@ func TestGuardWriteStallEndsStalledWrites(t *testing.T) {
 	}
 	if !errors.Is(err, syscall.ETIMEDOUT) {
 		t.Fatalf("stalled write ended with %v, want ETIMEDOUT from the kernel", err)
+	}
+}
+
+// Every write to a client, the relay's batched flushes included, passes
+// the stall guard: batching sits above it in the listener stack, so a
+// flush blocked on a client that does not read is seen and closed.
+func TestBatchedWritesPassTheStallGuard(t *testing.T) {
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{cfg: &config.Config{MaxConnections: 10, TunnelIdleTimeout: time.Minute}, metrics: metrics.New()}
+	ln := s.stackListener(raw)
+	defer ln.Close()
+	defer s.stalls.close()
+	client, err := net.Dial("tcp", raw.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// TLS writes to the batching connection; beneath it is the stall
+	// guard's, so every write, batched or not, is timed.
+	nc, ok := c.(interface{ NetConn() net.Conn })
+	if !ok {
+		t.Fatalf("accepted %T, want the batching connection", c)
+	}
+	if _, ok := nc.NetConn().(*stallConn); !ok {
+		t.Fatalf("beneath the batching connection is %T, want the stall guard's", nc.NetConn())
+	}
+	// And the socket is still found beneath it all (parking, TCP options).
+	if proxy.RawSocket(c) == nil {
+		t.Fatal("no socket found beneath the listener stack")
 	}
 }
