@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +14,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/pinaka-proxy/pinaka/internal/httpx"
 )
 
 // origin records the last request it saw and answers by path.
@@ -375,4 +378,42 @@ func TestOversizedHeadersRefused(t *testing.T) {
 		t.Fatalf("after oversized header: %v %v", err, resp)
 	}
 	resp.Body.Close()
+}
+
+// The core classifies an HTTP/2 request by what its engine says (httpx.Info),
+// not by the x/net engine's r.TLS signal: a future engine sets r.TLS on
+// every request and states :scheme explicitly.
+func TestClassifyFollowsEngineInfo(t *testing.T) {
+	e := startProxy(t, nil)
+	for _, c := range []struct {
+		name   string
+		info   *httpx.Info
+		method string
+		want   int
+		target string
+	}{
+		{"engine says :scheme http: forwarding (needs credentials)", &httpx.Info{Scheme: "http"}, "GET", http.StatusProxyAuthRequired, "http://example.test/p"},
+		{"engine says :scheme https: the proxy itself", &httpx.Info{Scheme: "https"}, "GET", http.StatusBadRequest, ""},
+		{"engine says :protocol websocket: extended CONNECT", &httpx.Info{Scheme: "https", Protocol: "websocket"}, "CONNECT", http.StatusProxyAuthRequired, "wss://example.test/p"},
+		{"no Info, TLS state set (x/net :scheme https): the proxy itself", nil, "GET", http.StatusBadRequest, ""},
+	} {
+		r := httptest.NewRequest(c.method, "/p", nil)
+		r.ProtoMajor, r.ProtoMinor, r.Proto = 2, 0, "HTTP/2.0"
+		r.Host = "example.test"
+		r.TLS = &tls.ConnectionState{}
+		if c.info != nil {
+			r = r.WithContext(httpx.WithInfo(r.Context(), c.info))
+		}
+		w := httptest.NewRecorder()
+		e.app.Proxy.ServeHTTP(w, r)
+		if w.Code != c.want {
+			t.Errorf("%s: status %d, want %d", c.name, w.Code, c.want)
+		}
+		if c.target != "" {
+			rec := e.waitRecord(func(r recordT) bool { return r.TargetURL == c.target })
+			if rec.StatusCode != c.want {
+				t.Errorf("%s: record %+v", c.name, rec)
+			}
+		}
+	}
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/pinaka-proxy/pinaka/internal/accesslog"
 	"github.com/pinaka-proxy/pinaka/internal/auth"
 	"github.com/pinaka-proxy/pinaka/internal/egress"
+	"github.com/pinaka-proxy/pinaka/internal/httpx"
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
 	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
 )
@@ -433,19 +434,18 @@ const (
 	kindForward
 )
 
-// classify tells proxy requests from requests for the proxy itself. For
-// HTTP/2, r.TLS is set only when :scheme is https (see
-// server.configureHTTP2), so a :scheme http request is a forwarding request
-// for :authority.
+// classify tells proxy requests from requests for the proxy itself. Over
+// HTTP/2 a :scheme http request is a forwarding request for :authority;
+// :scheme https is the proxy's own (it terminates that TLS).
 func classify(r *http.Request) requestKind {
 	if r.Method == http.MethodConnect {
-		if r.ProtoMajor == 2 && r.Header.Get(":protocol") != "" {
+		if httpx.Protocol(r) != "" {
 			return kindExtendedConnect
 		}
 		return kindConnect
 	}
-	if r.ProtoMajor == 2 {
-		if r.TLS == nil && r.Host != "" {
+	if r.ProtoMajor >= 2 {
+		if httpx.Scheme(r) == "http" && r.Host != "" {
 			return kindForward
 		}
 		return kindSelf
@@ -468,7 +468,7 @@ func (p *Proxy) targetURL(r *http.Request, kind requestKind) string {
 		return r.Host
 	case kindExtendedConnect:
 		scheme := "ws"
-		if r.TLS != nil {
+		if httpx.Scheme(r) == "https" {
 			scheme = "wss"
 		}
 		u := *r.URL

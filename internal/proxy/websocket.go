@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/pinaka-proxy/pinaka/internal/egress"
+	"github.com/pinaka-proxy/pinaka/internal/httpx"
 )
 
 // refusalBodyTimeout bounds how long the body of a refused upgrade is
@@ -30,11 +31,11 @@ const websocketGUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 // client gets 200 once the origin answers 101, then the stream carries the
 // WebSocket bytes both ways.
 func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *request) {
-	if proto := r.Header.Get(":protocol"); !strings.EqualFold(proto, "websocket") {
+	if proto := httpx.Protocol(r); !strings.EqualFold(proto, "websocket") {
 		p.fail(w, q, http.StatusNotImplemented, "unsupported_protocol", "extended CONNECT protocol "+proto+" is not supported")
 		return
 	}
-	secure := r.TLS != nil // net/http sets r.TLS only for :scheme https
+	secure := httpx.Scheme(r) == "https"
 	var defPort uint16 = 80
 	if secure {
 		defPort = 443
