@@ -29,7 +29,6 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 
 	"github.com/pinaka-proxy/pinaka/internal/accesslog"
 	"github.com/pinaka-proxy/pinaka/internal/testutil"
@@ -496,16 +495,9 @@ func streamingOrigin(t *testing.T) string {
 	})
 }
 
-// h2Raw is a bare HTTP/2 client connection: the attacker controls every
-// frame, including windows it never opens.
-type h2Raw struct {
-	c   *tls.Conn
-	fr  *http2.Framer
-	enc *hpack.Encoder
-	buf bytes.Buffer
-}
-
-func newH2Raw(t *testing.T, p *proc, src string, settings ...http2.Setting) *h2Raw {
+// newH2Raw connects a bare HTTP/2 client to the proxy from src: the
+// attacker controls every frame, including windows it never opens.
+func newH2Raw(t *testing.T, p *proc, src string, settings ...http2.Setting) *testutil.H2Raw {
 	t.Helper()
 	c, err := dialFrom(p, src, "h2")
 	if err != nil {
@@ -513,26 +505,7 @@ func newH2Raw(t *testing.T, p *proc, src string, settings ...http2.Setting) *h2R
 	}
 	t.Cleanup(func() { c.Close() })
 	_ = c.SetDeadline(time.Now().Add(4 * failsafe))
-	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
-		t.Fatal(err)
-	}
-	h := &h2Raw{c: c, fr: http2.NewFramer(c, c)}
-	h.enc = hpack.NewEncoder(&h.buf)
-	if err := h.fr.WriteSettings(settings...); err != nil {
-		t.Fatal(err)
-	}
-	return h
-}
-
-func (h *h2Raw) headers(t *testing.T, id uint32, endStream bool, fields ...string) {
-	t.Helper()
-	h.buf.Reset()
-	for i := 0; i+1 < len(fields); i += 2 {
-		_ = h.enc.WriteField(hpack.HeaderField{Name: fields[i], Value: fields[i+1]})
-	}
-	if err := h.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: h.buf.Bytes(), EndHeaders: true, EndStream: endStream}); err != nil {
-		t.Fatal(err)
-	}
+	return testutil.NewH2Raw(t, c, settings...)
 }
 
 // Item 5: an HTTP/2 CONNECT tunnel whose client never opens its window
@@ -542,19 +515,19 @@ func TestAttackZeroWindowTunnelEndsAtIdleTimeout(t *testing.T) {
 	p, _ := hostile(t, "TUNNEL_IDLE_TIMEOUT=2s")
 	stream := streamingOrigin(t)
 	h := newH2Raw(t, p, "127.0.0.8", http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0})
-	h.headers(t, 1, false, ":method", "CONNECT", ":authority", stream,
+	h.Headers(t, 1, false, ":method", "CONNECT", ":authority", stream,
 		"proxy-authorization", "Bearer "+mint(t, "zero-window", "us-east"))
 	start := time.Now()
 	var got200, reset bool
 	for !reset {
-		f, err := h.fr.ReadFrame()
+		f, err := h.Framer.ReadFrame()
 		if err != nil {
 			t.Fatalf("reading frames (200: %v): %v", got200, err)
 		}
 		switch f := f.(type) {
 		case *http2.SettingsFrame:
 			if !f.IsAck() {
-				_ = h.fr.WriteSettingsAck()
+				_ = h.Framer.WriteSettingsAck()
 			}
 		case *http2.HeadersFrame:
 			got200 = f.StreamID == 1
@@ -634,11 +607,11 @@ func TestAttackPingsButNeverReads(t *testing.T) {
 	}))
 	t.Cleanup(big.Close)
 	h := newH2Raw(t, p, "127.0.0.10", http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1<<31 - 1})
-	if err := h.fr.WriteWindowUpdate(0, 1<<31-1-65535); err != nil {
+	if err := h.Framer.WriteWindowUpdate(0, 1<<31-1-65535); err != nil {
 		t.Fatal(err)
 	}
 	u, _ := url.Parse(big.URL)
-	h.headers(t, 1, true, ":method", "GET", ":scheme", "http", ":authority", u.Host, ":path", "/big",
+	h.Headers(t, 1, true, ":method", "GET", ":scheme", "http", ":authority", u.Host, ":path", "/big",
 		"proxy-authorization", "Bearer "+mint(t, "never-reads", "us-east"))
 	// Never read; ping until the proxy hangs up.
 	start := time.Now()
@@ -646,7 +619,7 @@ func TestAttackPingsButNeverReads(t *testing.T) {
 	for i := 0; werr == nil && time.Since(start) < failsafe; i++ {
 		var data [8]byte
 		binary.BigEndian.PutUint64(data[:], uint64(i))
-		werr = h.fr.WritePing(false, data)
+		werr = h.Framer.WritePing(false, data)
 		time.Sleep(100 * time.Millisecond)
 	}
 	if werr == nil {
