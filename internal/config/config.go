@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/joho/godotenv"
+
+	"github.com/pinaka-proxy/pinaka/internal/auth"
 )
 
 // MinSecretBytes is the shortest JWT_SECRET accepted: HS256 keys shorter than
@@ -33,10 +35,14 @@ type Config struct {
 	TLSPostQuantum bool
 
 	// Authentication.
-	JWTSecret       []byte
-	JWTLeeway       time.Duration
-	ProbeNodeName   string
-	ProbeNodeRegion string
+	JWTSecret []byte
+	// JWTPublicKeysPath is the PEM or JWKS file of token verification
+	// keys, reloaded on SIGHUP; JWTPublicKeys is what it held at Load.
+	JWTPublicKeysPath string
+	JWTPublicKeys     *auth.KeySet
+	JWTLeeway         time.Duration
+	ProbeNodeName     string
+	ProbeNodeRegion   string
 
 	// Rate limiting and limits.
 	RateLimitRequestsPerMinute int
@@ -146,10 +152,20 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 		p.file("TLS_KEY_PATH", c.TLSKeyPath)
 	}
 
+	// Either source of trust is enough: a node holding only public keys
+	// cannot mint tokens, which is the point of JWT_PUBLIC_KEYS.
+	c.JWTPublicKeysPath = p.str("JWT_PUBLIC_KEYS", "")
+	if c.JWTPublicKeysPath != "" {
+		ks, err := auth.LoadKeySet(c.JWTPublicKeysPath)
+		if err != nil {
+			p.errs = append(p.errs, fmt.Errorf("JWT_PUBLIC_KEYS: %w", err))
+		}
+		c.JWTPublicKeys = ks
+	}
 	secret := p.str("JWT_SECRET", "")
 	switch {
-	case secret == "" && !dev:
-		p.fail("JWT_SECRET", "is required")
+	case secret == "" && c.JWTPublicKeysPath == "" && !dev:
+		p.fail("JWT_SECRET", "is required (or JWT_PUBLIC_KEYS, a file of public keys)")
 	case secret != "" && len(secret) < MinSecretBytes:
 		p.fail("JWT_SECRET", "must be at least %d bytes", MinSecretBytes)
 	}

@@ -25,13 +25,15 @@ import (
 // record shipping. cmd/pinaka and the end-to-end tests both build it here,
 // so tests exercise the same wiring that production runs.
 type App struct {
-	Config  *config.Config
-	Server  *Server
-	Proxy   *proxy.Proxy
-	Policy  *egress.Policy
-	Metrics *metrics.Metrics
-	Shipper *accesslog.Shipper
-	log     *slog.Logger
+	Config *config.Config
+	Server *Server
+	Proxy  *proxy.Proxy
+	// Verifier checks tokens; ReloadKeys swaps its public keys.
+	Verifier *auth.Verifier
+	Policy   *egress.Policy
+	Metrics  *metrics.Metrics
+	Shipper  *accesslog.Shipper
+	log      *slog.Logger
 }
 
 // AppOptions are the parts of an App that are not configuration.
@@ -70,8 +72,10 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 	if err != nil {
 		return nil, fmt.Errorf("starting record shipping: %w", err)
 	}
+	verifier := auth.NewVerifier(cfg.JWTSecret, cfg.ProbeNodeRegion, cfg.JWTLeeway)
+	verifier.SetKeys(cfg.JWTPublicKeys)
 	p := proxy.New(proxy.Options{
-		Auth:                  auth.NewVerifier(cfg.JWTSecret, cfg.ProbeNodeRegion, cfg.JWTLeeway),
+		Auth:                  verifier,
 		Policy:                policy,
 		Dialer:                dialer,
 		Limiter:               ratelimit.New(cfg.RateLimitRequestsPerMinute, cfg.RateLimitBurstSize, cfg.RateLimitMaxTokens),
@@ -97,9 +101,28 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		Help: "Tunnel directions idle without a goroutine or buffer, waiting for their socket.",
 	}, func() float64 { return float64(p.ParkedDirections()) }))
 	return &App{
-		Config: cfg, Server: New(cfg, log, o.Certs, p, m), Proxy: p,
+		Config: cfg, Server: New(cfg, log, o.Certs, p, m), Proxy: p, Verifier: verifier,
 		Policy: policy, Metrics: m, Shipper: shipper, log: log,
 	}, nil
+}
+
+// ReloadKeys re-reads JWT_PUBLIC_KEYS (on SIGHUP). A file that does not
+// parse is refused and the current set kept: a typo during a rotation must
+// not lock every client out. Without JWT_PUBLIC_KEYS it does nothing.
+func (a *App) ReloadKeys() error {
+	path := a.Config.JWTPublicKeysPath
+	if path == "" {
+		return nil
+	}
+	ks, err := auth.LoadKeySet(path)
+	if err != nil {
+		a.log.Error("JWT_PUBLIC_KEYS reload refused; keeping the current keys", "err", err,
+			"kids", a.Verifier.Keys().IDs())
+		return fmt.Errorf("reloading JWT_PUBLIC_KEYS: %w", err)
+	}
+	a.Verifier.SetKeys(ks)
+	a.log.Info("JWT_PUBLIC_KEYS reloaded", "kids", ks.IDs())
+	return nil
 }
 
 // Start opens the listeners, adds their addresses to the egress policy's
