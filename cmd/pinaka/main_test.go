@@ -87,7 +87,7 @@ func runCLI(args ...string) result {
 	return result{code: code, stdout: out.String(), stderr: errOut.String()}
 }
 
-var subcommands = []string{"serve", "token", "collector", "check-config", "version"}
+var subcommands = []string{"serve", "token", "keygen", "collector", "check-config", "version"}
 
 func TestHelpListsCommands(t *testing.T) {
 	for _, arg := range []string{"--help", "-h", "help"} {

@@ -53,7 +53,7 @@ func genKeys(t *testing.T) *testKeys {
 }
 
 // pemOf is the PKIX PEM of pub.
-func pemOf(t *testing.T, pub crypto.PublicKey) []byte {
+func pemOf(t testing.TB, pub crypto.PublicKey) []byte {
 	t.Helper()
 	der, err := x509.MarshalPKIXPublicKey(pub)
 	if err != nil {
@@ -62,7 +62,7 @@ func pemOf(t *testing.T, pub crypto.PublicKey) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
 }
 
-func kidOf(t *testing.T, pub crypto.PublicKey) string {
+func kidOf(t testing.TB, pub crypto.PublicKey) string {
 	t.Helper()
 	kid, err := KeyID(pub)
 	if err != nil {
@@ -71,7 +71,7 @@ func kidOf(t *testing.T, pub crypto.PublicKey) string {
 	return kid
 }
 
-func keySet(t *testing.T, pubs ...crypto.PublicKey) *KeySet {
+func keySet(t testing.TB, pubs ...crypto.PublicKey) *KeySet {
 	t.Helper()
 	var b []byte
 	for _, p := range pubs {
@@ -90,7 +90,7 @@ func claims() jwt.MapClaims {
 }
 
 // signH signs claims with extra header fields.
-func signH(t *testing.T, alg string, key any, header map[string]any, c jwt.MapClaims) string {
+func signH(t testing.TB, alg string, key any, header map[string]any, c jwt.MapClaims) string {
 	t.Helper()
 	tok := jwt.NewWithClaims(jwt.GetSigningMethod(alg), c)
 	for k, v := range header {
