@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -254,5 +255,46 @@ func TestCheckConfigShowsPublicKeys(t *testing.T) {
 	s := settings(r.stdout)
 	if want := fmt.Sprintf("%s (1 keys, kids %s)", jwks, kid.Kid); s["JWT_PUBLIC_KEYS"] != want || s["JWT_SECRET"] != "(not set)" {
 		t.Errorf("JWT_PUBLIC_KEYS row %q, want %q; JWT_SECRET row %q", s["JWT_PUBLIC_KEYS"], want, s["JWT_SECRET"])
+	}
+}
+
+// JWKS_URL end to end with the real binary: the proxy fetches the set at
+// start and saves it under STATE_DIR; restarted while the key server is
+// down, it verifies with the saved set; with neither it does not start.
+func TestJWKSURLWithTheBinary(t *testing.T) {
+	clearEnv(t)
+	dir := t.TempDir()
+	keyPath, jwk := keygenJWKS(t, dir, "EdDSA")
+	doc, _ := json.Marshal(map[string]any{"keys": jwk})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write(doc) }))
+	state := t.TempDir()
+	certPath, certKey, _ := writeCert(t, dir)
+	env := []string{"TLS_CERT_PATH=" + certPath, "TLS_KEY_PATH=" + certKey, "JWKS_URL=" + srv.URL,
+		"STATE_DIR=" + state, "ADMIN_ADDR=off", "PROBE_NODE_REGION=test", "EGRESS_ALLOW_CIDRS=127.0.0.0/8"}
+	origin := echoOrigin(t)
+	tok := tokenWithKey(t, keyPath)
+
+	p := testutil.StartPinaka(t, env...)
+	if got := connectStatus(t, p.Addr, origin, tok); got != 200 {
+		t.Fatalf("token with a JWKS_URL key: %d", got)
+	}
+	p.Signal(syscall.SIGTERM)
+	p.Wait(t, 10*time.Second)
+
+	srv.Close()
+	p2 := testutil.StartPinaka(t, env...)
+	if got := connectStatus(t, p2.Addr, origin, tok); got != 200 {
+		t.Errorf("restart with the key server down: %d", got)
+	}
+	if !strings.Contains(p2.Log.String(), "using the saved key set") {
+		t.Errorf("no warning about the saved set:\n%s", p2.Log.String())
+	}
+
+	clearEnv(t)
+	setEnv(t, map[string]string{"TLS_CERT_PATH": certPath, "TLS_KEY_PATH": certKey, "JWKS_URL": srv.URL,
+		"STATE_DIR": t.TempDir(), "ADMIN_ADDR": "off", "PROXY_BIND": "127.0.0.1", "PROXY_PORT": testutil.FreePort(t)})
+	r := runCLI("serve", "--env-file", emptyEnvFile(t))
+	if r.code != 1 || !strings.Contains(r.stderr, "JWKS_URL: fetching") {
+		t.Errorf("start without key server or saved set: %v", r)
 	}
 }

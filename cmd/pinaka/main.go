@@ -196,6 +196,9 @@ func serve(args []string, stdout, stderr io.Writer) error {
 	// certificate renewal right after boot must reload, not kill.
 	sig := make(chan os.Signal, 4)
 	signal.Notify(sig, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM)
+	// An early return (a JWKS_URL that cannot be fetched) must not leave
+	// the signals caught with nobody reading them.
+	defer signal.Stop(sig)
 
 	app, err := server.NewApp(cfg, log, server.AppOptions{Certs: certs})
 	if err != nil {

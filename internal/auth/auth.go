@@ -215,10 +215,13 @@ const invalidUTF8 = "invalid UTF-8"
 type Verifier struct {
 	secret []byte
 	// keys is swapped whole by SetKeys (SIGHUP) while requests verify.
-	keys   atomic.Pointer[KeySet]
-	region string
-	leeway time.Duration
-	parser *jwt.Parser
+	keys atomic.Pointer[KeySet]
+	// onUnknownKid, if set, is told about a token whose kid is in no
+	// key (JWKS_URL refreshes on it). It must not block.
+	onUnknownKid func()
+	region       string
+	leeway       time.Duration
+	parser       *jwt.Parser
 	// verified caches tokens whose signature and claims were checked: a
 	// browser sends the same token on every request and stream, and a full
 	// HMAC + JSON decode costs microseconds and dozens of allocations. The
@@ -260,6 +263,10 @@ func (v *Verifier) SetKeys(ks *KeySet) {
 	v.keys.Store(ks)
 	v.verified.Purge()
 }
+
+// OnUnknownKid registers f to be called, without waiting, when a token
+// names a kid the set does not hold. Call it before the Verifier is used.
+func (v *Verifier) OnUnknownKid(f func()) { v.onUnknownKid = f }
 
 // Keys returns the current public key set (nil if none).
 func (v *Verifier) Keys() *KeySet { return v.keys.Load() }
@@ -350,6 +357,9 @@ func (v *Verifier) key(t *jwt.Token) (any, error) {
 		k := ks.lookup(kid)
 		switch {
 		case k == nil:
+			if v.onUnknownKid != nil {
+				v.onUnknownKid()
+			}
 			return nil, &refusal{"unknown kid"}
 		case !keyFits(alg, k.Key) || (k.Alg != "" && k.Alg != alg):
 			return nil, &refusal{"kid names a key of another algorithm"}

@@ -209,3 +209,35 @@ func TestPublicKeysReplaceTheSecret(t *testing.T) {
 		}
 	}
 }
+
+func TestJWKSURLSettings(t *testing.T) {
+	dir := t.TempDir()
+	cert, key := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	os.WriteFile(cert, []byte("x"), 0o600)
+	os.WriteFile(key, []byte("x"), 0o600)
+	env := func(kv ...string) Lookup {
+		m := map[string]string{"TLS_CERT_PATH": cert, "TLS_KEY_PATH": key}
+		for i := 0; i < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		return lookupOf(m)
+	}
+	c, err := Load(env("JWKS_URL", "https://issuer.test/jwks.json", "STATE_DIR", dir), false)
+	if err != nil {
+		t.Fatalf("JWKS_URL alone: %v", err)
+	}
+	if c.JWKSURL != "https://issuer.test/jwks.json" || c.JWKSRefreshInterval != 5*time.Minute || c.StateDir != dir {
+		t.Errorf("config: %q %v %q", c.JWKSURL, c.JWKSRefreshInterval, c.StateDir)
+	}
+	for _, tc := range []struct{ k, v, want string }{
+		{"JWKS_URL", "file:///etc/keys", "JWKS_URL must be an http:// or https:// URL"},
+		{"JWKS_REFRESH_INTERVAL", "0", "JWKS_REFRESH_INTERVAL must be at least 1s"},
+		{"STATE_DIR", filepath.Join(dir, "missing"), "STATE_DIR must be an existing directory"},
+		{"STATE_DIR", cert, "STATE_DIR must be an existing directory"},
+	} {
+		_, err := Load(env("JWT_SECRET", strings.Repeat("s", 32), tc.k, tc.v), false)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s=%s: %v", tc.k, tc.v, err)
+		}
+	}
+}
