@@ -50,6 +50,8 @@ type RemoteKeys struct {
 	lastKick time.Time
 
 	set       atomic.Pointer[KeySet]
+	acceptMu  sync.Mutex   // orders accepts (Run's and a direct Refresh)
+	lastRaw   []byte       // the document behind set
 	updatedAt atomic.Int64 // unix nanoseconds the current set was fetched
 	failures  atomic.Uint64
 }
@@ -198,8 +200,16 @@ func (r *RemoteKeys) fetch(ctx context.Context) ([]byte, *KeySet, error) {
 }
 
 func (r *RemoteKeys) accept(raw []byte, ks *KeySet) {
-	r.set.Store(ks)
+	r.acceptMu.Lock()
+	defer r.acceptMu.Unlock()
 	r.updatedAt.Store(r.o.Now().UnixNano())
+	// The same document again (the usual refresh) changes nothing: Apply
+	// would empty the verifier's cache for no reason.
+	if r.lastRaw != nil && bytes.Equal(raw, r.lastRaw) {
+		return
+	}
+	r.lastRaw = raw
+	r.set.Store(ks)
 	r.o.Apply(ks)
 	r.o.Log.Info("JWKS_URL key set loaded", "kids", ks.IDs())
 	if path := r.savePath(); path != "" {

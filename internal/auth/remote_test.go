@@ -220,3 +220,26 @@ func TestMergeKeySetsFirstWins(t *testing.T) {
 		t.Error("merge of nothing is not nil")
 	}
 }
+
+// A refresh that brings the same document keeps the verifier's cache; a
+// changed one replaces the set.
+func TestJWKSURLSameDocumentKeepsTheCache(t *testing.T) {
+	k := genKeys(t)
+	srv := newJWKSServer(t)
+	srv.serve(t, 200, k.ed.Public())
+	applied := 0
+	r := NewRemoteKeys(RemoteOptions{URL: srv.URL, Interval: time.Hour, Apply: func(*KeySet) { applied++ }})
+	if err := r.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Refresh(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if applied != 1 {
+		t.Errorf("same document applied %d times, want 1", applied)
+	}
+	srv.serve(t, 200, k.ed.Public(), k.p256.Public())
+	if err := r.Refresh(context.Background()); err != nil || applied != 2 || r.Keys().Len() != 2 {
+		t.Errorf("changed document: applied %d, %d keys, %v", applied, r.Keys().Len(), err)
+	}
+}
