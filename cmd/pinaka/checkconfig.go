@@ -9,6 +9,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/config"
 )
 
 // checkConfig loads and validates the configuration and the certificate,
@@ -52,6 +54,10 @@ func checkConfig(args []string, stdout, stderr io.Writer) error {
 	row("certificate", certInfo)
 	row("TLS_POST_QUANTUM", cfg.TLSPostQuantum)
 	row("JWT_SECRET", mask(string(cfg.JWTSecret)))
+	row("JWT_PUBLIC_KEYS", publicKeys(cfg))
+	row("JWKS_URL", orNone(redactURL(cfg.JWKSURL)))
+	row("JWKS_REFRESH_INTERVAL", cfg.JWKSRefreshInterval)
+	row("STATE_DIR", orNone(cfg.StateDir))
 	row("JWT_LEEWAY", cfg.JWTLeeway)
 	row("PROBE_NODE_NAME", cfg.ProbeNodeName)
 	row("PROBE_NODE_REGION", orNone(cfg.ProbeNodeRegion))
@@ -141,4 +147,13 @@ func ipStrings[T fmt.Stringer](ips []T) []string {
 		out[i] = ip.String()
 	}
 	return out
+}
+
+// publicKeys shows the key file and the kids it holds (kids are public).
+func publicKeys(cfg *config.Config) string {
+	if cfg.JWTPublicKeysPath == "" {
+		return "(not set)"
+	}
+	return fmt.Sprintf("%s (%d keys, kids %s)", cfg.JWTPublicKeysPath,
+		cfg.JWTPublicKeys.Len(), strings.Join(cfg.JWTPublicKeys.IDs(), ","))
 }

@@ -195,6 +195,17 @@ func TestCheckConfigBad(t *testing.T) {
 		{"JWT_SECRET missing", func(t *testing.T, c map[string]string, _ string) {
 			delete(c, "JWT_SECRET")
 		}, []string{"JWT_SECRET is required"}},
+		{"JWT_PUBLIC_KEYS malformed", func(t *testing.T, c map[string]string, dir string) {
+			p := filepath.Join(dir, "keys.pem")
+			if err := os.WriteFile(p, []byte("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			c["JWT_PUBLIC_KEYS"] = p
+		}, []string{"JWT_PUBLIC_KEYS: ", "PEM block 1"}},
+		{"JWT_PUBLIC_KEYS missing file", func(t *testing.T, c map[string]string, dir string) {
+			delete(c, "JWT_SECRET")
+			c["JWT_PUBLIC_KEYS"] = filepath.Join(dir, "missing.json")
+		}, []string{"JWT_PUBLIC_KEYS: ", "no such file"}},
 		{"TLS_CERT_PATH file missing", func(t *testing.T, c map[string]string, dir string) {
 			c["TLS_CERT_PATH"] = filepath.Join(dir, "missing.pem")
 		}, []string{"TLS_CERT_PATH: no such file"}},

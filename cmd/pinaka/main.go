@@ -9,8 +9,15 @@ import (
 	_ "github.com/pinaka-proxy/pinaka/internal/xconnect"
 
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
@@ -36,7 +43,8 @@ const usage = `pinaka — a forward proxy for browser traffic
 
 Usage:
   pinaka serve [--dev] [--env-file FILE]   run the proxy
-  pinaka token [flags]                     mint a JWT with JWT_SECRET
+  pinaka token [flags]                     mint a JWT with JWT_SECRET, or --key FILE
+  pinaka keygen --alg ALG [--out FILE]     write a signing key, print its public JWKS
   pinaka collector [--env-file FILE]       run the reference log backend (PostgreSQL)
   pinaka check-config [--env-file FILE]    validate the configuration and print it
   pinaka healthcheck [--path /readyz]      exit 0 if the admin listener says ready (for containers)
@@ -63,6 +71,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = serve(rest, stdout, stderr)
 	case "token":
 		err = token(rest, stdout, stderr)
+	case "keygen":
+		err = keygen(rest, stdout, stderr)
 	case "collector":
 		err = runCollector(rest, stderr)
 	case "check-config":
@@ -186,6 +196,9 @@ func serve(args []string, stdout, stderr io.Writer) error {
 	// certificate renewal right after boot must reload, not kill.
 	sig := make(chan os.Signal, 4)
 	signal.Notify(sig, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM)
+	// An early return (a JWKS_URL that cannot be fetched) must not leave
+	// the signals caught with nobody reading them.
+	defer signal.Stop(sig)
 
 	app, err := server.NewApp(cfg, log, server.AppOptions{Certs: certs})
 	if err != nil {
@@ -200,7 +213,9 @@ func serve(args []string, stdout, stderr io.Writer) error {
 
 	for s := range sig {
 		if s == syscall.SIGHUP {
+			// Each logs its own outcome; a refusal keeps the old state.
 			_ = app.Server.Reload()
+			_ = app.ReloadKeys()
 			continue
 		}
 		log.Info("signal received, shutting down", "signal", s.String(), "timeout", cfg.ShutdownTimeout.String())
@@ -256,14 +271,36 @@ func token(args []string, stdout, stderr io.Writer) error {
 	regions := fs.String("regions", "", `allowed_regions, comma-separated ("*" for all)`)
 	ttl := fs.Duration("ttl", time.Hour, "lifetime")
 	tokenType := fs.String("type", "", `token_type claim: "manual" or "session" (optional)`)
-	alg := fs.String("alg", "HS256", "HS256, HS384 or HS512")
+	alg := fs.String("alg", "", "HS256 (default), HS384 or HS512; with --key, one fitting the key (default: RS256, ES256/384/512 by curve, EdDSA)")
+	keyFile := fs.String("key", "", "sign with this PEM private key instead of JWT_SECRET")
+	kid := fs.String("kid", "", "with --key: the kid header (default: the key's RFC 7638 thumbprint, as the verifier derives for PEM keys)")
 	lookup, err := parseWithEnv(fs, args)
 	if err != nil {
 		return err
 	}
-	secret, _ := lookup("JWT_SECRET")
-	if len(secret) < config.MinSecretBytes {
-		return fmt.Errorf("JWT_SECRET must be set and at least %d bytes", config.MinSecretBytes)
+	var signer crypto.Signer
+	var secret string
+	if *keyFile != "" {
+		b, err := os.ReadFile(*keyFile)
+		if err != nil {
+			return fmt.Errorf("--key: %w", err)
+		}
+		if signer, err = auth.ParsePrivateKeyPEM(b); err != nil {
+			return fmt.Errorf("--key %s: %w", *keyFile, err)
+		}
+		if *kid == "" {
+			if *kid, err = auth.KeyID(signer.Public()); err != nil {
+				return fmt.Errorf("--key %s: deriving kid: %w", *keyFile, err)
+			}
+		}
+	} else {
+		if *kid != "" {
+			return errors.New("--kid needs --key (HMAC tokens carry no kid)")
+		}
+		secret, _ = lookup("JWT_SECRET")
+		if len(secret) < config.MinSecretBytes {
+			return fmt.Errorf("JWT_SECRET must be set and at least %d bytes (or sign with --key FILE)", config.MinSecretBytes)
+		}
 	}
 	if *tokenID == "" {
 		return errors.New("--token-id is required")
@@ -284,13 +321,75 @@ func token(args []string, stdout, stderr io.Writer) error {
 	if len(rs) == 0 {
 		return errors.New(`--regions is required (a token without regions is allowed nowhere; "*" means every region)`)
 	}
-	tok, err := auth.Mint([]byte(secret), auth.MintOptions{
+	o := auth.MintOptions{
 		UserID: *user, TokenID: *tokenID, TokenType: *tokenType, Regions: rs, TTL: *ttl, Algorithm: *alg,
-	})
+	}
+	var tok string
+	if signer != nil {
+		tok, err = auth.MintWithKey(signer, *kid, o)
+	} else {
+		tok, err = auth.Mint([]byte(secret), o)
+	}
 	if err != nil {
 		return err
 	}
 	fmt.Fprintln(stdout, tok)
+	return nil
+}
+
+// keygen writes a new signing key (PKCS#8 PEM, mode 0600, never over an
+// existing file) and prints its public half as a JWKS document with kid and
+// alg: the file to give the proxies as JWT_PUBLIC_KEYS, or to merge into
+// the one they have.
+func keygen(args []string, stdout, stderr io.Writer) error {
+	fs := flagSet("keygen", stderr)
+	alg := fs.String("alg", "ES256", "ES256, EdDSA or RS256")
+	out := fs.String("out", "pinaka-signing-key.pem", "write the private key here (must not exist)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var key crypto.Signer
+	var err error
+	switch *alg {
+	case "ES256":
+		key, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	case "EdDSA":
+		_, key, err = ed25519.GenerateKey(rand.Reader)
+	case "RS256":
+		key, err = rsa.GenerateKey(rand.Reader, 3072)
+	default:
+		return fmt.Errorf("--alg must be ES256, EdDSA or RS256, got %q", *alg)
+	}
+	if err != nil {
+		return fmt.Errorf("generating %s key: %w", *alg, err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return fmt.Errorf("encoding private key: %w", err)
+	}
+	kid, err := auth.KeyID(key.Public())
+	if err != nil {
+		return fmt.Errorf("deriving kid: %w", err)
+	}
+	jwks, err := auth.MarshalJWKS([]auth.PublicKey{{ID: kid, Key: key.Public(), Alg: *alg}})
+	if err != nil {
+		return fmt.Errorf("encoding JWKS: %w", err)
+	}
+	// O_EXCL: overwriting a signing key in use would orphan every token it
+	// signed, and 0600 because it is a credential.
+	f, err := os.OpenFile(*out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("--out: %w", err)
+	}
+	if err := pem.Encode(f, &pem.Block{Type: "PRIVATE KEY", Bytes: der}); err != nil {
+		f.Close()
+		return fmt.Errorf("writing %s: %w", *out, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("writing %s: %w", *out, err)
+	}
+	fmt.Fprintf(stderr, "private key written to %s (kid %s); the public JWKS follows on stdout\n", *out, kid)
+	fmt.Fprintf(stdout, "%s\n", jwks)
 	return nil
 }
 

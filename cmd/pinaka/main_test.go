@@ -21,7 +21,7 @@ import (
 // into a case.
 var configVariables = []string{
 	"PROXY_PORT", "PROXY_BIND", "HTTP_PROXY_ENABLED", "TLS_CERT_PATH", "TLS_KEY_PATH",
-	"JWT_SECRET", "BACKEND_URL", "BACKEND_API_KEY", "PROBE_NODE_NAME", "PROBE_NODE_REGION",
+	"JWT_SECRET", "JWT_PUBLIC_KEYS", "JWKS_URL", "JWKS_REFRESH_INTERVAL", "STATE_DIR", "BACKEND_URL", "BACKEND_API_KEY", "PROBE_NODE_NAME", "PROBE_NODE_REGION",
 	"RATE_LIMIT_REQUESTS_PER_MINUTE", "RATE_LIMIT_BURST_SIZE", "RATE_LIMIT_MAX_TOKENS",
 	"RUST_LOG", "LOG_LEVEL", "EGRESS_ALLOW_CIDRS", "EGRESS_DENY_CIDRS", "ALLOWED_PORTS",
 	"DNS_SERVERS", "ADMIN_ADDR", "LOG_BATCH_SIZE", "LOG_BATCH_INTERVAL", "LOG_SPOOL_DIR",
@@ -87,7 +87,7 @@ func runCLI(args ...string) result {
 	return result{code: code, stdout: out.String(), stderr: errOut.String()}
 }
 
-var subcommands = []string{"serve", "token", "collector", "check-config", "version"}
+var subcommands = []string{"serve", "token", "keygen", "collector", "check-config", "version"}
 
 func TestHelpListsCommands(t *testing.T) {
 	for _, arg := range []string{"--help", "-h", "help"} {

@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -34,9 +35,13 @@ const MaxHeaderLen = 4096
 // column whatever its characters, and bounds the rate limiter's keys.
 const MaxIDLen = 50
 
-// Algorithms are the only accepted signing methods. Pinning them refuses
-// "none" and every asymmetric algorithm (the classic HS/RS confusion).
-var Algorithms = []string{"HS256", "HS384", "HS512"}
+// HMACAlgorithms are verified with JWT_SECRET and minted by Mint.
+var HMACAlgorithms = []string{"HS256", "HS384", "HS512"}
+
+// Algorithms are the only accepted signing methods: "none" is never one.
+// Which key verifies which algorithm is the Verifier's key function's rule
+// (keyFits): the HMAC secret only HS*, a public key only its own family.
+var Algorithms = slices.Concat(HMACAlgorithms, AsymmetricAlgorithms)
 
 // Errors returned by Verifier.Authenticate. ErrMissing and ErrInvalid mean
 // 407; ErrRegion means 403.
@@ -205,12 +210,18 @@ func (f *FlexString) UnmarshalJSON(b []byte) error {
 // invalidUTF8 marks FlexString's refusal in a json.UnmarshalTypeError.
 const invalidUTF8 = "invalid UTF-8"
 
-// Verifier checks tokens against one secret and this node's region.
+// Verifier checks tokens against the HMAC secret and a set of public keys,
+// and this node's region.
 type Verifier struct {
 	secret []byte
-	region string
-	leeway time.Duration
-	parser *jwt.Parser
+	// keys is swapped whole by SetKeys (SIGHUP) while requests verify.
+	keys atomic.Pointer[KeySet]
+	// onUnknownKid, if set, is told about a token whose kid is in no
+	// key (JWKS_URL refreshes on it). It must not block.
+	onUnknownKid func()
+	region       string
+	leeway       time.Duration
+	parser       *jwt.Parser
 	// verified caches tokens whose signature and claims were checked: a
 	// browser sends the same token on every request and stream, and a full
 	// HMAC + JSON decode costs microseconds and dozens of allocations. The
@@ -231,7 +242,8 @@ type verifiedToken struct {
 const verifiedCacheSize = 16384
 
 // NewVerifier returns a Verifier for tokens signed with secret, valid in
-// region, tolerating leeway of clock skew on exp and nbf.
+// region, tolerating leeway of clock skew on exp and nbf. An empty secret
+// refuses every HS* token; SetKeys adds public keys.
 func NewVerifier(secret []byte, region string, leeway time.Duration) *Verifier {
 	cache, _ := lru.New[string, verifiedToken](verifiedCacheSize)
 	v := &Verifier{secret: secret, region: region, leeway: leeway, verified: cache, now: time.Now}
@@ -243,6 +255,21 @@ func NewVerifier(secret []byte, region string, leeway time.Duration) *Verifier {
 	)
 	return v
 }
+
+// SetKeys replaces the public key set (nil: none). The cache of verified
+// tokens is emptied so that a token signed by a key just removed stops
+// working at once rather than when it expires.
+func (v *Verifier) SetKeys(ks *KeySet) {
+	v.keys.Store(ks)
+	v.verified.Purge()
+}
+
+// OnUnknownKid registers f to be called, without waiting, when a token
+// names a kid the set does not hold. Call it before the Verifier is used.
+func (v *Verifier) OnUnknownKid(f func()) { v.onUnknownKid = f }
+
+// Keys returns the current public key set (nil if none).
+func (v *Verifier) Keys() *KeySet { return v.keys.Load() }
 
 // Authenticate verifies a Proxy-Authorization header value. On ErrRegion the
 // returned Identity is non-nil so the refusal can be recorded against it.
@@ -302,21 +329,73 @@ func (v *Verifier) verify(raw string) (*Identity, error) {
 // extension the recipient does not understand is invalid. Pinaka
 // understands none, so any crit is refused; one that is not a non-empty
 // array of strings is malformed (§4.1.11 forbids producers the empty list).
+//
+// Then the key: HS* tokens get the secret and nothing else; any other
+// algorithm gets only public keys of its own family (keyFits), so neither
+// an RSA public key used as an HMAC secret nor an EC key behind an RS256
+// header can pass. The kid header picks the key; a token without kid is
+// tried against every key of its family (a set has a handful of keys).
+// jku, x5u, x5c and jwk headers are never read: keys come only from the
+// configured set.
 func (v *Verifier) key(t *jwt.Token) (any, error) {
-	crit, ok := t.Header["crit"]
-	if !ok {
+	if err := checkCrit(t.Header); err != nil {
+		return nil, err
+	}
+	alg := t.Method.Alg()
+	if slices.Contains(HMACAlgorithms, alg) {
+		if len(v.secret) == 0 {
+			return nil, &refusal{"HMAC tokens are not accepted here (no JWT_SECRET)"}
+		}
 		return v.secret, nil
+	}
+	ks := v.keys.Load()
+	if raw, ok := t.Header["kid"]; ok {
+		kid, _ := raw.(string)
+		if kid == "" {
+			return nil, &refusal{"kid header is not a non-empty string"}
+		}
+		k := ks.lookup(kid)
+		switch {
+		case k == nil:
+			if v.onUnknownKid != nil {
+				v.onUnknownKid()
+			}
+			return nil, &refusal{"unknown kid"}
+		case !keyFits(alg, k.Key) || (k.Alg != "" && k.Alg != alg):
+			return nil, &refusal{"kid names a key of another algorithm"}
+		}
+		return k.Key, nil
+	}
+	var set jwt.VerificationKeySet
+	if ks != nil {
+		for _, k := range ks.keys {
+			if keyFits(alg, k.Key) && (k.Alg == "" || k.Alg == alg) {
+				set.Keys = append(set.Keys, k.Key)
+			}
+		}
+	}
+	if len(set.Keys) == 0 {
+		return nil, &refusal{"no key for this algorithm"}
+	}
+	return set, nil
+}
+
+// checkCrit applies RFC 7515 §4.1.11 (see key).
+func checkCrit(h map[string]any) error {
+	crit, ok := h["crit"]
+	if !ok {
+		return nil
 	}
 	names, _ := crit.([]any)
 	if len(names) == 0 {
-		return nil, &refusal{"crit header is not a list of extension names"}
+		return &refusal{"crit header is not a list of extension names"}
 	}
 	for _, n := range names {
 		if _, ok := n.(string); !ok {
-			return nil, &refusal{"crit header is not a list of extension names"}
+			return &refusal{"crit header is not a list of extension names"}
 		}
 	}
-	return nil, &refusal{"crit header names extensions this proxy does not understand"}
+	return &refusal{"crit header names extensions this proxy does not understand"}
 }
 
 // regionAllowed: "*" allows every node; a node without a region accepts only
@@ -417,7 +496,9 @@ type MintOptions struct {
 	TokenType string
 	Regions   []string
 	TTL       time.Duration
-	Algorithm string // HS256 (default), HS384 or HS512
+	// Algorithm: for Mint HS256 (default), HS384 or HS512; for
+	// MintWithKey one fitting the key (default SigningAlgorithm).
+	Algorithm string
 	Now       time.Time
 }
 
@@ -426,25 +507,34 @@ func Mint(secret []byte, o MintOptions) (string, error) {
 	if o.Algorithm == "" {
 		o.Algorithm = "HS256"
 	}
-	if !slices.Contains(Algorithms, o.Algorithm) {
-		return "", fmt.Errorf("algorithm %q not one of %v", o.Algorithm, Algorithms)
+	if !slices.Contains(HMACAlgorithms, o.Algorithm) {
+		return "", fmt.Errorf("algorithm %q not one of %v", o.Algorithm, HMACAlgorithms)
 	}
+	c, err := mintClaims(o)
+	if err != nil {
+		return "", err
+	}
+	return jwt.NewWithClaims(jwt.GetSigningMethod(o.Algorithm), c).SignedString(secret)
+}
+
+// mintClaims checks o and builds the claims every minted token carries.
+func mintClaims(o MintOptions) (Claims, error) {
 	if o.TTL <= 0 {
-		return "", errors.New("ttl must be positive")
+		return Claims{}, errors.New("ttl must be positive")
 	}
 	if o.TokenID == "" {
-		return "", errors.New("token id is required")
+		return Claims{}, errors.New("token id is required")
 	}
 	// A token the verifier would refuse is not worth minting.
 	for _, id := range []struct{ claim, v string }{{"token_id", o.TokenID}, {"user_id", o.UserID}} {
 		if err := CheckID(id.claim, id.v); err != nil {
-			return "", err
+			return Claims{}, err
 		}
 	}
 	if o.Now.IsZero() {
 		o.Now = time.Now()
 	}
-	c := Claims{
+	return Claims{
 		UserID:         FlexString(o.UserID),
 		TokenID:        FlexString(o.TokenID),
 		TokenType:      o.TokenType,
@@ -452,6 +542,5 @@ func Mint(secret []byte, o MintOptions) (string, error) {
 		IssuedAt:       newNumericDate(o.Now),
 		NotBefore:      newNumericDate(o.Now),
 		ExpiresAt:      newNumericDate(o.Now.Add(o.TTL)),
-	}
-	return jwt.NewWithClaims(jwt.GetSigningMethod(o.Algorithm), c).SignedString(secret)
+	}, nil
 }

@@ -2,6 +2,7 @@ package auth
 
 import (
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
@@ -164,6 +165,20 @@ func FuzzTokenFromHeader(f *testing.F) {
 		"Bearer\t", "Negotiate abc", "Basic ====", " Bearer  a ", "Basic " + strings.Repeat("A", 5000)} {
 		f.Add(s)
 	}
+	// Public-key seeds, with a key derived from a fixed seed so that the
+	// fuzzer mutates tokens that verify: a genuine EdDSA token, one with
+	// a jku, one whose kid is a number, and the HS256 confusion token
+	// keyed with the public key's PEM.
+	fuzzKeys, fuzzEd := fuzzKeySet(f)
+	edPEM := pemOf(f, fuzzEd.Public())
+	for _, tok := range []string{
+		signH(f, "EdDSA", fuzzEd, nil, claims()),
+		signH(f, "EdDSA", fuzzEd, map[string]any{"kid": fuzzKeys.IDs()[0], "jku": "http://127.0.0.1:1/"}, claims()),
+		signH(f, "EdDSA", fuzzEd, map[string]any{"kid": 1}, claims()),
+		signH(f, "HS256", edPEM, map[string]any{"kid": fuzzKeys.IDs()[0]}, claims()),
+	} {
+		f.Add("Bearer " + tok)
+	}
 	f.Fuzz(func(t *testing.T, h string) {
 		tok, err := TokenFromHeader(h)
 		if err != nil {
@@ -190,12 +205,33 @@ func FuzzTokenFromHeader(f *testing.F) {
 		// must be refused (crit header, string exp, a 60-character and a
 		// NUL token_id); whatever is accepted has ids the record store can
 		// hold.
-		if id, err := NewVerifier(secret, "r", 0).Verify(tok); err == nil {
+		v := NewVerifier(secret, "r", 0)
+		v.SetKeys(fuzzKeys)
+		if id, err := v.Verify(tok); err == nil {
 			if e := errors.Join(CheckID("token_id", id.TokenID), CheckID("user_id", id.UserID)); e != nil || id.TokenID == "" {
 				t.Fatalf("accepted identity %+v: %v", id, e)
 			}
+			// Only HS* with the secret or EdDSA with the one key verify.
+			if alg := jwtAlg(tok); alg != "EdDSA" && !strings.HasPrefix(alg, "HS") {
+				t.Fatalf("accepted a %q token", alg)
+			}
 		}
 	})
+}
+
+// fuzzKeySet is a one-key set from a fixed Ed25519 seed.
+func fuzzKeySet(t testing.TB) (*KeySet, ed25519.PrivateKey) {
+	ed := ed25519.NewKeyFromSeed([]byte("pinaka-fuzz-seed-0123456789abcde"))
+	return keySet(t, ed.Public()), ed
+}
+
+// jwtAlg reads a token's alg header, "" if it has none.
+func jwtAlg(tok string) string {
+	seg, _, _ := strings.Cut(tok, ".")
+	b, _ := base64.RawURLEncoding.DecodeString(seg)
+	var h struct{ Alg string }
+	json.Unmarshal(b, &h)
+	return h.Alg
 }
 
 func BenchmarkVerify(b *testing.B) {

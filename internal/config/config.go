@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/joho/godotenv"
+
+	"github.com/pinaka-proxy/pinaka/internal/auth"
 )
 
 // MinSecretBytes is the shortest JWT_SECRET accepted: HS256 keys shorter than
@@ -33,7 +35,18 @@ type Config struct {
 	TLSPostQuantum bool
 
 	// Authentication.
-	JWTSecret       []byte
+	JWTSecret []byte
+	// JWTPublicKeysPath is the PEM or JWKS file of token verification
+	// keys, reloaded on SIGHUP; JWTPublicKeys is what it held at Load.
+	JWTPublicKeysPath string
+	JWTPublicKeys     *auth.KeySet
+	// JWKSURL publishes keys too: fetched at start, refreshed every
+	// JWKSRefreshInterval and on an unknown kid.
+	JWKSURL             string
+	JWKSRefreshInterval time.Duration
+	// StateDir is what the node keeps across restarts (the last good
+	// JWKS); "" keeps nothing.
+	StateDir        string
 	JWTLeeway       time.Duration
 	ProbeNodeName   string
 	ProbeNodeRegion string
@@ -146,10 +159,37 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 		p.file("TLS_KEY_PATH", c.TLSKeyPath)
 	}
 
+	// Either source of trust is enough: a node holding only public keys
+	// cannot mint tokens, which is the point of JWT_PUBLIC_KEYS.
+	c.JWTPublicKeysPath = p.str("JWT_PUBLIC_KEYS", "")
+	if c.JWTPublicKeysPath != "" {
+		ks, err := auth.LoadKeySet(c.JWTPublicKeysPath)
+		if err != nil {
+			p.errs = append(p.errs, fmt.Errorf("JWT_PUBLIC_KEYS: %w", err))
+		}
+		c.JWTPublicKeys = ks
+	}
+	c.JWKSURL = p.str("JWKS_URL", "")
+	if c.JWKSURL != "" {
+		u, err := url.Parse(c.JWKSURL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			p.fail("JWKS_URL", "must be an http:// or https:// URL, got %q", c.JWKSURL)
+		}
+	}
+	c.JWKSRefreshInterval = p.duration("JWKS_REFRESH_INTERVAL", 5*time.Minute)
+	if c.JWKSRefreshInterval < time.Second {
+		p.fail("JWKS_REFRESH_INTERVAL", "must be at least 1s")
+	}
+	c.StateDir = p.str("STATE_DIR", "")
+	if c.StateDir != "" {
+		if st, err := os.Stat(c.StateDir); err != nil || !st.IsDir() {
+			p.fail("STATE_DIR", "must be an existing directory, got %q", c.StateDir)
+		}
+	}
 	secret := p.str("JWT_SECRET", "")
 	switch {
-	case secret == "" && !dev:
-		p.fail("JWT_SECRET", "is required")
+	case secret == "" && c.JWTPublicKeysPath == "" && c.JWKSURL == "" && !dev:
+		p.fail("JWT_SECRET", "is required (or JWT_PUBLIC_KEYS, a file of public keys, or JWKS_URL)")
 	case secret != "" && len(secret) < MinSecretBytes:
 		p.fail("JWT_SECRET", "must be at least %d bytes", MinSecretBytes)
 	}

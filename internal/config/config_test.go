@@ -169,3 +169,75 @@ func TestHardeningLimits(t *testing.T) {
 		}
 	}
 }
+
+// JWT_PUBLIC_KEYS alone is a source of trust; a file that does not parse
+// is refused at start, the message naming the variable.
+func TestPublicKeysReplaceTheSecret(t *testing.T) {
+	dir := t.TempDir()
+	cert, key := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	os.WriteFile(cert, []byte("x"), 0o600)
+	os.WriteFile(key, []byte("x"), 0o600)
+	good := filepath.Join(dir, "keys.json")
+	// RFC 8037 A.2's Ed25519 public key.
+	os.WriteFile(good, []byte(`{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"k1","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}`), 0o600)
+	bad := filepath.Join(dir, "bad.pem")
+	os.WriteFile(bad, []byte("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"), 0o600)
+	base := map[string]string{"TLS_CERT_PATH": cert, "TLS_KEY_PATH": key}
+	with := func(k, v string) Lookup {
+		m := map[string]string{k: v}
+		for a, b := range base {
+			m[a] = b
+		}
+		return lookupOf(m)
+	}
+
+	c, err := Load(with("JWT_PUBLIC_KEYS", good), false)
+	if err != nil {
+		t.Fatalf("public keys without a secret: %v", err)
+	}
+	if len(c.JWTSecret) != 0 || c.JWTPublicKeys.Len() != 1 || c.JWTPublicKeys.IDs()[0] != "k1" {
+		t.Errorf("config: secret %d bytes, keys %v", len(c.JWTSecret), c.JWTPublicKeys.IDs())
+	}
+	_, err = Load(lookupOf(base), false)
+	if err == nil || !strings.Contains(err.Error(), "JWT_SECRET is required (or JWT_PUBLIC_KEYS") {
+		t.Errorf("neither source: %v", err)
+	}
+	for _, path := range []string{bad, filepath.Join(dir, "missing"), dir} {
+		_, err = Load(with("JWT_PUBLIC_KEYS", path), false)
+		if err == nil || !strings.HasPrefix(err.Error(), "JWT_PUBLIC_KEYS: ") || strings.Contains(err.Error(), "JWT_SECRET") {
+			t.Errorf("JWT_PUBLIC_KEYS=%s: %v", path, err)
+		}
+	}
+}
+
+func TestJWKSURLSettings(t *testing.T) {
+	dir := t.TempDir()
+	cert, key := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	os.WriteFile(cert, []byte("x"), 0o600)
+	os.WriteFile(key, []byte("x"), 0o600)
+	env := func(kv ...string) Lookup {
+		m := map[string]string{"TLS_CERT_PATH": cert, "TLS_KEY_PATH": key}
+		for i := 0; i < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		return lookupOf(m)
+	}
+	c, err := Load(env("JWKS_URL", "https://issuer.test/jwks.json", "STATE_DIR", dir), false)
+	if err != nil {
+		t.Fatalf("JWKS_URL alone: %v", err)
+	}
+	if c.JWKSURL != "https://issuer.test/jwks.json" || c.JWKSRefreshInterval != 5*time.Minute || c.StateDir != dir {
+		t.Errorf("config: %q %v %q", c.JWKSURL, c.JWKSRefreshInterval, c.StateDir)
+	}
+	for _, tc := range []struct{ k, v, want string }{
+		{"JWKS_URL", "file:///etc/keys", "JWKS_URL must be an http:// or https:// URL"},
+		{"JWKS_REFRESH_INTERVAL", "0", "JWKS_REFRESH_INTERVAL must be at least 1s"},
+		{"STATE_DIR", filepath.Join(dir, "missing"), "STATE_DIR must be an existing directory"},
+		{"STATE_DIR", cert, "STATE_DIR must be an existing directory"},
+	} {
+		_, err := Load(env("JWT_SECRET", strings.Repeat("s", 32), tc.k, tc.v), false)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s=%s: %v", tc.k, tc.v, err)
+		}
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -25,13 +26,25 @@ import (
 // record shipping. cmd/pinaka and the end-to-end tests both build it here,
 // so tests exercise the same wiring that production runs.
 type App struct {
-	Config  *config.Config
-	Server  *Server
-	Proxy   *proxy.Proxy
-	Policy  *egress.Policy
-	Metrics *metrics.Metrics
-	Shipper *accesslog.Shipper
-	log     *slog.Logger
+	Config *config.Config
+	Server *Server
+	Proxy  *proxy.Proxy
+	// Verifier checks tokens; ReloadKeys and the JWKS_URL refresh swap
+	// its public keys.
+	Verifier *auth.Verifier
+	// Remote is the JWKS_URL key set, nil without JWKS_URL.
+	Remote *auth.RemoteKeys
+
+	// The verifier's set is the file's keys, then the URL's (the file
+	// wins a kid both hold); keysMu orders the two writers.
+	keysMu   sync.Mutex
+	fileKeys *auth.KeySet
+	urlKeys  *auth.KeySet
+	stop     context.CancelFunc
+	Policy   *egress.Policy
+	Metrics  *metrics.Metrics
+	Shipper  *accesslog.Shipper
+	log      *slog.Logger
 }
 
 // AppOptions are the parts of an App that are not configuration.
@@ -70,8 +83,33 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 	if err != nil {
 		return nil, fmt.Errorf("starting record shipping: %w", err)
 	}
+	verifier := auth.NewVerifier(cfg.JWTSecret, cfg.ProbeNodeRegion, cfg.JWTLeeway)
+	a := &App{Config: cfg, Verifier: verifier, fileKeys: cfg.JWTPublicKeys, log: log}
+	a.applyKeys()
+	if cfg.JWKSURL != "" {
+		a.Remote = auth.NewRemoteKeys(auth.RemoteOptions{
+			URL: cfg.JWKSURL, Interval: cfg.JWKSRefreshInterval, StateDir: cfg.StateDir, Log: log,
+			Apply: func(ks *auth.KeySet) {
+				a.keysMu.Lock()
+				a.urlKeys = ks
+				a.keysMu.Unlock()
+				a.applyKeys()
+			},
+		})
+		// Fetched before anything listens: a node that cannot verify
+		// any token has no business accepting connections.
+		if err := a.Remote.Load(context.Background()); err != nil {
+			return nil, fmt.Errorf("JWKS_URL: %w", err)
+		}
+		verifier.OnUnknownKid(a.Remote.UnknownKid)
+		registerRemoteMetrics(m, a.Remote)
+	}
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "pinaka_jwt_public_keys",
+		Help: "Public keys that verify tokens (JWT_PUBLIC_KEYS and JWKS_URL together).",
+	}, func() float64 { return float64(verifier.Keys().Len()) }))
 	p := proxy.New(proxy.Options{
-		Auth:                  auth.NewVerifier(cfg.JWTSecret, cfg.ProbeNodeRegion, cfg.JWTLeeway),
+		Auth:                  verifier,
 		Policy:                policy,
 		Dialer:                dialer,
 		Limiter:               ratelimit.New(cfg.RateLimitRequestsPerMinute, cfg.RateLimitBurstSize, cfg.RateLimitMaxTokens),
@@ -96,10 +134,51 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		Name: "pinaka_tunnel_directions_parked",
 		Help: "Tunnel directions idle without a goroutine or buffer, waiting for their socket.",
 	}, func() float64 { return float64(p.ParkedDirections()) }))
-	return &App{
-		Config: cfg, Server: New(cfg, log, o.Certs, p, m), Proxy: p,
-		Policy: policy, Metrics: m, Shipper: shipper, log: log,
-	}, nil
+	a.Server, a.Proxy, a.Policy, a.Metrics, a.Shipper = New(cfg, log, o.Certs, p, m), p, policy, m, shipper
+	return a, nil
+}
+
+// applyKeys hands the verifier the file's and the URL's keys together.
+func (a *App) applyKeys() {
+	a.keysMu.Lock()
+	defer a.keysMu.Unlock()
+	a.Verifier.SetKeys(auth.MergeKeySets(a.fileKeys, a.urlKeys))
+}
+
+func registerRemoteMetrics(m *metrics.Metrics, r *auth.RemoteKeys) {
+	m.Registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "pinaka_jwks_age_seconds", Help: "Age of the JWKS_URL key set in use (since it was fetched).",
+		}, func() float64 { return r.Age().Seconds() }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "pinaka_jwks_keys", Help: "Keys in the JWKS_URL key set in use.",
+		}, func() float64 { return float64(r.Keys().Len()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "pinaka_jwks_refresh_failures_total", Help: "JWKS_URL fetches that failed or served a set that did not parse.",
+		}, func() float64 { return float64(r.Failures()) }),
+	)
+}
+
+// ReloadKeys re-reads JWT_PUBLIC_KEYS (on SIGHUP). A file that does not
+// parse is refused and the current set kept: a typo during a rotation must
+// not lock every client out. Without JWT_PUBLIC_KEYS it does nothing.
+func (a *App) ReloadKeys() error {
+	path := a.Config.JWTPublicKeysPath
+	if path == "" {
+		return nil
+	}
+	ks, err := auth.LoadKeySet(path)
+	if err != nil {
+		a.log.Error("JWT_PUBLIC_KEYS reload refused; keeping the current keys", "err", err,
+			"kids", a.Verifier.Keys().IDs())
+		return fmt.Errorf("reloading JWT_PUBLIC_KEYS: %w", err)
+	}
+	a.keysMu.Lock()
+	a.fileKeys = ks
+	a.keysMu.Unlock()
+	a.applyKeys()
+	a.log.Info("JWT_PUBLIC_KEYS reloaded", "kids", ks.IDs())
+	return nil
 }
 
 // Start opens the listeners, adds their addresses to the egress policy's
@@ -118,6 +197,11 @@ func (a *App) Start() error {
 		}
 	}
 	a.Server.Serve()
+	if a.Remote != nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		a.stop = cancel
+		go a.Remote.Run(ctx)
+	}
 	a.log.Info("pinaka listening", "addr", a.Server.ProxyAddr().String(),
 		"admin", fmt.Sprint(a.Server.AdminAddr()), "region", a.Config.ProbeNodeRegion,
 		"probe_node", a.Config.ProbeNodeName, "http_proxy_enabled", a.Config.HTTPProxyEnabled)
@@ -127,6 +211,9 @@ func (a *App) Start() error {
 // Shutdown drains the listeners within ctx, then flushes records to the
 // backend or the spool (with its own short deadline if ctx is spent).
 func (a *App) Shutdown(ctx context.Context) error {
+	if a.stop != nil {
+		a.stop()
+	}
 	err := a.Server.Shutdown(ctx)
 	fctx := ctx
 	if ctx.Err() != nil {
