@@ -169,13 +169,7 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 		}
 		c.JWTPublicKeys = ks
 	}
-	c.JWKSURL = p.str("JWKS_URL", "")
-	if c.JWKSURL != "" {
-		u, err := url.Parse(c.JWKSURL)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			p.fail("JWKS_URL", "must be an http:// or https:// URL, got %q", c.JWKSURL)
-		}
-	}
+	c.JWKSURL = p.httpURL("JWKS_URL")
 	c.JWKSRefreshInterval = p.duration("JWKS_REFRESH_INTERVAL", 5*time.Minute)
 	if c.JWKSRefreshInterval < time.Second {
 		p.fail("JWKS_REFRESH_INTERVAL", "must be at least 1s")
@@ -237,13 +231,7 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	c.DNSCacheSize = p.int("DNS_CACHE_SIZE", 10000, 1, 1<<24)
 	c.AddForwardedFor = p.bool("ADD_X_FORWARDED_FOR", false)
 
-	c.BackendURL = strings.TrimRight(p.str("BACKEND_URL", ""), "/")
-	if c.BackendURL != "" {
-		u, err := url.Parse(c.BackendURL)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			p.fail("BACKEND_URL", "must be an http:// or https:// URL, got %q", c.BackendURL)
-		}
-	}
+	c.BackendURL = strings.TrimRight(p.httpURL("BACKEND_URL"), "/")
 	c.BackendAPIKey = p.str("BACKEND_API_KEY", "")
 	c.LogBatchSize = p.int("LOG_BATCH_SIZE", 100, 1, 100000)
 	c.LogBatchInterval = p.duration("LOG_BATCH_INTERVAL", 5*time.Second)
@@ -317,6 +305,18 @@ type parser struct {
 
 func (p *parser) fail(name, format string, args ...any) {
 	p.errs = append(p.errs, fmt.Errorf("%s %s", name, fmt.Sprintf(format, args...)))
+}
+
+// httpURL reads an optional http:// or https:// URL.
+func (p *parser) httpURL(name string) string {
+	v := p.str(name, "")
+	if v != "" {
+		u, err := url.Parse(v)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			p.fail(name, "must be an http:// or https:// URL, got %q", v)
+		}
+	}
+	return v
 }
 
 func (p *parser) str(name, def string) string {
