@@ -209,7 +209,6 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // others out. A signature check costs microseconds, much less than the
 // TLS handshake that came before it.
 func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bool {
-	ip, _ := netip.ParseAddr(q.rec.ClientIP)
 	id, err := p.opt.Auth.Authenticate(r.Header.Get("Proxy-Authorization"))
 	if id != nil {
 		q.rec.TokenID, q.rec.UserID, q.rec.TokenType = id.TokenID, id.UserID, id.TokenType
@@ -226,6 +225,7 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 		if !errors.Is(err, auth.ErrMissing) {
 			reason = "invalid"
 			if p.opt.AuthThrottle != nil {
+				ip, _ := netip.ParseAddr(q.rec.ClientIP)
 				if !p.opt.AuthThrottle.Allowed(ip) {
 					p.opt.Metrics.AuthFailures.WithLabelValues("throttled").Inc()
 					w.Header().Set("Retry-After", "60")

@@ -124,11 +124,11 @@ func (l *limitListener) admit(c net.Conn) (netip.Addr, string) {
 	if l.perIP == nil {
 		return netip.Addr{}, ""
 	}
-	ap, err := netip.ParseAddrPort(c.RemoteAddr().String())
-	if err != nil {
-		return netip.Addr{}, "" // not an IP connection (tests with pipes): no per-address cap
+	ta, ok := c.RemoteAddr().(*net.TCPAddr)
+	if !ok {
+		return netip.Addr{}, "" // not a TCP connection (tests with pipes): no per-address cap
 	}
-	key := throttleKey(ap.Addr())
+	key := throttleKey(ta.AddrPort().Addr())
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	e := l.perIP[key]
