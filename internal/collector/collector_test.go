@@ -725,23 +725,7 @@ func TestEndToEnd(t *testing.T) {
 
 	// No spool: the retries happen in memory (with a spool, a batch goes
 	// to disk after its first failed attempt; accesslog's tests cover that).
-	m := metrics.New()
-	s, err := accesslog.New(accesslog.Options{
-		Log:           testLog(),
-		BackendURL:    srv.URL,
-		BackendAPIKey: testKey,
-		BatchSize:     25,
-		BatchInterval: time.Hour,
-		ProbeNode:     "node-e2e",
-		Region:        "us-east",
-		Metrics:       m,
-		RetryBase:     time.Millisecond,
-		RetryMax:      5 * time.Millisecond,
-		MaxAttempts:   5,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, _ := testShipper(t, srv.URL, 25, "")
 	const n = 110
 	for i := range n {
 		s.Record(accesslog.Record{Timestamp: time.Now(), TokenID: fmt.Sprintf("e2e-%d", i), Method: "GET", Protocol: "HTTP/2"})
@@ -773,25 +757,8 @@ func TestEndToEnd(t *testing.T) {
 // stored and the bad ones are kept aside.
 func TestShipperDoesNotDeadLetterBadRecords(t *testing.T) {
 	pool, srv := migrated(t)
-	m := metrics.New()
 	dir := t.TempDir()
-	s, err := accesslog.New(accesslog.Options{
-		Log:           testLog(),
-		BackendURL:    srv.URL,
-		BackendAPIKey: testKey,
-		BatchSize:     10,
-		BatchInterval: time.Hour,
-		SpoolDir:      dir,
-		ProbeNode:     "node-e2e",
-		Region:        "us-east",
-		Metrics:       m,
-		RetryBase:     time.Millisecond,
-		RetryMax:      5 * time.Millisecond,
-		MaxAttempts:   5,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, m := testShipper(t, srv.URL, 10, dir)
 	for i := range 8 {
 		s.Record(accesslog.Record{Timestamp: time.Now(), TokenID: fmt.Sprintf("good-%d", i), Method: "GET", Protocol: "HTTP/2"})
 	}
@@ -861,4 +828,29 @@ func TestRunRefusesWithoutKey(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "COLLECTOR_API_KEY") {
 		t.Errorf("Run without a key = %v", err)
 	}
+}
+
+// testShipper is the proxy's real shipper aimed at url as node-e2e in
+// us-east, with fast retries; spoolDir "" means no spool.
+func testShipper(t *testing.T, url string, batchSize int, spoolDir string) (*accesslog.Shipper, *metrics.Metrics) {
+	t.Helper()
+	m := metrics.New()
+	s, err := accesslog.New(accesslog.Options{
+		Log:           testLog(),
+		BackendURL:    url,
+		BackendAPIKey: testKey,
+		BatchSize:     batchSize,
+		BatchInterval: time.Hour,
+		SpoolDir:      spoolDir,
+		ProbeNode:     "node-e2e",
+		Region:        "us-east",
+		Metrics:       m,
+		RetryBase:     time.Millisecond,
+		RetryMax:      5 * time.Millisecond,
+		MaxAttempts:   5,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, m
 }
