@@ -301,3 +301,21 @@ func spoolUndelivered(t *testing.T, dir string, n int) Options {
 	}
 	return o
 }
+
+// recordLines runs a Shipper without a backend, records rs, closes it and
+// returns the record log lines it wrote, decoded.
+func recordLines(t *testing.T, rs ...Record) []map[string]any {
+	t.Helper()
+	o, logs := testOptions("")
+	s, err := New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rs {
+		s.Record(r)
+	}
+	if err := s.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return logs.withMsg(t, "request")
+}

@@ -46,20 +46,11 @@ func TestTargetURL(t *testing.T) {
 
 // Each record is one plain JSON log line with the Record's field names.
 func TestRecordLogLine(t *testing.T) {
-	o, logs := testOptions("")
-	s, err := New(o)
-	if err != nil {
-		t.Fatal(err)
-	}
 	r := record(7)
 	r.ProbeNode, r.Region = "", "" // filled from Options
 	r.Timestamp = time.Date(2025, 1, 2, 4, 4, 5, 0, time.FixedZone("CET", 3600))
 	r.Error = "upstream_timeout"
-	s.Record(r)
-	if err := s.Close(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	lines := logs.withMsg(t, "request")
+	lines := recordLines(t, r)
 	if len(lines) != 1 {
 		t.Fatalf("got %d request lines, want 1", len(lines))
 	}

@@ -215,19 +215,9 @@ func TestCorruptSpoolFileLeavesTheGauge(t *testing.T) {
 
 // Suppressed is on the wire and in the log line only when it is not zero.
 func TestSuppressedField(t *testing.T) {
-	o, logs := testOptions("")
-	s, err := New(o)
-	if err != nil {
-		t.Fatal(err)
-	}
 	plain, summary := record(1), record(2)
 	summary.Suppressed = 41
-	s.Record(plain)
-	s.Record(summary)
-	if err := s.Close(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	lines := logs.withMsg(t, "request")
+	lines := recordLines(t, plain, summary)
 	if len(lines) != 2 {
 		t.Fatalf("%d request lines, want 2", len(lines))
 	}
