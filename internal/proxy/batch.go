@@ -104,3 +104,14 @@ func under[T any](c net.Conn) (T, bool) {
 		c = nc.NetConn()
 	}
 }
+
+// BatchWrites returns functions that gather the writes made on c between
+// start and flush into one write(2), when c sits on a BatchListener; nil
+// functions otherwise. The HTTP/2 engine's writer uses them for each flush.
+func BatchWrites(c net.Conn) (start func(), flush func() error) {
+	bc, ok := under[*batchConn](c)
+	if !ok {
+		return nil, nil
+	}
+	return bc.startBatch, bc.flushBatch
+}

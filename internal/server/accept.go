@@ -23,6 +23,9 @@ type tlsAcceptor struct {
 	cfg     *tls.Config
 	timeout time.Duration // for the handshake (HEADER_READ_TIMEOUT)
 	log     *slog.Logger
+	// h2, when set, serves connections that negotiated h2 (our own engine);
+	// nil: they go to net/http like the others.
+	h2 func(*tls.Conn)
 
 	conns     chan net.Conn
 	ctx       context.Context // cancelled by Close: ends handshakes in progress
@@ -76,7 +79,13 @@ func (a *tlsAcceptor) handshake(c net.Conn) {
 		return
 	}
 	var out net.Conn = tc
-	if p := tc.ConnectionState().NegotiatedProtocol; p != "h2" {
+	p := tc.ConnectionState().NegotiatedProtocol
+	if p == "h2" && a.h2 != nil {
+		// A fresh goroutine: this one's stack grew through the handshake.
+		go a.h2(tc)
+		return
+	}
+	if p != "h2" {
 		out = &h1Conn{Conn: tc}
 	}
 	select {

@@ -23,6 +23,7 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/pinaka-proxy/pinaka/internal/config"
+	"github.com/pinaka-proxy/pinaka/internal/h2srv"
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
 	"github.com/pinaka-proxy/pinaka/internal/proxy"
 	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
@@ -37,6 +38,7 @@ type Server struct {
 	metrics *metrics.Metrics
 
 	proxySrv *http.Server
+	h2       *h2srv.Server // HTTP/2 (HTTP2_ENGINE=pinaka); nil: x/net's server inside proxySrv
 	adminSrv *http.Server
 	proxyLn  net.Listener // TCP, with the connection limits and the stall guard
 	tlsLn    *tlsAcceptor // TLS on top: what the HTTP server accepts from
@@ -87,13 +89,21 @@ func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy,
 			return ratelimit.WithConn(ctx, c)
 		},
 	}
-	if !kernelStallGuard {
-		s.proxySrv.HTTP2.WriteByteTimeout = writeStallTimeout
-	}
-	if err := configureHTTP2(s.proxySrv, p, log); err != nil {
-		// Only a TLS config without an HTTP/2-capable suite fails here,
-		// and ours is fixed.
-		panic(err)
+	if cfg.HTTP2Engine == "pinaka" {
+		s.h2 = newH2Server(cfg, log, p, m)
+		// HTTP/2 connections go to s.h2 from the TLS acceptor; net/http
+		// must never start an HTTP/2 server of its own.
+		s.proxySrv.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
+		s.proxySrv.HTTP2 = nil
+	} else {
+		if !kernelStallGuard {
+			s.proxySrv.HTTP2.WriteByteTimeout = writeStallTimeout
+		}
+		if err := configureHTTP2(s.proxySrv, p, log); err != nil {
+			// Only a TLS config without an HTTP/2-capable suite fails here,
+			// and ours is fixed.
+			panic(err)
+		}
 	}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
@@ -189,6 +199,9 @@ func (s *Server) Listen() error {
 	// TLS as http.Server.ServeTLS sets it up, but with the handshake ours
 	// (see tlsAcceptor). ConfigureServer has added h2 to NextProtos.
 	tlsCfg := s.proxySrv.TLSConfig.Clone()
+	if s.h2 != nil {
+		tlsCfg.NextProtos = []string{"h2", "http/1.1"}
+	}
 	if !slices.Contains(tlsCfg.NextProtos, "http/1.1") {
 		tlsCfg.NextProtos = append(tlsCfg.NextProtos, "http/1.1")
 	}
@@ -197,6 +210,16 @@ func (s *Server) Listen() error {
 		handshakeTimeout = 10 * time.Second
 	}
 	s.tlsLn = newTLSAcceptor(s.proxyLn, tlsCfg, handshakeTimeout, s.log)
+	if s.h2 != nil {
+		s.tlsLn.h2 = func(tc *tls.Conn) {
+			if kernelStallGuard {
+				if err := guardWriteStall(tc, writeStallTimeout); err != nil {
+					s.log.Warn("HTTP/2 connection without a write-stall timeout", "err", err)
+				}
+			}
+			s.h2.ServeConn(tc)
+		}
+	}
 	if s.cfg.AdminAddr != "" && s.cfg.AdminAddr != "off" {
 		aln, err := net.Listen("tcp", s.cfg.AdminAddr)
 		if err != nil {
@@ -287,11 +310,14 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	go func() {
 		defer close(done)
 		shutErr = s.proxySrv.Shutdown(ctx)
+		if s.h2 != nil {
+			shutErr = errors.Join(shutErr, s.h2.Shutdown(ctx))
+		}
 	}()
-	drainErr := s.proxy.Drain(ctx, func() { s.proxySrv.Close() })
+	drainErr := s.proxy.Drain(ctx, s.closeProxyConns)
 	<-done
 	if shutErr != nil { // Drain closed the connections already if it hit its deadline
-		s.proxySrv.Close()
+		s.closeProxyConns()
 	}
 	actx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -302,6 +328,14 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.proxy.Close()
 	return errors.Join(drainErr, shutErrIfNotDeadline(shutErr))
+}
+
+// closeProxyConns closes every proxy connection at once.
+func (s *Server) closeProxyConns() {
+	s.proxySrv.Close()
+	if s.h2 != nil {
+		s.h2.Close()
+	}
 }
 
 func shutErrIfNotDeadline(err error) error {

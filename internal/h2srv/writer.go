@@ -1,0 +1,235 @@
+package h2srv
+
+import (
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/net/http/httpguts"
+)
+
+// responseWriter is the http.ResponseWriter of one stream. It is used by
+// the handler's goroutines only (the relay writes from one goroutine at a
+// time); what the writer needs is handed over under the connection's lock.
+type responseWriter struct {
+	s           *stream
+	header      http.Header
+	status      int   // the final status, once written
+	handlerHdr  bool  // the final HEADERS are queued
+	written     int64 // body bytes
+	contentLen  int64 // declared Content-Length, or -1
+	bodyAllowed bool
+	detached    bool
+}
+
+// smallWrite is the write size up to which bytes are copied into the
+// stream and Write returns at once; larger writes are handed to the writer
+// as they are and Write waits until it has taken them (one copy either way).
+const smallWrite = 4 << 10
+
+func (w *responseWriter) Header() http.Header { return w.header }
+
+func (w *responseWriter) WriteHeader(code int) {
+	if code < 100 || code > 999 {
+		panic(fmt.Sprintf("invalid WriteHeader code %v", code))
+	}
+	if w.status != 0 {
+		return // like net/http: the first final status wins
+	}
+	s := w.s
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if code < 200 {
+		// Informational: sent as it is, now. 101 has no meaning in HTTP/2.
+		if code != http.StatusSwitchingProtocols && !s.reset {
+			s.hdrs = append(s.hdrs, headerOut{status: code, header: w.header.Clone()})
+			c.activateLocked(s)
+		}
+		return
+	}
+	w.status = code
+	w.bodyAllowed = bodyAllowed(code) && s.req.Method != http.MethodHead
+	w.contentLen = -1
+	if v := w.header.Get("Content-Length"); v != "" {
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
+			w.contentLen = n
+		} else {
+			w.header.Del("Content-Length")
+		}
+	}
+	s.finalSent = true
+	s.expectContinue = false
+}
+
+func bodyAllowed(status int) bool {
+	return status != http.StatusNoContent && status != http.StatusNotModified
+}
+
+// queueFinalHeaderLocked hands the final HEADERS to the writer.
+func (w *responseWriter) queueFinalHeaderLocked() {
+	if w.handlerHdr {
+		return
+	}
+	w.handlerHdr = true
+	h := w.header.Clone()
+	if _, ok := h["Date"]; !ok {
+		h["Date"] = []string{time.Now().UTC().Format(http.TimeFormat)}
+	}
+	w.s.hdrs = append(w.s.hdrs, headerOut{status: w.status, header: h})
+	w.s.c.activateLocked(w.s)
+}
+
+func (w *responseWriter) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	if w.detached {
+		return 0, errHandlerDone
+	}
+	if !w.bodyAllowed {
+		if w.status == http.StatusNoContent || w.status == http.StatusNotModified {
+			return 0, http.ErrBodyNotAllowed
+		}
+		return len(p), nil // HEAD: the body is discarded, as net/http does
+	}
+	if w.contentLen >= 0 && w.written+int64(len(p)) > w.contentLen {
+		return 0, http.ErrContentLength
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	s := w.s
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.writeErr != nil {
+		return 0, s.writeErr
+	}
+	w.written += int64(len(p))
+	if len(p) <= smallWrite && len(s.small)+len(p) <= smallWrite && s.pending == nil {
+		if s.small == nil {
+			s.small = make([]byte, 0, smallWrite)
+		}
+		s.small = append(s.small, p...)
+		if len(s.small) == smallWrite {
+			w.queueFinalHeaderLocked()
+		}
+		if w.handlerHdr {
+			c.activateLocked(s) // the writer gathers what comes meanwhile
+		}
+		return len(p), nil
+	}
+	w.queueFinalHeaderLocked()
+	s.pending = p
+	c.activateLocked(s)
+	for s.pending != nil && s.writeErr == nil {
+		s.wcond.Wait()
+	}
+	if s.pending != nil {
+		n := len(p) - len(s.pending)
+		s.pending = nil
+		return n, s.writeErr
+	}
+	return len(p), nil
+}
+
+// Flush sends the header and what is buffered without waiting for it.
+func (w *responseWriter) Flush() { _ = w.FlushError() }
+
+func (w *responseWriter) FlushError() error {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	s := w.s
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.writeErr != nil {
+		return s.writeErr
+	}
+	w.queueFinalHeaderLocked()
+	c.activateLocked(s)
+	return nil
+}
+
+func (w *responseWriter) SetReadDeadline(t time.Time) error {
+	w.s.setReadDeadline(t)
+	return nil
+}
+
+func (w *responseWriter) SetWriteDeadline(t time.Time) error {
+	w.s.setWriteDeadline(t)
+	return nil
+}
+
+// EnableFullDuplex: HTTP/2 streams are always full duplex.
+func (w *responseWriter) EnableFullDuplex() error { return nil }
+
+// finishLocked ends the response when the handler returns: the header if
+// none went out, what is buffered, trailers, END_STREAM.
+func (w *responseWriter) finishLocked() {
+	s := w.s
+	if s.reset {
+		return
+	}
+	if w.status == 0 {
+		w.status = http.StatusOK
+		w.bodyAllowed = s.req.Method != http.MethodHead
+		w.contentLen = -1
+		s.finalSent = true
+	}
+	if !w.handlerHdr && w.contentLen < 0 && w.bodyAllowed && w.header.Get("Trailer") == "" && !hasTrailerPrefix(w.header) {
+		// The whole body is here: say how long it is, as net/http does.
+		w.header.Set("Content-Length", strconv.Itoa(len(s.small)))
+	}
+	// Trailers: the fields the handler announced in "Trailer", and those
+	// set under http.TrailerPrefix.
+	var tr http.Header
+	for _, v := range w.header["Trailer"] {
+		for _, k := range strings.Split(v, ",") {
+			k = http.CanonicalHeaderKey(strings.TrimSpace(k))
+			if vv, ok := w.header[k]; ok && httpguts.ValidTrailerHeader(k) {
+				if tr == nil {
+					tr = make(http.Header)
+				}
+				tr[k] = vv
+				if !w.handlerHdr {
+					delete(w.header, k) // set before the header went out: still a trailer
+				}
+			}
+		}
+	}
+	for k, vv := range w.header {
+		if strings.HasPrefix(k, http.TrailerPrefix) {
+			if k = http.CanonicalHeaderKey(k[len(http.TrailerPrefix):]); httpguts.ValidTrailerHeader(k) {
+				if tr == nil {
+					tr = make(http.Header)
+				}
+				tr[k] = vv
+			}
+		}
+	}
+	if !w.handlerHdr {
+		for k := range w.header {
+			if strings.HasPrefix(k, http.TrailerPrefix) {
+				delete(w.header, k)
+			}
+		}
+	}
+	w.queueFinalHeaderLocked()
+	s.trailers = tr
+	s.endWanted = true
+	s.c.activateLocked(s)
+}
+
+func hasTrailerPrefix(h http.Header) bool {
+	for k := range h {
+		if strings.HasPrefix(k, http.TrailerPrefix) {
+			return true
+		}
+	}
+	return false
+}

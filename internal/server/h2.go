@@ -1,0 +1,33 @@
+package server
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"net/http"
+
+	"github.com/pinaka-proxy/pinaka/internal/config"
+	"github.com/pinaka-proxy/pinaka/internal/h2srv"
+	"github.com/pinaka-proxy/pinaka/internal/metrics"
+	"github.com/pinaka-proxy/pinaka/internal/proxy"
+	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
+)
+
+// newH2Server sets up Pinaka's own HTTP/2 engine (internal/h2srv) for the
+// proxy listener.
+func newH2Server(cfg *config.Config, log *slog.Logger, h http.Handler, m *metrics.Metrics) *h2srv.Server {
+	return h2srv.New(h2srv.Config{
+		Handler: h,
+		// Requests find their connection's listener slot through the
+		// context, to mark it authenticated (per-address caps).
+		BaseContext:          func(c net.Conn) context.Context { return ratelimit.WithConn(context.Background(), c) },
+		MaxConcurrentStreams: cfg.MaxConcurrentStreams,
+		MaxHeaderBytes:       cfg.MaxHeaderBytes,
+		HeaderReadTimeout:    cfg.HeaderReadTimeout,
+		IdleTimeout:          cfg.IdleTimeout,
+		WriteStallTimeout:    min(writeStallTimeout, cfg.TunnelIdleTimeout),
+		BodyBudget:           cfg.HTTP2BodyBufferBytes,
+		Batch:                proxy.BatchWrites,
+		Log:                  log,
+	})
+}
