@@ -73,6 +73,7 @@ func (c *conn) newStreamLocked(id uint32) *stream {
 	s := &stream{c: c, id: id, recvWindow: int64(c.cfg.StreamWindow), sendWindow: c.peerWindow, declaredLen: -1}
 	s.rcond.L = &c.mu
 	s.wcond.L = &c.mu
+	s.cancel = func(error) {}
 	c.streams[id] = s
 	c.idleSince = time.Time{}
 	return s
@@ -92,7 +93,12 @@ func (s *stream) runHandler(r *http.Request) {
 			}
 			s.resetLocked(errHandlerDone, true)
 			s.rstCode = http2.ErrCodeInternal
-		} else if !w.detached {
+		} else if w.detached {
+			// The stream lives on in its streamHandle; the request does not.
+			s.cancel(errHandlerDone)
+			s.req = nil
+			return
+		} else {
 			w.finishLocked()
 		}
 		s.handlerDoneLocked()
@@ -248,6 +254,12 @@ func (b *requestBody) Read(p []byte) (int, error) {
 	if b.closed {
 		return 0, errBodyClosed
 	}
+	return s.readLocked(p)
+}
+
+// readLocked reads request DATA, waiting for it.
+func (s *stream) readLocked(p []byte) (int, error) {
+	c := s.c
 	if s.expectContinue {
 		// RFC 9110 §10.1.1: the handler wants the body; let it come.
 		s.expectContinue = false
@@ -278,6 +290,11 @@ func (b *requestBody) Read(p []byte) (int, error) {
 		}
 		s.rcond.Wait()
 	}
+}
+
+// readableLocked: a Read would not block.
+func (s *stream) readableLocked() bool {
+	return s.recv.len() > 0 || s.readErr != nil || s.remoteClosed || s.readTimedOut || s.c.err != nil
 }
 
 func (b *requestBody) Close() error {

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http/httpguts"
+
+	"github.com/pinaka-proxy/pinaka/internal/httpx"
 )
 
 // responseWriter is the http.ResponseWriter of one stream. It is used by
@@ -109,20 +111,31 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 		return 0, s.writeErr
 	}
 	w.written += int64(len(p))
-	if len(p) <= smallWrite && len(s.small)+len(p) <= smallWrite && s.pending == nil {
+	if !s.fitsSmall(p) || len(s.small)+len(p) == smallWrite {
+		w.queueFinalHeaderLocked()
+	}
+	return s.writeLocked(p, w.handlerHdr)
+}
+
+func (s *stream) fitsSmall(p []byte) bool {
+	return len(p) <= smallWrite && len(s.small)+len(p) <= smallWrite && s.pending == nil
+}
+
+// writeLocked hands p to the writer: a small p is copied and Write returns
+// at once (sent now if send, else with the header later); a large one is
+// taken by the writer from p itself while Write waits.
+func (s *stream) writeLocked(p []byte, send bool) (int, error) {
+	c := s.c
+	if s.fitsSmall(p) {
 		if s.small == nil {
 			s.small = make([]byte, 0, smallWrite)
 		}
 		s.small = append(s.small, p...)
-		if len(s.small) == smallWrite {
-			w.queueFinalHeaderLocked()
-		}
-		if w.handlerHdr {
+		if send {
 			c.activateLocked(s) // the writer gathers what comes meanwhile
 		}
 		return len(p), nil
 	}
-	w.queueFinalHeaderLocked()
 	s.pending = p
 	c.activateLocked(s)
 	for s.pending != nil && s.writeErr == nil {
@@ -134,6 +147,24 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 		return n, s.writeErr
 	}
 	return len(p), nil
+}
+
+// Detach implements httpx.Detacher: the header goes out, and the stream
+// stays open after the handler returns, for the caller to relay.
+func (w *responseWriter) Detach() (httpx.Stream, error) {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	s := w.s
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.writeErr != nil {
+		return nil, s.writeErr
+	}
+	w.queueFinalHeaderLocked()
+	w.detached = true
+	return (*streamHandle)(s), nil
 }
 
 // Flush sends the header and what is buffered without waiting for it.

@@ -13,6 +13,7 @@ package httpx
 import (
 	"context"
 	"net/http"
+	"time"
 )
 
 // Info is what an engine knows of a request beyond *http.Request.
@@ -60,4 +61,30 @@ func Protocol(r *http.Request) string {
 		return ""
 	}
 	return r.Header.Get(":protocol")
+}
+
+// Stream is a request's stream kept open after its handler returns, for a
+// tunnel (CONNECT, extended CONNECT) whose relay runs on goroutines of its
+// own: an idle tunnel then holds no goroutine on the client side.
+type Stream interface {
+	Read(p []byte) (int, error)  // the request's DATA; io.EOF after the client's END_STREAM
+	Write(p []byte) (int, error) // response DATA; blocks while the client grants no window
+	CloseWrite() error           // END_STREAM: a half-close
+	// Close ends the stream: at once with a reset unless our END_STREAM is
+	// already queued, and frees it.
+	Close() error
+	Abort() // reset now; wakes a blocked Read or Write
+	SetReadDeadline(t time.Time) error
+	// ReadReady registers f to run once when Read would not block (data,
+	// END_STREAM, reset, deadline, connection loss). It returns false,
+	// without registering, if Read would not block now. f runs on the
+	// engine's reader goroutine and must not block.
+	ReadReady(f func()) bool
+}
+
+// Detacher is implemented by ResponseWriters whose stream can outlive the
+// handler. Detach sends the response header already set with WriteHeader
+// and hands the stream over; the ResponseWriter is not used after it.
+type Detacher interface {
+	Detach() (Stream, error)
 }

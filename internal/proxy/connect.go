@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/pinaka-proxy/pinaka/internal/egress"
+	"github.com/pinaka-proxy/pinaka/internal/httpx"
 	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
 )
 
@@ -33,8 +34,7 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request, q *request)
 		p.tunnelHTTP1(w, r, q, upstream, release)
 		return
 	}
-	defer release()
-	p.tunnelHTTP2(w, r, q, connEndpoint(upstream))
+	p.tunnelHTTP2(w, r, q, connEndpoint(upstream), release)
 }
 
 // checkTarget parses an authority (defaultPort 0: the port is required) and
@@ -140,7 +140,34 @@ func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, 
 	})
 }
 
-func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, r *http.Request, q *request, upstream endpoint) {
+// tunnelHTTP2 answers 200 on the stream and relays. It owns release (the
+// tunnel-limit slot). An engine that can detach a stream from its handler
+// (httpx.Detacher) gets the shape of tunnelHTTP1: the handler returns and
+// the relay runs on goroutines of its own, which end while the tunnel is
+// idle; the request and its contexts are not kept. Otherwise the handler
+// carries the relay until the tunnel ends.
+func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, r *http.Request, q *request, upstream endpoint, release func()) {
+	if d, ok := w.(httpx.Detacher); ok {
+		w.WriteHeader(http.StatusOK)
+		st, err := d.Detach()
+		if err != nil {
+			release()
+			upstream.close()
+			q.rec.StatusCode, q.rec.Error = 499, "client_closed"
+			return
+		}
+		q.rec.StatusCode = http.StatusOK
+		ctx, done := p.active.add(context.Background())
+		q.detached = true
+		q.req = nil
+		p.startTunnel(ctx, q, streamEndpoint(st), upstream, func() {
+			p.finish(q)
+			release()
+			done()
+		})
+		return
+	}
+	defer release()
 	rc := http.NewResponseController(w)
 	w.WriteHeader(http.StatusOK)
 	if err := rc.Flush(); err != nil {

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -38,6 +39,10 @@ type parker struct {
 	mu     sync.Mutex
 	parked map[int32]*direction
 	closed bool
+
+	// streams counts directions parked on an HTTP/2 stream (the engine
+	// holds them, not epoll), for len.
+	streams atomic.Int64
 }
 
 func newParker(log *slog.Logger) *parker { return &parker{log: log} }
@@ -204,5 +209,5 @@ func (p *parker) close() {
 func (p *parker) len() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return len(p.parked)
+	return len(p.parked) + int(p.streams.Load())
 }

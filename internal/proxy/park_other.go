@@ -5,15 +5,18 @@ package proxy
 import (
 	"errors"
 	"log/slog"
+	"sync/atomic"
 )
 
 // parker needs epoll; elsewhere idle directions keep their goroutine and
 // block in Read.
-type parker struct{}
+type parker struct {
+	streams atomic.Int64 // directions parked on an HTTP/2 stream
+}
 
 func newParker(*slog.Logger) *parker            { return &parker{} }
 func (*parker) start() error                    { return errors.ErrUnsupported }
 func (*parker) park(*direction) error           { return errors.ErrUnsupported }
 func (*parker) release(*tunnel) (up, down bool) { return false, false }
 func (*parker) close()                          {}
-func (*parker) len() int                        { return 0 }
+func (p *parker) len() int                      { return int(p.streams.Load()) }

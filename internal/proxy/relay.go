@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/httpx"
 )
 
 // Relay memory. A tunnel spends most of its life idle, so what an idle
@@ -61,15 +63,33 @@ type endpoint struct {
 	// sock is set when r reads a socket, which lets an idle direction
 	// park (see parkAfter).
 	sock *readSocket
+	// stream is set when r reads a detached HTTP/2 stream, which lets an
+	// idle direction park too: the engine calls back when it is readable.
+	stream httpx.Stream
 	// batch, when set, gathers the TLS records of one large write into
 	// one syscall (see BatchListener).
 	batch *batchConn
+}
+
+// setReadDeadline sets the quiet-time lease of a direction that can park.
+func (e *endpoint) setReadDeadline(t time.Time) error {
+	if e.stream != nil {
+		return e.stream.SetReadDeadline(t)
+	}
+	return e.sock.setReadDeadline(t)
 }
 
 // readSocket is what the relay needs of a socket to park on it.
 type readSocket struct {
 	setReadDeadline func(time.Time) error
 	raw             syscall.RawConn
+}
+
+// streamEndpoint is a detached stream as a tunnel's client side. Its
+// writes need no flush (the engine's writer sends as soon as it can) and
+// are not cut to record size (the writer sizes its frames).
+func streamEndpoint(st httpx.Stream) endpoint {
+	return endpoint{r: st, w: st, closeWrite: st.CloseWrite, close: st.Close, abort: st.Abort, stream: st}
 }
 
 func connEndpoint(c net.Conn) endpoint {
@@ -212,7 +232,7 @@ func newTunnel(ctx context.Context, pk *parker, client, upstream endpoint, idle 
 	t.up = direction{t: t, src: &t.client, dst: &t.upstream, onBytes: func(n int) { onBytes(n, 0) }, finish: t.upFinished, parkedFD: -1}
 	t.down = direction{t: t, src: &t.upstream, dst: &t.client, onBytes: func(n int) { onBytes(0, n) }, finish: t.downFinished, parkedFD: -1}
 	parking := pk.start() == nil
-	t.up.canPark = client.sock != nil && parking
+	t.up.canPark = client.sock != nil && parking || client.stream != nil
 	t.down.canPark = upstream.sock != nil && parking
 	t.watch = newIdleWatch(idle, func() { t.idled.Store(true); t.abortIdle() })
 	t.stopCtx = context.AfterFunc(ctx, t.closeBoth)
@@ -319,6 +339,14 @@ func (d *direction) run() {
 			d.finish(err)
 			return
 		}
+		if st := d.src.stream; st != nil {
+			d.t.parker.streams.Add(1)
+			if st.ReadReady(func() { d.t.parker.streams.Add(-1); go d.run() }) {
+				return
+			}
+			d.t.parker.streams.Add(-1)
+			continue // readable already
+		}
 		if d.t.parker.park(d) == nil {
 			return
 		}
@@ -345,7 +373,7 @@ func (d *direction) copy() error {
 		if d.canPark {
 			if now := time.Now(); lease.Sub(now) < parkAfter/2 {
 				lease = now.Add(parkAfter)
-				if err := d.src.sock.setReadDeadline(lease); err != nil {
+				if err := d.src.setReadDeadline(lease); err != nil {
 					return err
 				}
 			}
@@ -366,7 +394,7 @@ func (d *direction) copy() error {
 			// the next Read and has no complete one buffered, or this Read
 			// would have returned it: the socket alone says when there is
 			// more.
-			if err := d.src.sock.setReadDeadline(time.Time{}); err != nil {
+			if err := d.src.setReadDeadline(time.Time{}); err != nil {
 				return err
 			}
 			return errParked

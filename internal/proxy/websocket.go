@@ -48,7 +48,13 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 	if !ok {
 		return
 	}
-	defer release()
+	// The slot goes with the tunnel (tunnelHTTP2), or here on a refusal.
+	tunnelling := false
+	defer func() {
+		if !tunnelling {
+			release()
+		}
+	}()
 
 	conn, err := p.opt.Dialer.DialTarget(r.Context(), t)
 	if err != nil {
@@ -134,7 +140,8 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		// Frames the origin sent right behind its 101.
 		up.r = io.MultiReader(io.LimitReader(br, int64(br.Buffered())), conn)
 	}
-	p.tunnelHTTP2(w, r, q, up)
+	tunnelling = true
+	p.tunnelHTTP2(w, r, q, up, release)
 }
 
 // websocketHandshake sends the HTTP/1.1 Upgrade request for r's path and
