@@ -31,6 +31,13 @@ type Metrics struct {
 	DialSeconds        prometheus.Histogram
 	CertNotAfter       prometheus.Gauge // unix seconds of the serving certificate's NotAfter
 
+	// HTTP/2 engine (internal/h2srv). Labels come from fixed sets.
+	HTTP2GoAways      *prometheus.CounterVec // reason: protocol, enhance_your_calm, flow_control, compression, frame_size, stream_closed, other
+	HTTP2StreamErrors *prometheus.CounterVec // reason: malformed, refused, flow_control, stream_closed
+	HTTP2Unproductive *prometheus.CounterVec // type: the frame kinds charged against the flood budget
+	HTTP2BodyBuffered prometheus.Gauge       // request-body bytes buffered, node-wide
+	HTTP2BodyReserved prometheus.Gauge       // HTTP2_BODY_BUFFER_BYTES reserved by connection windows
+
 	ShipQueueDepth    prometheus.Gauge
 	BatchesSent       prometheus.Counter
 	BatchesRetried    prometheus.Counter
@@ -95,6 +102,21 @@ func New() *Metrics {
 		CertNotAfter: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "pinaka_tls_certificate_not_after_seconds", Help: "Expiry of the serving certificate (unix time); moves on SIGHUP reload.",
 		}),
+		HTTP2GoAways: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pinaka_http2_goaway_total", Help: "HTTP/2 connections ended with a GOAWAY carrying an error, by error: protocol, enhance_your_calm (flood budget spent), flow_control, compression, frame_size, stream_closed, other.",
+		}, []string{"reason"}),
+		HTTP2StreamErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pinaka_http2_stream_errors_total", Help: "HTTP/2 streams reset by the proxy for a client error, by reason: malformed, refused (over HTTP2_MAX_CONCURRENT_STREAMS), flow_control, stream_closed.",
+		}, []string{"reason"}),
+		HTTP2Unproductive: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pinaka_http2_frames_unproductive_total", Help: "HTTP/2 frames charged against a connection's flood budget (they made the proxy work without moving a request forward), by kind.",
+		}, []string{"type"}),
+		HTTP2BodyBuffered: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "pinaka_http2_body_buffer_bytes", Help: "HTTP/2 request-body bytes received and not yet taken by a handler or tunnel, node-wide.",
+		}),
+		HTTP2BodyReserved: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "pinaka_http2_body_budget_reserved_bytes", Help: "Part of HTTP2_BODY_BUFFER_BYTES that HTTP/2 connections hold as receive window.",
+		}),
 		ShipQueueDepth: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "pinaka_ship_queue_records", Help: "Records waiting to be batched and shipped.",
 		}),
@@ -119,6 +141,7 @@ func New() *Metrics {
 	}
 	reg.MustRegister(m.Requests, m.ActiveTunnels, m.ActiveConnections, m.BytesUpstream, m.BytesDownstream,
 		m.AuthFailures, m.RateLimited, m.EgressDenied, m.ConnectionsRefused, m.RecordsSuppressed, m.WriteStalls, m.DialSeconds, m.CertNotAfter,
+		m.HTTP2GoAways, m.HTTP2StreamErrors, m.HTTP2Unproductive, m.HTTP2BodyBuffered, m.HTTP2BodyReserved,
 		m.ShipQueueDepth, m.BatchesSent, m.BatchesRetried, m.BatchesSpooled, m.BatchesDeadLetter,
 		m.RecordsDropped, m.SpoolBytes)
 

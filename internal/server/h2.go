@@ -25,9 +25,16 @@ func newH2Server(cfg *config.Config, log *slog.Logger, h http.Handler, m *metric
 		MaxHeaderBytes:       cfg.MaxHeaderBytes,
 		HeaderReadTimeout:    cfg.HeaderReadTimeout,
 		IdleTimeout:          cfg.IdleTimeout,
-		WriteStallTimeout:    min(writeStallTimeout, cfg.TunnelIdleTimeout),
+		WriteStallTimeout:    stallLimit(cfg),
 		BodyBudget:           cfg.HTTP2BodyBufferBytes,
 		Batch:                proxy.BatchWrites,
 		Log:                  log,
+		Hooks: h2srv.Hooks{
+			GoAway:       func(reason string) { m.HTTP2GoAways.WithLabelValues(reason).Inc() },
+			StreamError:  func(reason string) { m.HTTP2StreamErrors.WithLabelValues(reason).Inc() },
+			Unproductive: func(kind string) { m.HTTP2Unproductive.WithLabelValues(kind).Inc() },
+			BodyBuffered: func(delta int64) { m.HTTP2BodyBuffered.Add(float64(delta)) },
+			Reserved:     func(delta int64) { m.HTTP2BodyReserved.Add(float64(delta)) },
+		},
 	})
 }

@@ -245,14 +245,17 @@ func (s *Server) stackListener(ln net.Listener) net.Listener {
 		OnClose:              s.metrics.ActiveConnections.Dec,
 		OnRefused:            func(reason string) { s.metrics.ConnectionsRefused.WithLabelValues(reason).Inc() },
 	})
-	// A write without progress for the tunnel idle timeout (at most
-	// writeStallTimeout) is a stream or tunnel without progress.
-	limit := writeStallTimeout
-	if t := s.cfg.TunnelIdleTimeout; t > 0 && t < limit {
-		limit = t
-	}
-	s.stalls = newStallGuard(limit, s.metrics.WriteStalls.Inc)
+	s.stalls = newStallGuard(stallLimit(s.cfg), s.metrics.WriteStalls.Inc)
 	return proxy.BatchListener(s.stalls.listener(limited))
+}
+
+// stallLimit: a write without progress for the tunnel idle timeout (at
+// most writeStallTimeout) is a stream or tunnel without progress.
+func stallLimit(cfg *config.Config) time.Duration {
+	if t := cfg.TunnelIdleTimeout; t > 0 && t < writeStallTimeout {
+		return t
+	}
+	return writeStallTimeout
 }
 
 // ProxyAddr is the proxy listener's address (useful with port 0).
