@@ -8,7 +8,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"strings"
 	"testing"
 
@@ -70,58 +69,45 @@ func TestBinaryWebSocketOverHTTP2(t *testing.T) {
 	untrusted := httptest.NewTLSServer(echo)
 	defer untrusted.Close()
 
+	// The bare frame client: Go 1.27's x/net client refuses :protocol.
 	c, err := tls.Dial("tcp", p.Addr, tlsConfig("h2"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	cc, err := (&http2.Transport{}).NewClientConn(c)
-	if err != nil {
-		t.Fatal(err)
+	defer c.Close()
+	h := testutil.NewH2Raw(t, c)
+	if v := h.ServerSettings(t)[http2.SettingEnableConnectProtocol]; v != 1 {
+		t.Fatalf("SETTINGS_ENABLE_CONNECT_PROTOCOL = %d: a client would not send extended CONNECT", v)
 	}
-	defer cc.Close()
 	tok := mint(t, "e2e-ws", "us-east")
 
-	open := func(scheme, authority string) (*http.Response, *io.PipeWriter) {
-		pr, pw := io.Pipe()
-		req := &http.Request{
-			Method: http.MethodConnect,
-			URL:    &url.URL{Scheme: scheme, Host: authority, Path: "/chat"},
-			Host:   authority,
-			Header: http.Header{
-				":protocol":             {"websocket"},
-				"Sec-Websocket-Version": {"13"},
-				"Proxy-Authorization":   {"Bearer " + tok},
-			},
-			Body: pr,
-		}
-		resp, err := cc.RoundTrip(req)
-		if err != nil {
-			t.Fatalf("extended CONNECT (the client refuses it when the server did not advertise RFC 8441): %v", err)
-		}
-		return resp, pw
+	open := func(scheme, authority string) (*http.Response, *testutil.H2Stream) {
+		s := h.Open(t, false, ":method", "CONNECT", ":protocol", "websocket", ":scheme", scheme,
+			":authority", authority, ":path", "/chat",
+			"sec-websocket-version", "13", "proxy-authorization", "Bearer "+tok)
+		return s.Response(t), s
 	}
 
 	host := strings.TrimPrefix(plain.URL, "http://")
-	resp, pw := open("http", host)
+	resp, up := open("http", host)
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("ws://%s: status %d", host, resp.StatusCode)
 	}
-	if err := writeFrame(pw, []byte("hi pinaka")); err != nil {
+	if err := writeFrame(up, []byte("hi pinaka")); err != nil {
 		t.Fatal(err)
 	}
 	got, err := readFrame(resp.Body)
 	if err != nil || string(got) != "echo: hi pinaka" {
 		t.Fatalf("echo = %q, %v", got, err)
 	}
-	pw.Close()
+	up.CloseWrite()
 	resp.Body.Close()
 	rec := p.waitRecord(t, "the WebSocket", func(r accesslog.Record) bool { return r.TargetURL == "ws://"+host+"/chat" })
 	if rec.Protocol != "HTTP/2" || rec.Method != "CONNECT" || rec.StatusCode != 200 || rec.TokenID != "e2e-ws" {
 		t.Errorf("record = %+v", rec)
 	}
 
-	resp, pw = open("https", strings.TrimPrefix(untrusted.URL, "https://"))
-	defer pw.Close()
+	resp, _ = open("https", strings.TrimPrefix(untrusted.URL, "https://"))
 	body, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != http.StatusBadGateway {
 		t.Errorf("wss:// origin with an untrusted certificate: status %d (%s), want 502", resp.StatusCode, body)

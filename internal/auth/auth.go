@@ -300,6 +300,11 @@ func (v *Verifier) verify(raw string) (*Identity, error) {
 	var c Claims
 	_, err := v.parser.ParseWithClaims(raw, &c, v.key)
 	if err != nil {
+		if errors.Is(err, jwt.ErrTokenMalformed) {
+			if named := v.mistypedClaim(raw); named != nil {
+				err = named
+			}
+		}
 		return nil, fmt.Errorf("%w: %s", ErrInvalid, reason(err))
 	}
 	id := &Identity{
@@ -321,6 +326,62 @@ func (v *Verifier) verify(raw string) (*Identity, error) {
 		return id, ErrRegion
 	}
 	return id, nil
+}
+
+// mistypedClaim is called when golang-jwt could not decode the claims of
+// token. It decodes the claims Pinaka reads one at a time and returns a
+// refusal naming the first whose value has the wrong type, or nil, so the
+// reason is the same on every Go version: Go 1.26's encoding/json filled
+// the field name into an error returned by a field's UnmarshalJSON
+// (NumericDate, FlexString), Go 1.27's (built on encoding/json/v2) returns
+// that error as it is, without the name, and names an array element by
+// its index. Keys match as they do in Claims (encoding/json's rules:
+// case-insensitive, the last duplicate wins). Only refused tokens pay for
+// this second decode.
+func (v *Verifier) mistypedClaim(token string) error {
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		return nil
+	}
+	b, err := v.parser.DecodeSegment(parts[1])
+	if err != nil {
+		return nil
+	}
+	var raw struct {
+		UserID         json.RawMessage `json:"user_id"`
+		TokenID        json.RawMessage `json:"token_id"`
+		TokenType      json.RawMessage `json:"token_type"`
+		AllowedRegions json.RawMessage `json:"allowed_regions"`
+		ExpiresAt      json.RawMessage `json:"exp"`
+		NotBefore      json.RawMessage `json:"nbf"`
+		IssuedAt       json.RawMessage `json:"iat"`
+	}
+	if json.Unmarshal(b, &raw) != nil {
+		return nil
+	}
+	var c Claims
+	for _, f := range []struct {
+		claim string
+		raw   json.RawMessage
+		dst   any
+	}{
+		{"user_id", raw.UserID, &c.UserID},
+		{"token_id", raw.TokenID, &c.TokenID},
+		{"token_type", raw.TokenType, &c.TokenType},
+		{"allowed_regions", raw.AllowedRegions, &c.AllowedRegions},
+		{"exp", raw.ExpiresAt, &c.ExpiresAt},
+		{"nbf", raw.NotBefore, &c.NotBefore},
+		{"iat", raw.IssuedAt, &c.IssuedAt},
+	} {
+		if f.raw == nil {
+			continue
+		}
+		err := json.Unmarshal(f.raw, f.dst)
+		if te, ok := errors.AsType[*json.UnmarshalTypeError](err); ok {
+			return &refusal{typeRefusal(f.claim, te)}
+		}
+	}
+	return nil
 }
 
 // key is the jwt.Keyfunc. golang-jwt ignores the crit header, so it is
@@ -415,11 +476,7 @@ func reason(err error) string {
 		return ce.msg
 	}
 	if te, ok := errors.AsType[*json.UnmarshalTypeError](err); ok && te.Field != "" {
-		claim := te.Field[strings.LastIndexByte(te.Field, '.')+1:]
-		if te.Value == invalidUTF8 {
-			return claim + " is not valid UTF-8"
-		}
-		return fmt.Sprintf("%s claim must be %s, not %s", claim, jsonTypeName(te.Type), te.Value)
+		return typeRefusal(te.Field[strings.LastIndexByte(te.Field, '.')+1:], te)
 	}
 	switch {
 	case errors.Is(err, jwt.ErrTokenMalformed):
@@ -438,6 +495,17 @@ func reason(err error) string {
 		return "invalid claims"
 	}
 	return "invalid token"
+}
+
+// typeRefusal says that claim's value has the wrong JSON type. Only the
+// kind is named: Go 1.27's encoding/json appends some values to it
+// ("number 1e999"), and a refusal never quotes token text.
+func typeRefusal(claim string, te *json.UnmarshalTypeError) string {
+	if te.Value == invalidUTF8 {
+		return claim + " is not valid UTF-8"
+	}
+	kind, _, _ := strings.Cut(te.Value, " ")
+	return fmt.Sprintf("%s claim must be %s, not %s", claim, jsonTypeName(te.Type), kind)
 }
 
 // jsonTypeName names the JSON type a Go type decodes from.

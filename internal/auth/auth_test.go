@@ -429,6 +429,29 @@ func TestVerifyRefusesNonNumericDates(t *testing.T) {
 	})
 }
 
+// A claim of the wrong JSON type is refused by name and kind, never with
+// its value, the same on every Go version (Claims.UnmarshalJSON); keys
+// still match as encoding/json matches them.
+func TestVerifyNamesMistypedClaims(t *testing.T) {
+	exp := time.Now().Add(time.Hour).Unix()
+	tok := func(c jwt.MapClaims) string { return sign(t, jwt.SigningMethodHS256, secret, c) }
+	runVerifyCases(t, []verifyCase{
+		{"regions a string", tok(jwt.MapClaims{"token_id": "t1", "allowed_regions": "secret-region", "exp": exp}),
+			"allowed_regions claim must be an array, not string"},
+		{"number among regions", tok(jwt.MapClaims{"token_id": "t1", "allowed_regions": []any{"*", 7}, "exp": exp}),
+			"allowed_regions claim must be a string, not number"},
+		{"numeric token_type", tok(jwt.MapClaims{"token_id": "t1", "allowed_regions": []string{"*"}, "token_type": 5, "exp": exp}),
+			"token_type claim must be a string, not number"},
+		{"numeric iss", tok(jwt.MapClaims{"token_id": "t1", "allowed_regions": []string{"*"}, "iss": 5, "exp": exp}),
+			"iss claim must be a string, not number"},
+		{"keys in capitals", tok(jwt.MapClaims{"TOKEN_ID": "t1", "Allowed_Regions": []string{"*"}, "exp": exp}), ""},
+	})
+	_, err := NewVerifier(secret, "us-east", 0).Verify(tok(jwt.MapClaims{"token_id": "t1", "allowed_regions": "secret-region", "exp": exp}))
+	if err == nil || strings.Contains(err.Error(), "secret-region") {
+		t.Errorf("error %v quotes the refused value", err)
+	}
+}
+
 // Mint refuses what Verify would refuse, with the same reason.
 func TestMintRefusesUnstorableIDs(t *testing.T) {
 	for _, c := range []struct {

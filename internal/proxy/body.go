@@ -39,6 +39,8 @@ type requestBody struct {
 	// rmu is held across each Read, so finish can wait for a pending one.
 	rmu      sync.Mutex
 	finished bool // guarded by rmu: Reads fail from now on
+	// closed: Close was called; later Reads fail without reading.
+	closed atomic.Bool
 
 	// Trailers: in is the server's map, filled when the body ends; out is
 	// what the transport sends, the declared names that may pass this hop.
@@ -62,6 +64,9 @@ func (b *requestBody) Read(buf []byte) (int, error) {
 	defer b.rmu.Unlock()
 	if b.finished {
 		return 0, errBodyFinished
+	}
+	if b.closed.Load() {
+		return 0, errBodyClosed
 	}
 	if b.idle > 0 {
 		b.readingSince.Store(int64(time.Since(b.base)) | 1) // never 0
@@ -128,6 +133,23 @@ func (b *requestBody) finish() {
 }
 
 var errBodyFinished = errors.New("request body abandoned: the answer was sent")
+
+// Close is called by ReverseProxy as its ServeHTTP returns and by the
+// transport when it is done with the body. It never closes the server's
+// body, which net/http closes itself when the handler returns: that Close
+// drains what the client still sends and, on HTTP/1.1, first waits for
+// the transport's pending Read, which waits for the client. Go 1.26's
+// ReverseProxy hid the body's Close behind a wrapper (noopCloseReader);
+// Go 1.27 dropped it, so with an early answer and a body still open the
+// handler hung in that Close and the answer, still in the server's
+// buffer, never reached the client. Closing here only makes later Reads
+// fail, as the wrapper did; finish stops a pending one.
+func (b *requestBody) Close() error {
+	b.closed.Store(true)
+	return nil
+}
+
+var errBodyClosed = errors.New("request body read after Close")
 
 // declareTrailers sets what the transport announces and later sends:
 // the client's declared trailer names, filtered like headers.

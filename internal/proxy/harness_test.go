@@ -214,6 +214,22 @@ func (e *env) h2Conn() *http2.ClientConn {
 	return cc
 }
 
+// h2Raw opens an HTTP/2 connection to the proxy with the bare frame
+// client, for requests Go's client will not send on every Go version
+// (extended CONNECT: Go 1.27's x/net client refuses :protocol).
+func (e *env) h2Raw() *testutil.H2Raw {
+	e.t.Helper()
+	c, err := tls.Dial("tcp", e.addr, e.tlsConfig("h2"))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { c.Close() })
+	if p := c.ConnectionState().NegotiatedProtocol; p != "h2" {
+		e.t.Fatalf("ALPN negotiated %q, want h2", p)
+	}
+	return testutil.NewH2Raw(e.t, c)
+}
+
 // h2Connect opens a CONNECT tunnel on cc. The returned writer is the
 // upload side (Close = END_STREAM); resp.Body is the download side.
 func h2Connect(cc *http2.ClientConn, target, authHeader string) (*http.Response, *io.PipeWriter, error) {

@@ -88,7 +88,7 @@ func TestExtendedConnectRefusalWithStalledBodyEnds(t *testing.T) {
 		io.WriteString(c, "HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\nabc")
 		time.Sleep(time.Minute)
 	})
-	resp, _ := extendedConnect(t, e.h2Conn(), "http", origin, "/ws", "websocket", e.bearer(), nil)
+	resp, _ := extendedConnect(t, e.h2Raw(), "http", origin, "/ws", "websocket", e.bearer(), nil)
 	if resp.StatusCode != http.StatusForbidden {
 		t.Fatalf("status %d, want the origin's 403", resp.StatusCode)
 	}

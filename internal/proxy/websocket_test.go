@@ -13,7 +13,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -166,32 +165,41 @@ func wsEcho(t *testing.T, w io.Writer, r io.Reader) {
 	}
 }
 
-// extendedConnect opens an RFC 8441 stream. The returned pipe writer is
-// the client→origin direction; resp.Body is origin→client.
-func extendedConnect(t *testing.T, cc *http2.ClientConn, scheme, authority, path, protocol, authHeader string, hdr http.Header) (*http.Response, *io.PipeWriter) {
+// openExtended starts an RFC 8441 stream on h, after checking that the
+// proxy advertised SETTINGS_ENABLE_CONNECT_PROTOCOL, as a client must.
+func openExtended(t *testing.T, h *testutil.H2Raw, scheme, authority, path, protocol, authHeader string, hdr http.Header) *testutil.H2Stream {
 	t.Helper()
-	pr, pw := io.Pipe()
-	req := &http.Request{
-		Method: http.MethodConnect,
-		URL:    &url.URL{Scheme: scheme, Host: authority, Path: path},
-		Host:   authority,
-		Header: http.Header{":protocol": {protocol}},
-		Body:   pr,
+	if v := h.ServerSettings(t)[http2.SettingEnableConnectProtocol]; v != 1 {
+		t.Fatalf("SETTINGS_ENABLE_CONNECT_PROTOCOL = %d: a client would not send extended CONNECT", v)
 	}
-	for k, v := range hdr {
-		req.Header[k] = v
+	fields := []string{":method", http.MethodConnect, ":protocol", protocol, ":scheme", scheme, ":authority", authority, ":path", path}
+	for k, vs := range hdr {
+		for _, v := range vs {
+			fields = append(fields, strings.ToLower(k), v)
+		}
 	}
 	if authHeader != "" {
-		req.Header.Set("Proxy-Authorization", authHeader)
+		fields = append(fields, "proxy-authorization", authHeader)
 	}
-	resp, err := cc.RoundTrip(req)
-	if err != nil {
-		pw.Close()
-		t.Fatalf("extended CONNECT %s://%s%s: %v", scheme, authority, path, err)
-	}
-	t.Cleanup(func() { pw.Close(); resp.Body.Close() })
-	return resp, pw
+	return h.Open(t, false, fields...)
 }
+
+// extendedConnect opens an RFC 8441 stream and waits for the answer. The
+// returned writer is the client→origin direction (Close = END_STREAM);
+// resp.Body is origin→client (Close before the end = RST_STREAM).
+func extendedConnect(t *testing.T, h *testutil.H2Raw, scheme, authority, path, protocol, authHeader string, hdr http.Header) (*http.Response, io.WriteCloser) {
+	t.Helper()
+	s := openExtended(t, h, scheme, authority, path, protocol, authHeader, hdr)
+	resp := s.Response(t)
+	up := upload{s}
+	t.Cleanup(func() { up.Close(); resp.Body.Close() })
+	return resp, up
+}
+
+// upload is a stream's client→origin direction.
+type upload struct{ *testutil.H2Stream }
+
+func (u upload) Close() error { return u.CloseWrite() }
 
 // TestExtendedConnectSettingAdvertised reads the proxy's first SETTINGS
 // frame with a bare framer: SETTINGS_ENABLE_CONNECT_PROTOCOL must be 1, or
@@ -222,8 +230,8 @@ func TestExtendedConnectWebSocketEcho(t *testing.T) {
 		t.Run(wsScheme, func(t *testing.T) {
 			e := startProxy(t, nil)
 			o := newWSOrigin(t, secure)
-			cc := e.h2Conn()
-			resp, pw := extendedConnect(t, cc, scheme, o.hostPort(), "/echo", "websocket", e.bearer(), http.Header{
+			hc := e.h2Raw()
+			resp, pw := extendedConnect(t, hc, scheme, o.hostPort(), "/echo", "websocket", e.bearer(), http.Header{
 				"Sec-Websocket-Version":  {"13"},
 				"Sec-Websocket-Protocol": {"chat"},
 				"Origin":                 {"https://app.example"},
@@ -281,9 +289,9 @@ func TestExtendedConnectWebSocketEcho(t *testing.T) {
 func TestExtendedConnectOriginRefuses(t *testing.T) {
 	e := startProxy(t, nil)
 	o := newWSOrigin(t, false)
-	cc := e.h2Conn()
+	hc := e.h2Raw()
 	for path, want := range map[string]int{"/forbidden": http.StatusForbidden, "/missing": http.StatusNotFound} {
-		resp, _ := extendedConnect(t, cc, "http", o.hostPort(), path, "websocket", e.bearer(), nil)
+		resp, _ := extendedConnect(t, hc, "http", o.hostPort(), path, "websocket", e.bearer(), nil)
 		body, _ := io.ReadAll(resp.Body)
 		if resp.StatusCode != want {
 			t.Errorf("%s: status %d, want the origin's %d", path, resp.StatusCode, want)
@@ -307,37 +315,38 @@ func TestExtendedConnectOriginRefuses(t *testing.T) {
 func TestExtendedConnectOrigin200IsBadGateway(t *testing.T) {
 	e := startProxy(t, nil)
 	o := newWSOrigin(t, false)
-	req := &http.Request{
-		Method:        http.MethodConnect,
-		URL:           &url.URL{Scheme: "http", Host: o.hostPort(), Path: "/ok-200"},
-		Host:          o.hostPort(),
-		Header:        http.Header{":protocol": {"websocket"}, "Proxy-Authorization": {e.bearer()}},
-		Body:          io.NopCloser(strings.NewReader("hello")),
-		ContentLength: 5,
-	}
-	resp, err := e.h2Conn().RoundTrip(req)
-	if err != nil {
+	s := openExtended(t, e.h2Raw(), "http", o.hostPort(), "/ok-200", "websocket", e.bearer(), http.Header{"Content-Length": {"5"}})
+	if _, err := io.WriteString(s, "hello"); err != nil {
 		t.Fatal(err)
 	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	resp := s.Response(t)
 	_, _ = io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusBadGateway {
 		t.Fatalf("status %d, want 502 for an origin answering the upgrade with 200", resp.StatusCode)
 	}
-	h := <-o.handshakes
-	if cl := h.Get("Content-Length"); cl != "" {
-		t.Errorf("origin received Content-Length %q on the upgrade GET", cl)
-	}
 	rec := e.waitRecord(func(r recordT) bool { return strings.HasSuffix(r.TargetURL, "/ok-200") })
 	if rec.StatusCode != http.StatusBadGateway || rec.Error != "upgrade_invalid" || rec.Success {
-		t.Errorf("record = %+v", rec)
+		t.Fatalf("record = %+v", rec)
+	}
+	// upgrade_invalid: the origin answered, so its handshake is queued.
+	select {
+	case h := <-o.handshakes:
+		if cl := h.Get("Content-Length"); cl != "" {
+			t.Errorf("origin received Content-Length %q on the upgrade GET", cl)
+		}
+	default:
+		t.Error("the origin saw no upgrade GET")
 	}
 }
 
 func TestExtendedConnectBadAccept(t *testing.T) {
 	e := startProxy(t, nil)
 	o := newWSOrigin(t, false)
-	resp, _ := extendedConnect(t, e.h2Conn(), "http", o.hostPort(), "/bad-accept", "websocket", e.bearer(), nil)
+	resp, _ := extendedConnect(t, e.h2Raw(), "http", o.hostPort(), "/bad-accept", "websocket", e.bearer(), nil)
 	if resp.StatusCode != http.StatusBadGateway {
 		t.Fatalf("status %d, want 502 for a 101 with the wrong Sec-WebSocket-Accept", resp.StatusCode)
 	}
@@ -350,7 +359,7 @@ func TestExtendedConnectBadAccept(t *testing.T) {
 func TestExtendedConnectRefusals(t *testing.T) {
 	e := startProxy(t, nil)
 	o := newWSOrigin(t, false)
-	cc := e.h2Conn()
+	hc := e.h2Raw()
 	other := e.mint("user-2", "tok-eu", []string{"eu-west"}, time.Hour)
 	cases := []struct {
 		name, authority, protocol, auth string
@@ -363,7 +372,7 @@ func TestExtendedConnectRefusals(t *testing.T) {
 		{"bad authority", "127.0.0.1:99999", "websocket", e.bearer(), http.StatusBadRequest},
 	}
 	for _, c := range cases {
-		resp, _ := extendedConnect(t, cc, "http", c.authority, "/echo", c.protocol, c.auth, nil)
+		resp, _ := extendedConnect(t, hc, "http", c.authority, "/echo", c.protocol, c.auth, nil)
 		_, _ = io.Copy(io.Discard, resp.Body)
 		if resp.StatusCode != c.want {
 			t.Errorf("%s: status %d, want %d", c.name, resp.StatusCode, c.want)
