@@ -96,6 +96,7 @@ func (s *stream) runHandler(r *http.Request) {
 		} else if w.detached {
 			// The stream lives on in its streamHandle; the request does not.
 			s.cancel(errHandlerDone)
+			s.cancel = func(error) {} // and frees the context chain
 			s.req = nil
 			return
 		} else {
