@@ -12,6 +12,8 @@
 # BENCH_IDLE_TUNNELS (default 1000), BENCH_TUNNELS (16), BENCH_CLIENTS (16),
 # BENCH_SKIP (space-separated: pinaka squid nghttpx).
 set -euo pipefail
+# go.mod asks for Go 1.27.3; fetched when the machine's Go is older.
+export GOTOOLCHAIN=${GOTOOLCHAIN:-go1.27.3}
 
 cd "$(dirname "$0")/.."
 root=$(pwd)

@@ -3,6 +3,9 @@
 # certificate, start the proxy on a free loopback port with explicit
 # configuration (no .env, no --dev), stop it. Everything stays on loopback.
 
+# go.mod asks for Go 1.27.3; fetched when the machine's Go is older.
+export GOTOOLCHAIN=${GOTOOLCHAIN:-go1.27.3}
+
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$E2E_DIR/.." && pwd)
 E2E_SECRET=e2e-secret-0123456789abcdef0123456789abcdef

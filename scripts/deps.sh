@@ -3,6 +3,8 @@
 # already there: PostgreSQL (collector tests), curl, Chromium and its driver
 # (browser test), systemd-analyze (unit check), h2spec, playwright-core.
 set -euo pipefail
+# go.mod asks for Go 1.27.3; fetched when the machine's Go is older.
+export GOTOOLCHAIN=${GOTOOLCHAIN:-go1.27.3}
 cd "$(dirname "$0")/.."
 
 SUDO=""

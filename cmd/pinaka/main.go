@@ -6,7 +6,6 @@ package main
 
 import (
 	// First: enables RFC 8441 before net/http initialises.
-	_ "github.com/pinaka-proxy/pinaka/internal/xconnect"
 
 	"context"
 	"crypto"

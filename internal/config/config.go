@@ -67,7 +67,6 @@ type Config struct {
 	RequestBodyIdleTimeout             time.Duration
 	MaxHeaderBytes                     int
 	MaxConcurrentStreams               uint32
-	HTTP2Engine                        string // "pinaka" (internal/h2srv) or "xnet" (x/net/http2's server)
 	HTTP2BodyBufferBytes               int64
 	HeaderReadTimeout                  time.Duration
 	IdleTimeout                        time.Duration
@@ -214,10 +213,6 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	c.RequestBodyIdleTimeout = p.duration("REQUEST_BODY_IDLE_TIMEOUT", 60*time.Second)
 	c.MaxHeaderBytes = p.int("MAX_HEADER_BYTES", 32<<10, 1<<10, 1<<20)
 	c.MaxConcurrentStreams = uint32(p.int("HTTP2_MAX_CONCURRENT_STREAMS", 250, 1, 10000))
-	c.HTTP2Engine = p.str("HTTP2_ENGINE", "pinaka")
-	if c.HTTP2Engine != "pinaka" && c.HTTP2Engine != "xnet" {
-		p.fail("HTTP2_ENGINE", "must be pinaka or xnet, not %q", c.HTTP2Engine)
-	}
 	c.HTTP2BodyBufferBytes = int64(p.int("HTTP2_BODY_BUFFER_BYTES", 256<<20, 1<<20, 1<<40))
 	c.HeaderReadTimeout = p.duration("HEADER_READ_TIMEOUT", 10*time.Second)
 	c.IdleTimeout = p.duration("IDLE_TIMEOUT", 120*time.Second)

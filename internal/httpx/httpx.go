@@ -3,11 +3,6 @@
 // carried a request (HTTP/1.1 on net/http, HTTP/2, HTTP/3 later); what a
 // plain *http.Request cannot carry, the engine puts in the request's
 // context as an Info, and the core reads it through Scheme and Protocol.
-//
-// Today's HTTP/2 engine (x/net/http2, handed the handler directly; see
-// internal/server) sets no Info, so both functions fall back to the
-// signals that engine gives: r.TLS set only for :scheme https, and
-// :protocol in the header map. The fallbacks go with that engine.
 package httpx
 
 import (
@@ -35,21 +30,13 @@ func info(r *http.Request) *Info {
 	return i
 }
 
-// Scheme is the request's scheme: HTTP/2's :scheme, or an HTTP/1.1
-// absolute-form URL's scheme ("" for origin-form and CONNECT).
+// Scheme is the request's scheme: :scheme (HTTP/2, HTTP/3), or an
+// HTTP/1.1 absolute-form URL's scheme ("" for origin-form and CONNECT).
 func Scheme(r *http.Request) string {
 	if i := info(r); i != nil {
 		return i.Scheme
 	}
-	if r.ProtoMajor < 2 {
-		return r.URL.Scheme
-	}
-	// x/net/http2 handed the handler directly sets r.TLS only for
-	// :scheme https (and CONNECT has no :scheme, but is never asked).
-	if r.TLS != nil {
-		return "https"
-	}
-	return "http"
+	return r.URL.Scheme
 }
 
 // Protocol is the :protocol of an extended CONNECT, or "".
@@ -57,10 +44,7 @@ func Protocol(r *http.Request) string {
 	if i := info(r); i != nil {
 		return i.Protocol
 	}
-	if r.ProtoMajor < 2 {
-		return ""
-	}
-	return r.Header.Get(":protocol")
+	return ""
 }
 
 // Stream is a request's stream kept open after its handler returns, for a

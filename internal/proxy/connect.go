@@ -142,10 +142,11 @@ func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, 
 
 // tunnelHTTP2 answers 200 on the stream and relays. It owns release (the
 // tunnel-limit slot). An engine that can detach a stream from its handler
-// (httpx.Detacher) gets the shape of tunnelHTTP1: the handler returns and
-// the relay runs on goroutines of its own, which end while the tunnel is
-// idle; the request and its contexts are not kept. Otherwise the handler
-// carries the relay until the tunnel ends.
+// (httpx.Detacher: ours) gets the shape of tunnelHTTP1: the handler returns
+// and the relay runs on goroutines of its own, which end while the tunnel
+// is idle; the request and its contexts are not kept. On an engine that
+// cannot (an HTTP/3 listener may start so), the handler carries the relay
+// until the tunnel ends.
 func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, r *http.Request, q *request, upstream endpoint, release func()) {
 	if d, ok := w.(httpx.Detacher); ok {
 		w.WriteHeader(http.StatusOK)
@@ -178,7 +179,7 @@ func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, r *http.Request, q *request, 
 	q.rec.StatusCode = http.StatusOK
 	client := endpoint{
 		r:     r.Body,
-		w:     recordSizedWriter{w},
+		w:     w,
 		flush: rc.Flush,
 		close: r.Body.Close,
 		// A write deadline in the past resets the stream, which wakes a
@@ -227,30 +228,6 @@ func (p *Proxy) tunnelDone(q *request, res relayResult) {
 }
 
 // h2DataChunk is the largest DATA payload whose frame (9-byte header +
-// payload) fits one 16 KiB TLS record. The HTTP/2 server writes each frame
-// with one Write, and crypto/tls makes one record and one write(2) per
-// 16 KiB of plaintext: a full 16 KiB payload frame is 16393 bytes, two
-// records, two syscalls, the second for 9 bytes. Browsers' frame limit is
-// 16 KiB, so every frame of a download paid that twice.
+// payload) fits one 16 KiB TLS record; the HTTP/2 engine sizes its frames
+// so, and the relay's large buffer is four of them.
 const h2DataChunk = 16384 - 9
-
-// recordSizedWriter writes to an HTTP/2 stream in h2DataChunk pieces, one
-// DATA frame and one TLS record each.
-type recordSizedWriter struct{ w http.ResponseWriter }
-
-func (c recordSizedWriter) Write(b []byte) (int, error) {
-	n := 0
-	for len(b) > 0 {
-		chunk := b
-		if len(chunk) > h2DataChunk {
-			chunk = chunk[:h2DataChunk]
-		}
-		m, err := c.w.Write(chunk)
-		n += m
-		if err != nil {
-			return n, err
-		}
-		b = b[len(chunk):]
-	}
-	return n, nil
-}

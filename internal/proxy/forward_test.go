@@ -381,8 +381,7 @@ func TestOversizedHeadersRefused(t *testing.T) {
 }
 
 // The core classifies an HTTP/2 request by what its engine says (httpx.Info),
-// not by the x/net engine's r.TLS signal: a future engine sets r.TLS on
-// every request and states :scheme explicitly.
+// not by r.TLS, which the engine sets on every request.
 func TestClassifyFollowsEngineInfo(t *testing.T) {
 	e := startProxy(t, nil)
 	for _, c := range []struct {
@@ -395,7 +394,7 @@ func TestClassifyFollowsEngineInfo(t *testing.T) {
 		{"engine says :scheme http: forwarding (needs credentials)", &httpx.Info{Scheme: "http"}, "GET", http.StatusProxyAuthRequired, "http://example.test/p"},
 		{"engine says :scheme https: the proxy itself", &httpx.Info{Scheme: "https"}, "GET", http.StatusBadRequest, ""},
 		{"engine says :protocol websocket: extended CONNECT", &httpx.Info{Scheme: "https", Protocol: "websocket"}, "CONNECT", http.StatusProxyAuthRequired, "wss://example.test/p"},
-		{"no Info, TLS state set (x/net :scheme https): the proxy itself", nil, "GET", http.StatusBadRequest, ""},
+		{"no Info (no :scheme known): the proxy itself", nil, "GET", http.StatusBadRequest, ""},
 	} {
 		r := httptest.NewRequest(c.method, "/p", nil)
 		r.ProtoMajor, r.ProtoMinor, r.Proto = 2, 0, "HTTP/2.0"

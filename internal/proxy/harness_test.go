@@ -2,7 +2,6 @@ package proxy_test
 
 import (
 	"github.com/pinaka-proxy/pinaka/internal/testutil"
-	_ "github.com/pinaka-proxy/pinaka/internal/xconnect"
 
 	"bufio"
 	"context"
@@ -55,10 +54,6 @@ func startProxy(t *testing.T, vars map[string]string) *env {
 		"PROBE_NODE_REGION":  "us-east",
 		"EGRESS_ALLOW_CIDRS": "127.0.0.0/8,::1/128",
 		"LOG_LEVEL":          "debug",
-	}
-	// CI runs this package once more on the x/net engine while it exists.
-	if engine := os.Getenv("PINAKA_TEST_HTTP2_ENGINE"); engine != "" {
-		v["HTTP2_ENGINE"] = engine
 	}
 	for k, val := range vars {
 		v[k] = val

@@ -13,14 +13,12 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"golang.org/x/net/http2"
 
 	"github.com/pinaka-proxy/pinaka/internal/config"
 	"github.com/pinaka-proxy/pinaka/internal/h2srv"
@@ -38,7 +36,7 @@ type Server struct {
 	metrics *metrics.Metrics
 
 	proxySrv *http.Server
-	h2       *h2srv.Server // HTTP/2 (HTTP2_ENGINE=pinaka); nil: x/net's server inside proxySrv
+	h2       *h2srv.Server // HTTP/2, handed its connections by tlsLn
 	adminSrv *http.Server
 	proxyLn  net.Listener // TCP, with the connection limits and the stall guard
 	tlsLn    *tlsAcceptor // TLS on top: what the HTTP server accepts from
@@ -60,25 +58,11 @@ func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy,
 		ReadHeaderTimeout: cfg.HeaderReadTimeout,
 		IdleTimeout:       cfg.IdleTimeout,
 		MaxHeaderBytes:    cfg.MaxHeaderBytes,
-		HTTP2: &http.HTTP2Config{
-			MaxConcurrentStreams: int(cfg.MaxConcurrentStreams),
-			// Large receive windows keep a single tunnel from being
-			// window-bound; the buffers fill only when the origin is slower
-			// than the client, and the per-connection cap bounds that.
-			MaxReceiveBufferPerConnection: 32 << 20,
-			MaxReceiveBufferPerStream:     8 << 20,
-			// Advertise HTTP/2's initial frame size (16 KB), not Go's 1 MB
-			// default: browsers send 16 KB frames anyway, and h2spec
-			// (4.2 #3) expects a single HEADERS frame over 16 KB to be a
-			// FRAME_SIZE_ERROR.
-			MaxReadFrameSize:          16 << 10,
-			MaxDecoderHeaderTableSize: 4096,
-			MaxEncoderHeaderTableSize: 4096,
-			SendPingTimeout:           30 * time.Second,
-			PingTimeout:               15 * time.Second,
-			// Write stalls: see guardWriteStall.
-		},
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		// HTTP/2 connections never reach net/http: the TLS acceptor hands
+		// them to our engine (s.h2); an empty map keeps net/http from
+		// starting an HTTP/2 server of its own.
+		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
+		ErrorLog:     slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 		// Requests find their connection's listener slot through their
 		// context, to mark it authenticated (per-address caps), and an
 		// HTTP/1.1 connection's framing watch (see h1Conn).
@@ -89,22 +73,7 @@ func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy,
 			return ratelimit.WithConn(ctx, c)
 		},
 	}
-	if cfg.HTTP2Engine == "pinaka" {
-		s.h2 = newH2Server(cfg, log, p, m)
-		// HTTP/2 connections go to s.h2 from the TLS acceptor; net/http
-		// must never start an HTTP/2 server of its own.
-		s.proxySrv.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
-		s.proxySrv.HTTP2 = nil
-	} else {
-		if !kernelStallGuard {
-			s.proxySrv.HTTP2.WriteByteTimeout = writeStallTimeout
-		}
-		if err := configureHTTP2(s.proxySrv, p, log); err != nil {
-			// Only a TLS config without an HTTP/2-capable suite fails here,
-			// and ours is fixed.
-			panic(err)
-		}
-	}
+	s.h2 = newH2Server(cfg, log, p, m)
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -152,43 +121,6 @@ func capSeconds(h http.HandlerFunc) http.HandlerFunc {
 // would otherwise hold every stream of the connection.
 const writeStallTimeout = 60 * time.Second
 
-// configureHTTP2 serves HTTP/2 with golang.org/x/net/http2 and hands it
-// the proxy handler directly. net/http's own ALPN path wraps the handler in
-// a shim that fills r.TLS for every request, which erases the one signal of
-// :scheme the handler has: HTTP/2 sets r.TLS only for :scheme https. The
-// proxy needs it to tell "forward to http://authority" from "a request for
-// the proxy itself", and ws:// from wss:// in RFC 8441 CONNECT. The server
-// code is the same one net/http bundles; http.Server.HTTP2 still applies
-// and Shutdown still sends GOAWAY (ConfigureServer registers the hook).
-func configureHTTP2(srv *http.Server, h http.Handler, log *slog.Logger) error {
-	if err := http2.ConfigureServer(srv, &http2.Server{}); err != nil {
-		return fmt.Errorf("configuring HTTP/2: %w", err)
-	}
-	next := srv.TLSNextProto[http2.NextProtoTLS]
-	srv.TLSNextProto[http2.NextProtoTLS] = func(hs *http.Server, c *tls.Conn, alpnHandler http.Handler) {
-		ctx := context.Background()
-		if bc, ok := alpnHandler.(interface{ BaseContext() context.Context }); ok {
-			ctx = bc.BaseContext()
-		}
-		if kernelStallGuard {
-			if err := guardWriteStall(c, writeStallTimeout); err != nil {
-				log.Warn("HTTP/2 connection without a write-stall timeout", "err", err)
-			}
-		}
-		next(hs, c, baseContextHandler{Handler: h, ctx: ctx})
-	}
-	return nil
-}
-
-// baseContextHandler passes the connection's base context to x/net/http2
-// the way net/http's ALPN shim does, without touching the request.
-type baseContextHandler struct {
-	http.Handler
-	ctx context.Context
-}
-
-func (b baseContextHandler) BaseContext() context.Context { return b.ctx }
-
 // Listen opens the proxy and admin sockets.
 func (s *Server) Listen() error {
 	ln, err := net.Listen("tcp", s.cfg.ListenAddr())
@@ -197,28 +129,21 @@ func (s *Server) Listen() error {
 	}
 	s.proxyLn = s.stackListener(ln)
 	// TLS as http.Server.ServeTLS sets it up, but with the handshake ours
-	// (see tlsAcceptor). ConfigureServer has added h2 to NextProtos.
+	// (see tlsAcceptor): h2 goes to our engine, http/1.1 to net/http.
 	tlsCfg := s.proxySrv.TLSConfig.Clone()
-	if s.h2 != nil {
-		tlsCfg.NextProtos = []string{"h2", "http/1.1"}
-	}
-	if !slices.Contains(tlsCfg.NextProtos, "http/1.1") {
-		tlsCfg.NextProtos = append(tlsCfg.NextProtos, "http/1.1")
-	}
+	tlsCfg.NextProtos = []string{"h2", "http/1.1"}
 	handshakeTimeout := s.cfg.HeaderReadTimeout
 	if handshakeTimeout <= 0 {
 		handshakeTimeout = 10 * time.Second
 	}
 	s.tlsLn = newTLSAcceptor(s.proxyLn, tlsCfg, handshakeTimeout, s.log)
-	if s.h2 != nil {
-		s.tlsLn.h2 = func(tc *tls.Conn) {
-			if kernelStallGuard {
-				if err := guardWriteStall(tc, writeStallTimeout); err != nil {
-					s.log.Warn("HTTP/2 connection without a write-stall timeout", "err", err)
-				}
+	s.tlsLn.h2 = func(tc *tls.Conn) {
+		if kernelStallGuard {
+			if err := guardWriteStall(tc, writeStallTimeout); err != nil {
+				s.log.Warn("HTTP/2 connection without a write-stall timeout", "err", err)
 			}
-			s.h2.ServeConn(tc)
 		}
+		s.h2.ServeConn(tc)
 	}
 	if s.cfg.AdminAddr != "" && s.cfg.AdminAddr != "off" {
 		aln, err := net.Listen("tcp", s.cfg.AdminAddr)
@@ -312,10 +237,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		shutErr = s.proxySrv.Shutdown(ctx)
-		if s.h2 != nil {
-			shutErr = errors.Join(shutErr, s.h2.Shutdown(ctx))
-		}
+		shutErr = errors.Join(s.proxySrv.Shutdown(ctx), s.h2.Shutdown(ctx))
 	}()
 	drainErr := s.proxy.Drain(ctx, s.closeProxyConns)
 	<-done
@@ -336,9 +258,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // closeProxyConns closes every proxy connection at once.
 func (s *Server) closeProxyConns() {
 	s.proxySrv.Close()
-	if s.h2 != nil {
-		s.h2.Close()
-	}
+	s.h2.Close()
 }
 
 func shutErrIfNotDeadline(err error) error {
