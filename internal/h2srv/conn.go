@@ -104,7 +104,10 @@ func newConn(s *Server, tc *tls.Conn) *conn {
 	c.fr = http2.NewFramer(nil, tc)
 	c.fr.SetMaxReadFrameSize(defaultMaxFrame)
 	c.hdec = hpack.NewDecoder(4096, c.emitField)
-	c.hdec.SetMaxStringLength(c.cfg.MaxHeaderBytes)
+	// A single field longer than MaxHeaderBytes is a 431 like any header
+	// list too large (emitField), not a decoding error that ends the
+	// connection; the encoded block's own bound limits what is decoded.
+	c.hdec.SetMaxStringLength(c.maxEncodedBlock())
 	c.henc = hpack.NewEncoder(&c.hbuf)
 	c.budget.init()
 	c.baseCtx = context.Background()
@@ -290,6 +293,7 @@ func (c *conn) endReading(err error) {
 		case <-time.After(time.Second):
 		}
 		c.cfg.Log.Debug("HTTP/2 connection error", "client", c.remote, "code", ce.code, "reason", ce.reason)
+		c.linger()
 	} else if errors.Is(err, errDrained) {
 		// The writer closes once GOAWAY is out; give the client a moment to
 		// close first, so no unread bytes turn the close into a reset.
@@ -299,6 +303,14 @@ func (c *conn) endReading(err error) {
 		}
 	}
 	c.closeWithError(err)
+}
+
+// linger reads and drops what the client still sends, for a moment, before
+// the socket closes: closing with unread bytes makes the kernel send a
+// reset, which can destroy the GOAWAY (and ACKs) still on their way.
+func (c *conn) linger() {
+	_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
+	_, _ = io.CopyN(io.Discard, c.nc, 1<<20)
 }
 
 // goAwayLocked queues GOAWAY with the last stream we will serve.

@@ -46,6 +46,13 @@ const (
 // maxHeaderFrames bounds HEADERS + CONTINUATION frames per block.
 const maxHeaderFrames = 16
 
+// oversizedBlockCost is the flood credit a header block over
+// MaxHeaderBytes costs: decoding one takes up to ~300 µs.
+const oversizedBlockCost = 10
+
+// maxEncodedBlock bounds a header block's encoded bytes.
+func (c *conn) maxEncodedBlock() int { return 2*c.cfg.MaxHeaderBytes + defaultMaxFrame }
+
 func (c *conn) processHeaders(f *http2.HeadersFrame) error {
 	id := f.StreamID
 	if id%2 == 0 {
@@ -85,7 +92,7 @@ func (c *conn) continueHeaderBlock(frag []byte, end bool) error {
 	hb := c.hb
 	hb.frames++
 	hb.encoded += len(frag)
-	if hb.frames > maxHeaderFrames || hb.encoded > 2*c.cfg.MaxHeaderBytes+defaultMaxFrame {
+	if hb.frames > maxHeaderFrames || hb.encoded > c.maxEncodedBlock() {
 		return connErr(http2.ErrCodeEnhanceYourCalm, "header block too large")
 	}
 	if _, err := c.hdec.Write(frag); err != nil {
@@ -220,8 +227,17 @@ func (c *conn) endHeaderBlock(hb *headerBlock) error {
 	}
 	if hb.tooLarge {
 		// §10.5.1: answer 431 without a handler; the connection goes on.
+		// Decoding the block cost real work (an HPACK bomb references a
+		// large table entry thousands of times), so it is charged as
+		// several frames that do no work, and its answer earns nothing.
 		s.discard = true
+		s.noCredit = true
 		s.respondLocked(http.StatusRequestHeaderFieldsTooLarge)
+		for range oversizedBlockCost {
+			if err := c.charge("headers_too_large"); err != nil {
+				return err
+			}
+		}
 		return nil
 	}
 	req, err := c.newRequest(s, hb)

@@ -241,7 +241,9 @@ func (c *conn) appendStreamLocked(b []byte, s *stream) []byte {
 // nobody will read is told to stop (RFC 9113 §8.1).
 func (c *conn) endedLocked(b []byte, s *stream) []byte {
 	s.localClosed = true
-	c.budget.earn(2 << 10) // a completed response is worth two unproductive frames
+	if !s.noCredit {
+		c.budget.earn(2 << 10) // a completed response is worth two unproductive frames
+	}
 	if s.handlerDone && !s.remoteClosed {
 		b = appendRSTStream(b, s.id, http2.ErrCodeNo)
 		c.rememberReset(s.id)

@@ -33,6 +33,7 @@ type stream struct {
 	rstQueued    bool // we owe the client an RST_STREAM
 	finalSent    bool // the final response HEADERS went out (or are queued)
 	discard      bool // nobody reads the body: DATA is consumed on arrival
+	noCredit     bool // its answer earns no flood credit (a refusal the engine made)
 
 	// Receive side.
 	recv           chunkQueue

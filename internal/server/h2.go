@@ -25,10 +25,13 @@ func newH2Server(cfg *config.Config, log *slog.Logger, h http.Handler, m *metric
 		MaxHeaderBytes:       cfg.MaxHeaderBytes,
 		HeaderReadTimeout:    cfg.HeaderReadTimeout,
 		IdleTimeout:          cfg.IdleTimeout,
-		WriteStallTimeout:    stallLimit(cfg),
-		BodyBudget:           cfg.HTTP2BodyBufferBytes,
-		Batch:                proxy.BatchWrites,
-		Log:                  log,
+		// Half as long again as the stall guard's limit: a tunnel's own
+		// idle watch (TUNNEL_IDLE_TIMEOUT) ends a stalled tunnel first, and
+		// names it; this catches forwarded responses, which have none.
+		WriteStallTimeout: stallLimit(cfg) * 3 / 2,
+		BodyBudget:        cfg.HTTP2BodyBufferBytes,
+		Batch:             proxy.BatchWrites,
+		Log:               log,
 		Hooks: h2srv.Hooks{
 			GoAway:       func(reason string) { m.HTTP2GoAways.WithLabelValues(reason).Inc() },
 			StreamError:  func(reason string) { m.HTTP2StreamErrors.WithLabelValues(reason).Inc() },
