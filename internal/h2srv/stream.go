@@ -122,7 +122,10 @@ func (s *stream) discardLocked() {
 	s.discard = true
 	if n := s.recv.len(); n > 0 {
 		s.recv.reset()
+		// The bytes leave the connection's buffer: its window opens again.
+		s.c.addBuffered(-int64(n))
 		s.consumedLocked(n)
+		s.c.grantLocked()
 	}
 }
 
