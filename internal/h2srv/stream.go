@@ -159,7 +159,9 @@ func (s *stream) resetLocked(cause error, sendRST bool) {
 	if s.writeErr == nil {
 		s.writeErr = cause
 	}
-	s.hdrs, s.small, s.pending, s.trailers = nil, nil, nil, nil
+	// pending stays: the Write waiting on it takes it back and reports
+	// how much of it was sent.
+	s.hdrs, s.small, s.trailers = nil, nil, nil
 	if s.cancel != nil {
 		s.cancel(cause)
 	}
@@ -181,7 +183,6 @@ func (s *stream) connGoneLocked(err error) {
 	if s.writeErr == nil {
 		s.writeErr = err
 	}
-	s.pending = nil
 	if s.cancel != nil {
 		s.cancel(err)
 	}
