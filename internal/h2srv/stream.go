@@ -44,6 +44,7 @@ type stream struct {
 	readTimedOut   bool
 	readTimer      *time.Timer
 	expectContinue bool
+	trailer        http.Header // request trailers, for r.Trailer at EOF
 	rcond          sync.Cond
 	readReady      func() // see ReadReady
 
@@ -272,6 +273,13 @@ func (b *requestBody) Read(p []byte) (int, error) {
 		case s.readErr != nil:
 			return 0, s.readErr
 		case s.remoteClosed:
+			// Only trailers the request declared are kept, as net/http does.
+			for k, vv := range s.trailer {
+				if _, ok := s.req.Trailer[k]; ok {
+					s.req.Trailer[k] = vv
+				}
+			}
+			s.trailer = nil
 			return 0, io.EOF
 		case s.readTimedOut:
 			return 0, os.ErrDeadlineExceeded
