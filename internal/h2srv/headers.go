@@ -280,18 +280,15 @@ func (c *conn) endTrailers(hb *headerBlock) error {
 		c.streamErrorLocked(hb.stream, http2.ErrCodeProtocol, "malformed")
 		return nil
 	}
-	for k, vv := range hb.header {
+	for k := range hb.header {
 		if !httpguts.ValidTrailerHeader(k) {
 			c.streamErrorLocked(hb.stream, http2.ErrCodeProtocol, "malformed")
 			return nil
 		}
-		// Only trailers the request declared are kept, as net/http does.
-		if s.req != nil && s.req.Trailer != nil {
-			if _, ok := s.req.Trailer[k]; ok {
-				s.req.Trailer[k] = vv
-			}
-		}
 	}
+	// They reach r.Trailer when the handler's Read returns io.EOF, on its
+	// goroutine: the handler may be reading r.Trailer now (Request.Clone).
+	s.trailer = hb.header
 	c.endRemoteLocked(s)
 	return nil
 }

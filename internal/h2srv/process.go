@@ -245,6 +245,11 @@ func (c *conn) addBuffered(n int64) {
 // of it has been consumed, and grows it while the window, not the
 // consumers, is what holds an upload back.
 func (c *conn) grantLocked() {
+	if c.err != nil {
+		// The connection is gone and gave its reservation back; a
+		// handler still reading what was buffered must not take more.
+		return
+	}
 	if c.recvWindow < c.target/8 && c.buffered < c.target/4 && c.target < int64(c.cfg.MaxConnWindow) {
 		want := min(c.target, int64(c.cfg.MaxConnWindow)-c.target)
 		if got := c.srv.reserve(want, min(want, 64<<10)); got > 0 {

@@ -45,6 +45,7 @@ type stream struct {
 	readTimedOut   bool
 	readTimer      *time.Timer
 	expectContinue bool
+	trailer        http.Header // request trailers, for r.Trailer at EOF
 	rcond          sync.Cond
 	readReady      func() // see ReadReady
 
@@ -130,7 +131,10 @@ func (s *stream) discardLocked() {
 	s.discard = true
 	if n := s.recv.len(); n > 0 {
 		s.recv.reset()
+		// The bytes leave the connection's buffer: its window opens again.
+		s.c.addBuffered(-int64(n))
 		s.consumedLocked(n)
+		s.c.grantLocked()
 	}
 }
 
@@ -164,7 +168,9 @@ func (s *stream) resetLocked(cause error, sendRST bool) {
 	if s.writeErr == nil {
 		s.writeErr = cause
 	}
-	s.hdrs, s.small, s.pending, s.trailers = nil, nil, nil, nil
+	// pending stays: the Write waiting on it takes it back and reports
+	// how much of it was sent.
+	s.hdrs, s.small, s.trailers = nil, nil, nil
 	if s.cancel != nil {
 		s.cancel(cause)
 	}
@@ -186,7 +192,6 @@ func (s *stream) connGoneLocked(err error) {
 	if s.writeErr == nil {
 		s.writeErr = err
 	}
-	s.pending = nil
 	if s.cancel != nil {
 		s.cancel(err)
 	}
@@ -282,6 +287,13 @@ func (s *stream) readLocked(p []byte) (int, error) {
 		case s.readErr != nil:
 			return 0, s.readErr
 		case s.remoteClosed:
+			// Only trailers the request declared are kept, as net/http does.
+			for k, vv := range s.trailer {
+				if _, ok := s.req.Trailer[k]; ok {
+					s.req.Trailer[k] = vv
+				}
+			}
+			s.trailer = nil
 			return 0, io.EOF
 		case s.readTimedOut:
 			return 0, os.ErrDeadlineExceeded
