@@ -287,10 +287,13 @@ func (s *stream) readLocked(p []byte) (int, error) {
 		case s.readErr != nil:
 			return 0, s.readErr
 		case s.remoteClosed:
-			// Only trailers the request declared are kept, as net/http does.
-			for k, vv := range s.trailer {
-				if _, ok := s.req.Trailer[k]; ok {
-					s.req.Trailer[k] = vv
+			// Only trailers the request declared are kept, as net/http does
+			// (a detached stream has no request left: they are dropped).
+			if s.req != nil {
+				for k, vv := range s.trailer {
+					if _, ok := s.req.Trailer[k]; ok {
+						s.req.Trailer[k] = vv
+					}
 				}
 			}
 			s.trailer = nil
