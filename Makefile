@@ -43,6 +43,7 @@ fuzz:
 	$(GO) test -run='^$$' -fuzz='^FuzzTokenFromHeader$$' -fuzztime=$(FUZZTIME) ./internal/auth
 	$(GO) test -run='^$$' -fuzz='^FuzzRemoveHopByHop$$' -fuzztime=$(FUZZTIME) ./internal/proxy
 	$(GO) test -run='^$$' -fuzz='^FuzzH1ConnScan$$' -fuzztime=$(FUZZTIME) ./internal/server
+	$(GO) test -run='^$$' -fuzz='^FuzzConn$$' -fuzztime=$(FUZZTIME) ./internal/h2srv
 
 h2spec:
 	./e2e/h2spec.sh
