@@ -400,7 +400,10 @@ func runFuzzConn(t *testing.T, cert tls.Certificate, data []byte) {
 				return
 			}
 			lastFrame.Store(time.Now().UnixNano())
-			if http2.FrameType(hdr[3]) == http2.FramePing && hdr[4]&byte(http2.FlagPingAck) != 0 && bytes.Equal(payload, settleData[:]) && !isSettled {
+			// A GOAWAY settles too: after a connection error the server
+			// reads no more frames (it lingers, discarding, before it closes).
+			ack := http2.FrameType(hdr[3]) == http2.FramePing && hdr[4]&byte(http2.FlagPingAck) != 0 && bytes.Equal(payload, settleData[:])
+			if (ack || http2.FrameType(hdr[3]) == http2.FrameGoAway) && !isSettled {
 				isSettled = true
 				close(settled)
 			}
