@@ -88,7 +88,14 @@ func (c *conn) hasWorkLocked() bool {
 
 // activateLocked puts s on the writer's list if it has something to send.
 func (c *conn) activateLocked(s *stream) {
-	if s.queued || !c.sendableLocked(s) {
+	if s.queued {
+		return
+	}
+	if !c.sendableLocked(s) {
+		if s.hasData() && s.headerWritten && !s.localClosed && !s.blocked {
+			// Data but no window: the stall limit counts from now (tick).
+			s.blocked, s.blockedSince = true, time.Now()
+		}
 		return
 	}
 	s.queued = true

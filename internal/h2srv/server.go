@@ -26,6 +26,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/httpx"
 )
 
 // Config sets up a Server. Zero values take the defaults named.
@@ -238,8 +240,9 @@ var (
 	// the client reset the stream.
 	ErrStreamReset = errors.New("http2: stream reset by the client")
 	// ErrWriteStalled is returned by a Write that waited longer than
-	// WriteStallTimeout for flow-control window.
-	ErrWriteStalled = errors.New("http2: client granted no window for too long")
+	// WriteStallTimeout for flow-control window, and is the cause of the
+	// request context's cancellation then.
+	ErrWriteStalled = httpx.ErrWriteStalled
 	errStreamClosed = errors.New("http2: stream closed")
 	errHandlerDone  = errors.New("http2: handler returned")
 	errGoneAway     = errors.New("http2: client went away")

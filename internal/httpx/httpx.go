@@ -7,6 +7,7 @@ package httpx
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"time"
 )
@@ -46,6 +47,11 @@ func Protocol(r *http.Request) string {
 	}
 	return ""
 }
+
+// ErrWriteStalled is the cause an engine gives a request's context when it
+// resets the stream because the client granted no flow-control window for
+// too long (a client that stopped reading one stream and not the others).
+var ErrWriteStalled = errors.New("client granted no flow-control window for too long")
 
 // Stream is a request's stream kept open after its handler returns, for a
 // tunnel (CONNECT, extended CONNECT) whose relay runs on goroutines of its

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -12,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
 
 	"github.com/pinaka-proxy/pinaka/internal/testutil"
 )
@@ -173,5 +176,41 @@ func TestForwardClientLeavesWhileOriginIdle(t *testing.T) {
 	rec := e.waitRecord(func(r recordT) bool { return strings.HasSuffix(r.TargetURL, "/events") })
 	if rec.Error != "client_closed" || rec.Success {
 		t.Errorf("record = %+v, want error client_closed", rec)
+	}
+}
+
+// An HTTP/2 client that never opens a forwarded response's stream window
+// (while its connection lives) has the stream reset by the engine's stall
+// limit, and the record says so.
+func TestForwardHTTP2ZeroWindowIsWriteStalled(t *testing.T) {
+	e := startProxy(t, map[string]string{"TUNNEL_IDLE_TIMEOUT": "1s"})
+	o := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		chunk := bytes.Repeat([]byte("z"), 32<<10)
+		for i := 0; i < 64; i++ {
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	}))
+	t.Cleanup(o.Close)
+	c, err := tls.Dial("tcp", e.addr, e.tlsConfig("h2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	h := testutil.NewH2Raw(t, c, http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0})
+	host := strings.TrimPrefix(o.URL, "http://")
+	s := h.Open(t, true, ":method", "GET", ":scheme", "http", ":authority", host, ":path", "/stalled",
+		"proxy-authorization", e.bearer())
+	if resp := s.Response(t); resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(20 * time.Second)) // failsafe
+	if _, err := io.ReadAll(s); err == nil {
+		t.Fatal("the stream ended normally; want a reset")
+	}
+	rec := e.waitRecord(func(r recordT) bool { return strings.HasSuffix(r.TargetURL, "/stalled") })
+	if rec.Error != "write_stalled" || rec.Success {
+		t.Errorf("record = %+v, want error write_stalled", rec)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync/atomic"
 
+	"github.com/pinaka-proxy/pinaka/internal/httpx"
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
 )
 
@@ -341,6 +342,10 @@ func (p *Proxy) brokenForward(r *http.Request, q *request, cw *countingWriter) s
 	switch {
 	case errors.Is(context.Cause(r.Context()), errShutdownDeadline):
 		return "shutdown"
+	case errors.Is(context.Cause(r.Context()), httpx.ErrWriteStalled):
+		// The engine reset the stream: the client took no bytes of it
+		// (no flow-control window) for the stall limit.
+		return "write_stalled"
 	case r.Context().Err() != nil:
 		// The client went away (connection closed, stream reset): the
 		// origin's read then fails too, but it did not break first.
