@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"sync"
 	"time"
 
@@ -160,7 +161,7 @@ func (c *conn) serve() {
 func (c *conn) readPreface() error {
 	var buf [len(http2.ClientPreface)]byte
 	if _, err := io.ReadFull(c.nc, buf[:]); err != nil {
-		return err
+		return c.frameReadErr(err)
 	}
 	if string(buf[:]) != http2.ClientPreface {
 		return connErr(http2.ErrCodeProtocol, "bad client preface")
@@ -250,10 +251,15 @@ const maxQueuedControl = 64
 
 var errDrained = errors.New("http2: connection drained")
 
-// frameReadErr turns a Framer error into a connection error.
+// frameReadErr turns a Framer error into a connection error. A read
+// deadline is only set for the preface and for a header block split over
+// frames (HeaderReadTimeout): running out of it is the client's fault and
+// gets a GOAWAY saying so.
 func (c *conn) frameReadErr(err error) error {
 	var ce http2.ConnectionError
 	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return connErr(http2.ErrCodeProtocol, "preface or header block not complete within the header timeout")
 	case errors.As(err, &ce):
 		reason := "frame"
 		if d := c.fr.ErrorDetail(); d != nil {

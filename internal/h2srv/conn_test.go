@@ -108,7 +108,9 @@ func TestPrefaceTimeout(t *testing.T) {
 	_, addr := newServer(t, Config{Handler: http.HandlerFunc(okHandler), HeaderReadTimeout: 200 * time.Millisecond})
 	tc := dialTLS(t, addr)
 	c := &client{rawConn: newRawOn(t, tc, http2.NewFramer(tc, tc))}
-	c.closed()
+	if ga := c.closed(); ga == nil || ga.Code != http2.ErrCodeProtocol {
+		t.Errorf("got GOAWAY %v, want PROTOCOL_ERROR before the close", ga)
+	}
 }
 
 // IdleTimeout without a stream: GOAWAY NO_ERROR with the last stream
@@ -137,8 +139,8 @@ func TestHeaderReadTimeout(t *testing.T) {
 	if err := c.Framer.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: c.block(get("/")...), EndStream: true}); err != nil {
 		t.Fatal(err)
 	}
-	if ga := c.closed(); ga != nil {
-		t.Logf("GOAWAY before the close: %v", ga)
+	if ga := c.closed(); ga == nil || ga.Code != http2.ErrCodeProtocol {
+		t.Errorf("got GOAWAY %v, want PROTOCOL_ERROR before the close", ga)
 	}
 	if n := calls.Load(); n != 0 {
 		t.Errorf("handler called %d times", n)
