@@ -326,52 +326,42 @@ func (b *requestBody) Close() error {
 // setReadDeadline sets when a waiting Read fails with
 // os.ErrDeadlineExceeded.
 func (s *stream) setReadDeadline(t time.Time) {
-	c := s.c
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if s.readTimer != nil {
-		s.readTimer.Stop()
-		s.readTimer = nil
-	}
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
 	s.readTimedOut = false
-	switch {
-	case t.IsZero():
-	case !t.After(time.Now()):
+	s.readTimer = s.deadlineLocked(s.readTimer, t, func() {
 		s.readTimedOut = true
 		s.rcond.Broadcast()
 		s.fireReadReady()
-	default:
-		s.readTimer = time.AfterFunc(time.Until(t), func() {
-			c.mu.Lock()
-			defer c.mu.Unlock()
-			s.readTimedOut = true
-			s.rcond.Broadcast()
-			s.fireReadReady()
-		})
-	}
+	})
 }
 
 // setWriteDeadline sets when the stream is reset if it is still open:
 // a write deadline in the past resets it now and wakes a blocked Write.
 func (s *stream) setWriteDeadline(t time.Time) {
-	c := s.c
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if s.writeTimer != nil {
-		s.writeTimer.Stop()
-		s.writeTimer = nil
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	s.writeTimer = s.deadlineLocked(s.writeTimer, t, func() { s.resetLocked(os.ErrDeadlineExceeded, true) })
+}
+
+// deadlineLocked replaces old with a timer that runs expire, under the
+// connection's lock, at t: now if t has passed, never if t is zero.
+func (s *stream) deadlineLocked(old *time.Timer, t time.Time, expire func()) *time.Timer {
+	if old != nil {
+		old.Stop()
 	}
 	switch {
 	case t.IsZero():
+		return nil
 	case !t.After(time.Now()):
-		s.resetLocked(os.ErrDeadlineExceeded, true)
-	default:
-		s.writeTimer = time.AfterFunc(time.Until(t), func() {
-			c.mu.Lock()
-			defer c.mu.Unlock()
-			s.resetLocked(os.ErrDeadlineExceeded, true)
-		})
+		expire()
+		return nil
 	}
+	return time.AfterFunc(time.Until(t), func() {
+		s.c.mu.Lock()
+		defer s.c.mu.Unlock()
+		expire()
+	})
 }
 
 // chunkQueue holds received DATA in pooled 16 KiB chunks: memory follows

@@ -152,38 +152,35 @@ func (s *stream) writeLocked(p []byte, send bool) (int, error) {
 // Detach implements httpx.Detacher: the header goes out, and the stream
 // stays open after the handler returns, for the caller to relay.
 func (w *responseWriter) Detach() (httpx.Stream, error) {
+	if err := w.sendHeader(func() { w.detached = true }); err != nil {
+		return nil, err
+	}
+	return (*streamHandle)(w.s), nil
+}
+
+// sendHeader hands the response header (200 if none was set) to the
+// writer, and runs then, under the connection's lock, unless the stream
+// has failed.
+func (w *responseWriter) sendHeader(then func()) error {
 	if w.status == 0 {
 		w.WriteHeader(http.StatusOK)
 	}
-	s := w.s
-	c := s.c
+	c := w.s.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if s.writeErr != nil {
-		return nil, s.writeErr
+	if w.s.writeErr != nil {
+		return w.s.writeErr
 	}
 	w.queueFinalHeaderLocked()
-	w.detached = true
-	return (*streamHandle)(s), nil
+	then()
+	return nil
 }
 
 // Flush sends the header and what is buffered without waiting for it.
 func (w *responseWriter) Flush() { _ = w.FlushError() }
 
 func (w *responseWriter) FlushError() error {
-	if w.status == 0 {
-		w.WriteHeader(http.StatusOK)
-	}
-	s := w.s
-	c := s.c
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if s.writeErr != nil {
-		return s.writeErr
-	}
-	w.queueFinalHeaderLocked()
-	c.activateLocked(s)
-	return nil
+	return w.sendHeader(func() { w.s.c.activateLocked(w.s) })
 }
 
 func (w *responseWriter) SetReadDeadline(t time.Time) error {
