@@ -202,6 +202,23 @@ func TestAttackRapidReset(t *testing.T) {
 	bystanderH2(t, p, origin.URL)
 }
 
+// continuationFlood opens a header block on a fresh connection from src
+// and follows it with CONTINUATIONs carrying frag (made for that
+// connection's encoder) until the proxy ends the connection.
+func continuationFlood(t *testing.T, p *proc, host, src, what, path string, frag func(*h2Peer) []byte) {
+	h := openH2(t, p, src, true)
+	start := h.block(get(host, path, "")...)
+	f := frag(h)
+	runFlood(t, p, h, what, 0, func(fw *http2.Framer, i int) int {
+		if i == 0 {
+			_ = fw.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: start, EndStream: true})
+		} else {
+			_ = fw.WriteContinuation(1, false, f)
+		}
+		return 1
+	})
+}
+
 // CVE-2024-27316 class: a header block that never ends. Empty
 // CONTINUATIONs and large ones end the connection with ENHANCE_YOUR_CALM
 // (a block is at most 16 frames and 2 × MAX_HEADER_BYTES + 16 KiB); a
@@ -211,36 +228,20 @@ func TestAttackContinuationFlood(t *testing.T) {
 	p, _ := hostile(t, connErrorLog, "HEADER_READ_TIMEOUT=2s")
 	host := hostOf(origin.URL)
 
-	h := openH2(t, p, "127.0.0.22", true)
-	start := h.block(get(host, "/continuation", "")...)
-	runFlood(t, p, h, "empty CONTINUATION flood", 0, func(fw *http2.Framer, i int) int {
-		if i == 0 {
-			_ = fw.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: start, EndStream: true})
-		} else {
-			_ = fw.WriteContinuation(1, false, nil)
+	// Endless empty CONTINUATIONs, then 16 KiB fragments of never-indexed
+	// literals (the decoder's table does not change, so one fragment serves
+	// for every frame).
+	continuationFlood(t, p, host, "127.0.0.22", "empty CONTINUATION flood", "/continuation", func(*h2Peer) []byte { return nil })
+	continuationFlood(t, p, host, "127.0.0.23", "16 KiB CONTINUATION flood", "/continuation-large", func(h *h2Peer) []byte {
+		var frag []byte
+		for len(frag) < 15000 {
+			frag = append(frag, h.encode(hpack.HeaderField{Name: "x-fill", Value: strings.Repeat("0123456789", 100), Sensitive: true})...)
 		}
-		return 1
-	})
-
-	// 16 KiB fragments of never-indexed literals: the decoder's table does
-	// not change, so one fragment serves for every frame.
-	h = openH2(t, p, "127.0.0.23", true)
-	start = h.block(get(host, "/continuation-large", "")...)
-	var frag []byte
-	for len(frag) < 15000 {
-		frag = append(frag, h.encode(hpack.HeaderField{Name: "x-fill", Value: strings.Repeat("0123456789", 100), Sensitive: true})...)
-	}
-	runFlood(t, p, h, "16 KiB CONTINUATION flood", 0, func(fw *http2.Framer, i int) int {
-		if i == 0 {
-			_ = fw.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: start, EndStream: true})
-		} else {
-			_ = fw.WriteContinuation(1, false, frag)
-		}
-		return 1
+		return frag
 	})
 
 	// One byte every 200 ms.
-	h = openH2(t, p, "127.0.0.24", true)
+	h := openH2(t, p, "127.0.0.24", true)
 	blk := h.block(append(get(host, "/drip-"+strings.Repeat("d", 40), ""), "x-drip", strings.Repeat("z", 40))...)
 	began := time.Now()
 	if err := h.send(func(fw *http2.Framer) {

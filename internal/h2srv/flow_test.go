@@ -181,20 +181,7 @@ func (fc *flowClient) barrier() {
 
 // response is client.response through the reader goroutine.
 func (fc *flowClient) response(id uint32) (hdr frame, body []byte, last frame) {
-	for {
-		f := fc.take(func(f frame) bool { return f.Stream == id })
-		switch f.Type {
-		case http2.FrameHeaders:
-			if st := f.field(":status"); st != "" && st[0] != '1' {
-				hdr = f
-			}
-		case http2.FrameData:
-			body = append(body, f.Data...)
-		}
-		if f.ends(id) {
-			return hdr, body, f
-		}
-	}
+	return collectResponse(id, func() frame { return fc.take(func(f frame) bool { return f.Stream == id }) })
 }
 
 func countingHandler(w http.ResponseWriter, r *http.Request) {

@@ -296,9 +296,18 @@ func (c *client) response(id uint32) (hdr frame, body []byte, last frame) {
 	c.t.Helper()
 	var others []frame
 	defer func() { c.stash = append(others, c.stash...) }()
-	for {
+	return collectResponse(id, func() frame {
 		f, before := c.until(func(f frame) bool { return f.Stream == id })
 		others = append(others, before...)
+		return f
+	})
+}
+
+// collectResponse takes stream id's frames from next until the stream
+// ends: its final HEADERS, its body, and the last frame.
+func collectResponse(id uint32, next func() frame) (hdr frame, body []byte, last frame) {
+	for {
+		f := next()
 		switch f.Type {
 		case http2.FrameHeaders:
 			if st := f.field(":status"); st != "" && st[0] != '1' {
