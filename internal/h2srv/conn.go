@@ -135,8 +135,6 @@ func (c *conn) refuse() {
 	c.nc.Close()
 }
 
-var errPreface = errors.New("http2: bad client preface")
-
 // serve is the connection's reader: it reads and processes frames until
 // the connection ends.
 func (c *conn) serve() {

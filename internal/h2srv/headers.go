@@ -242,7 +242,9 @@ func (c *conn) endHeaderBlock(hb *headerBlock) error {
 	}
 	req, err := c.newRequest(s, hb)
 	if err != nil {
+		// There will be no handler: the stream leaves once its reset is out.
 		c.streamErrorLocked(hb.stream, http2.ErrCodeProtocol, "malformed")
+		s.handlerDoneLocked()
 		return nil
 	}
 	s.req = req
@@ -321,7 +323,6 @@ func (c *conn) newRequest(s *stream, hb *headerBlock) (*http.Request, error) {
 		}
 		requestURI = hb.path
 	}
-	s.declaredLen = -1
 	contentLength := int64(-1)
 	if hb.endStream {
 		contentLength = 0
@@ -334,17 +335,12 @@ func (c *conn) newRequest(s *stream, hb *headerBlock) (*http.Request, error) {
 		s.declaredLen = contentLength
 	}
 	var trailer http.Header
-	for _, v := range header["Trailer"] {
-		for _, k := range strings.Split(v, ",") {
-			k = http.CanonicalHeaderKey(textproto(k))
-			if k != "" && httpguts.ValidTrailerHeader(k) {
-				if trailer == nil {
-					trailer = make(http.Header)
-				}
-				trailer[k] = nil
-			}
+	trailerNames(header["Trailer"], func(k string) {
+		if trailer == nil {
+			trailer = make(http.Header)
 		}
-	}
+		trailer[k] = nil
+	})
 	if strings.EqualFold(header.Get("Expect"), "100-continue") && !hb.endStream {
 		s.expectContinue = true
 	}
@@ -371,4 +367,14 @@ func (c *conn) newRequest(s *stream, hb *headerBlock) (*http.Request, error) {
 	return r.WithContext(ctx), nil
 }
 
-func textproto(s string) string { return strings.TrimSpace(s) }
+// trailerNames calls f with each field name a "Trailer" header lists that
+// may be a trailer (RFC 9110 §6.5.1), in canonical form.
+func trailerNames(vv []string, f func(k string)) {
+	for _, v := range vv {
+		for _, k := range strings.Split(v, ",") {
+			if k = http.CanonicalHeaderKey(strings.TrimSpace(k)); k != "" && httpguts.ValidTrailerHeader(k) {
+				f(k)
+			}
+		}
+	}
+}

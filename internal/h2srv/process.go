@@ -169,7 +169,7 @@ func (c *conn) processData(f *http2.DataFrame) error {
 		return connErr(http2.ErrCodeFlowControl, "DATA beyond the connection window")
 	}
 	c.recvWindow -= n
-	c.lastDataTick()
+	c.dataSinceTick = true // the window stays grown while DATA comes (tick)
 	data := f.Data()
 	if len(data) == 0 && !f.StreamEnded() {
 		if err := c.charge("data"); err != nil {
@@ -269,9 +269,6 @@ func (c *conn) grantLocked() {
 		c.reserved = need
 	}
 }
-
-// lastDataTick notes DATA for the shrinking of an unused window.
-func (c *conn) lastDataTick() { c.dataSinceTick = true }
 
 // streamErrorLocked resets stream id with code (RFC 9113 §5.4.2).
 func (c *conn) streamErrorLocked(id uint32, code http2.ErrCode, reason string) {

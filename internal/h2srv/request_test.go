@@ -143,3 +143,27 @@ func TestMalformedRequests(t *testing.T) {
 		t.Errorf("a valid request after the malformed ones: %v, %d calls", hdr, calls.Load())
 	}
 }
+
+// A request refused while it is being built (a :path that is no request
+// URI, a bad content-length) frees its stream: with one stream allowed,
+// the next request is served, not refused.
+func TestMalformedRequestFreesItsStream(t *testing.T) {
+	_, addr := newServer(t, Config{Handler: http.HandlerFunc(okHandler), MaxConcurrentStreams: 1})
+	c := dial(t, addr)
+	bad := [][]string{
+		{":method", "GET", ":scheme", "https", ":path", "foo", ":authority", "example.com"},
+		get("/", "content-length", "abc"),
+		{":method", "GET", ":scheme", "https", ":path", "bar", ":authority", "example.com"},
+	}
+	for i, fields := range bad {
+		id := uint32(2*i + 1)
+		c.mustHeaders(id, i != 1, fields...)
+		if f, _ := c.until(func(f frame) bool { return f.Stream == id }); f.Type != http2.FrameRSTStream || f.Code != http2.ErrCodeProtocol {
+			t.Fatalf("request %d: got %v, want RST_STREAM PROTOCOL_ERROR", id, f)
+		}
+	}
+	c.mustHeaders(7, true, get("/")...)
+	if hdr, body, _ := c.response(7); hdr.field(":status") != "200" || string(body) != "ok" {
+		t.Errorf("the request after the refused ones: %v %q, want 200 ok", hdr, body)
+	}
+}

@@ -75,7 +75,7 @@ func (c *conn) newStreamLocked(id uint32) *stream {
 	s := &stream{c: c, id: id, recvWindow: int64(c.cfg.StreamWindow), sendWindow: c.peerWindow, declaredLen: -1}
 	s.rcond.L = &c.mu
 	s.wcond.L = &c.mu
-	s.cancel = func(error) {}
+	s.cancel = func(error) {} // until a request's context replaces it
 	c.streams[id] = s
 	c.idleSince = time.Time{}
 	return s
@@ -171,9 +171,7 @@ func (s *stream) resetLocked(cause error, sendRST bool) {
 	// pending stays: the Write waiting on it takes it back and reports
 	// how much of it was sent.
 	s.hdrs, s.small, s.trailers = nil, nil, nil
-	if s.cancel != nil {
-		s.cancel(cause)
-	}
+	s.cancel(cause)
 	s.discardLocked()
 	s.rcond.Broadcast()
 	s.wcond.Broadcast()
@@ -192,9 +190,7 @@ func (s *stream) connGoneLocked(err error) {
 	if s.writeErr == nil {
 		s.writeErr = err
 	}
-	if s.cancel != nil {
-		s.cancel(err)
-	}
+	s.cancel(err)
 	s.rcond.Broadcast()
 	s.wcond.Broadcast()
 	s.fireReadReady()

@@ -209,55 +209,40 @@ func (w *responseWriter) finishLocked() {
 		w.contentLen = -1
 		s.finalSent = true
 	}
-	if !w.handlerHdr && w.contentLen < 0 && w.bodyAllowed && w.header.Get("Trailer") == "" && !hasTrailerPrefix(w.header) {
-		// The whole body is here: say how long it is, as net/http does.
-		w.header.Set("Content-Length", strconv.Itoa(len(s.small)))
-	}
 	// Trailers: the fields the handler announced in "Trailer", and those
-	// set under http.TrailerPrefix.
+	// set under http.TrailerPrefix. Set before the header went out, they
+	// are still trailers, not header fields.
 	var tr http.Header
-	for _, v := range w.header["Trailer"] {
-		for _, k := range strings.Split(v, ",") {
-			k = http.CanonicalHeaderKey(strings.TrimSpace(k))
-			if vv, ok := w.header[k]; ok && httpguts.ValidTrailerHeader(k) {
-				if tr == nil {
-					tr = make(http.Header)
-				}
-				tr[k] = vv
-				if !w.handlerHdr {
-					delete(w.header, k) // set before the header went out: still a trailer
-				}
-			}
+	addTrailer := func(k string, vv []string) {
+		if tr == nil {
+			tr = make(http.Header)
 		}
+		tr[k] = vv
 	}
-	for k, vv := range w.header {
-		if strings.HasPrefix(k, http.TrailerPrefix) {
-			if k = http.CanonicalHeaderKey(k[len(http.TrailerPrefix):]); httpguts.ValidTrailerHeader(k) {
-				if tr == nil {
-					tr = make(http.Header)
-				}
-				tr[k] = vv
-			}
-		}
-	}
-	if !w.handlerHdr {
-		for k := range w.header {
-			if strings.HasPrefix(k, http.TrailerPrefix) {
+	trailerNames(w.header["Trailer"], func(k string) {
+		if vv, ok := w.header[k]; ok {
+			addTrailer(k, vv)
+			if !w.handlerHdr {
 				delete(w.header, k)
 			}
 		}
+	})
+	for k, vv := range w.header {
+		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok {
+			if name = http.CanonicalHeaderKey(name); httpguts.ValidTrailerHeader(name) {
+				addTrailer(name, vv)
+			}
+			if !w.handlerHdr {
+				delete(w.header, k)
+			}
+		}
+	}
+	if !w.handlerHdr && w.contentLen < 0 && w.bodyAllowed && tr == nil && len(w.header["Trailer"]) == 0 {
+		// The whole body is here: say how long it is, as net/http does.
+		w.header.Set("Content-Length", strconv.Itoa(len(s.small)))
 	}
 	w.queueFinalHeaderLocked()
 	s.trailers = tr
 	s.endWanted = true
 	s.c.activateLocked(s)
-}
-
-func hasTrailerPrefix(h http.Header) bool {
-	for k := range h {
-		if strings.HasPrefix(k, http.TrailerPrefix) {
-			return true
-		}
-	}
-	return false
 }
