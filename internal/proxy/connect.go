@@ -34,7 +34,7 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request, q *request)
 		p.tunnelHTTP1(w, r, q, upstream, release)
 		return
 	}
-	p.tunnelHTTP2(w, r, q, connEndpoint(upstream), release)
+	p.tunnelHTTP2(w, q, connEndpoint(upstream), release)
 }
 
 // checkTarget parses an authority (defaultPort 0: the port is required) and
@@ -126,74 +126,49 @@ func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, 
 	// The buffered bytes were replayed, so the tunnel reads the conn itself
 	// and the bufio buffers can be collected with the handler. The relay
 	// runs in goroutines of its own that end while the tunnel is idle (see
-	// parkAfter); the last one to finish writes the record. Its context
-	// starts afresh rather than from r.Context(): the tunnel needs only the
-	// shutdown signal, and holding the request's context would keep
-	// net/http's per-connection and per-request contexts alive as long as
-	// the tunnel (about 1 KB).
-	ctx, done := p.active.add(context.Background())
-	q.detached = true
-	p.startTunnel(ctx, q, connEndpoint(conn), connEndpoint(upstream), func() {
-		p.finish(q)
-		release()
-		done()
-	})
+	// parkAfter); the last one to finish writes the record.
+	p.detachTunnel(q, connEndpoint(conn), connEndpoint(upstream), release)
 }
 
-// tunnelHTTP2 answers 200 on the stream and relays. It owns release (the
-// tunnel-limit slot). An engine that can detach a stream from its handler
-// (httpx.Detacher: ours) gets the shape of tunnelHTTP1: the handler returns
-// and the relay runs on goroutines of its own, which end while the tunnel
-// is idle; the request and its contexts are not kept. On an engine that
-// cannot (an HTTP/3 listener may start so), the handler carries the relay
-// until the tunnel ends.
-func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, r *http.Request, q *request, upstream endpoint, release func()) {
-	if d, ok := w.(httpx.Detacher); ok {
-		w.WriteHeader(http.StatusOK)
-		st, err := d.Detach()
-		if err != nil {
-			release()
-			upstream.close()
-			q.rec.StatusCode, q.rec.Error = 499, "client_closed"
-			return
-		}
-		q.rec.StatusCode = http.StatusOK
-		ctx, done := p.active.add(context.Background())
-		q.detached = true
-		q.req = nil
-		p.startTunnel(ctx, q, streamEndpoint(st), upstream, func() {
-			p.finish(q)
-			release()
-			done()
-		})
+// tunnelHTTP2 answers 200 on the stream, detaches it from the handler
+// (httpx.Detacher) and relays: the shape of tunnelHTTP1, the handler
+// returns and the relay runs on goroutines of its own, which end while the
+// tunnel is idle; the request and its contexts are not kept. It owns
+// release (the tunnel-limit slot).
+func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, q *request, upstream endpoint, release func()) {
+	d, ok := w.(httpx.Detacher)
+	if !ok { // every HTTP/2 engine of ours detaches; this is a wiring error
+		release()
+		upstream.close()
+		p.fail(w, q, http.StatusInternalServerError, "tunnel_unsupported", "this listener cannot carry tunnels")
 		return
 	}
-	defer release()
-	rc := http.NewResponseController(w)
 	w.WriteHeader(http.StatusOK)
-	if err := rc.Flush(); err != nil {
+	st, err := d.Detach()
+	if err != nil {
+		release()
 		upstream.close()
 		q.rec.StatusCode, q.rec.Error = 499, "client_closed"
 		return
 	}
 	q.rec.StatusCode = http.StatusOK
-	client := endpoint{
-		r:     r.Body,
-		w:     w,
-		flush: rc.Flush,
-		close: r.Body.Close,
-		// A write deadline in the past resets the stream, which wakes a
-		// write waiting for window the client never grants.
-		abort: func() { _ = rc.SetWriteDeadline(aLongTimeAgo) },
-	}
-	p.runTunnel(r.Context(), q, client, upstream)
+	q.req = nil
+	p.detachTunnel(q, streamEndpoint(st), upstream, release)
 }
 
-// runTunnel relays and accounts for one tunnel, and returns when it is over.
-func (p *Proxy) runTunnel(ctx context.Context, q *request, client, upstream endpoint) {
-	p.opt.Metrics.ActiveTunnels.Inc()
-	res := relay(ctx, p.parker, client, upstream, p.opt.TunnelIdleTimeout, p.countTunnelBytes)
-	p.tunnelDone(q, res)
+// detachTunnel relays a tunnel whose handler returns: it keeps its own
+// place in the drain set and the tunnel-limit slot (release) until it
+// ends, and its context starts afresh rather than from the request's, which
+// would keep the server's per-connection and per-request contexts alive as
+// long as the tunnel.
+func (p *Proxy) detachTunnel(q *request, client, upstream endpoint, release func()) {
+	ctx, done := p.active.add(context.Background())
+	q.detached = true
+	p.startTunnel(ctx, q, client, upstream, func() {
+		p.finish(q)
+		release()
+		done()
+	})
 }
 
 // startTunnel relays and accounts for one tunnel in goroutines of its own,

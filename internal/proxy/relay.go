@@ -22,8 +22,8 @@ import (
 // reading a socket that has been quiet for parkAfter returns the buffer,
 // ends its goroutine and is handed to the parker, which starts a new
 // goroutine for it when the socket becomes readable (park_linux.go). A
-// direction whose source is not a socket (an HTTP/2 request body) keeps a
-// small buffer while idle and switches to a pooled one while busy.
+// direction reading a detached HTTP/2 stream parks the same way, on the
+// engine's ReadReady callback.
 const (
 	smallBufSize = 1 << 10
 	// largeBufSize is four HTTP/2 DATA frames that each fit one TLS record
@@ -46,8 +46,6 @@ var largeBufs = sync.Pool{New: func() any { b := make([]byte, largeBufSize); ret
 type endpoint struct {
 	r io.Reader
 	w io.Writer
-	// flush pushes written bytes out (HTTP/2 response streams buffer).
-	flush func() error
 	// closeWrite half-closes: the peer reads EOF while we keep reading.
 	// nil when the transport cannot half-close.
 	closeWrite func() error
@@ -169,9 +167,9 @@ type relayResult struct {
 }
 
 // tunnel relays both ways until both directions are done, passing each
-// half-close on to the other side. When the downstream side cannot
-// half-close (HTTP/2 streams end with the handler), the tunnel ends as soon
-// as upstream is done sending. It also ends after idle without traffic, or
+// half-close on to the other side (a TCP FIN, an HTTP/2 END_STREAM); when
+// a side cannot half-close, the tunnel ends as soon as the other is done
+// sending. It also ends after idle without traffic, or
 // when ctx is cancelled (shutdown deadline).
 type tunnel struct {
 	ctx              context.Context
@@ -205,17 +203,6 @@ type direction struct {
 	// parkedFD is the socket the parker holds d for, or -1; guarded by
 	// the parker's mutex.
 	parkedFD int32
-}
-
-// relay runs a tunnel and returns when it is over. The calling goroutine
-// carries the upload direction (for HTTP/2, the handler reading the request
-// body, which cannot park); the download runs in its own goroutine.
-func relay(ctx context.Context, pk *parker, client, upstream endpoint, idle time.Duration, onBytes func(up, down int)) relayResult {
-	done := make(chan relayResult, 1)
-	t := newTunnel(ctx, pk, client, upstream, idle, onBytes, func(res relayResult) { done <- res })
-	go t.down.run()
-	t.up.run()
-	return <-done
 }
 
 // startRelay runs a tunnel in goroutines of its own and calls onDone, from
@@ -295,11 +282,7 @@ func (t *tunnel) downFinished(err error) {
 	case err != nil:
 		t.setErr(err)
 		t.closeBoth()
-	case t.client.closeWrite == nil:
-		// HTTP/2: END_STREAM is sent when the handler returns; the upload
-		// side is over once the stream ends.
-		t.closeBoth()
-	case t.client.closeWrite() != nil:
+	case t.client.closeWrite == nil, t.client.closeWrite() != nil:
 		t.closeBoth()
 	}
 	t.directionDone()
@@ -435,9 +418,6 @@ func (d *direction) write(b []byte) error {
 	}
 	if err == nil && nw < len(b) {
 		err = io.ErrShortWrite
-	}
-	if err == nil && d.dst.flush != nil {
-		err = d.dst.flush()
 	}
 	return err
 }

@@ -141,7 +141,7 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		up.r = io.MultiReader(io.LimitReader(br, int64(br.Buffered())), conn)
 	}
 	tunnelling = true
-	p.tunnelHTTP2(w, r, q, up, release)
+	p.tunnelHTTP2(w, q, up, release)
 }
 
 // websocketHandshake sends the HTTP/1.1 Upgrade request for r's path and
