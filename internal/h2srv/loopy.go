@@ -218,7 +218,7 @@ func (c *conn) appendStreamLocked(b []byte, s *stream) []byte {
 		if len(s.small) > 0 {
 			s.small = s.small[n:]
 			if len(s.small) == 0 {
-				s.small = nil
+				s.freeSmallLocked()
 			}
 		} else {
 			s.pending = s.pending[n:]

@@ -53,6 +53,7 @@ type stream struct {
 	sendWindow    int64
 	hdrs          []headerOut // HEADERS waiting for the writer (1xx, final)
 	small         []byte      // small writes, copied (see smallWrite)
+	smallBuf      *[]byte     // small's buffer, from smallBufs
 	pending       []byte      // a large write, handed over without a copy
 	endWanted     bool        // END_STREAM after what is queued
 	trailers      http.Header // sent with END_STREAM, if any
@@ -170,7 +171,8 @@ func (s *stream) resetLocked(cause error, sendRST bool) {
 	}
 	// pending stays: the Write waiting on it takes it back and reports
 	// how much of it was sent.
-	s.hdrs, s.small, s.trailers = nil, nil, nil
+	s.hdrs, s.trailers = nil, nil
+	s.freeSmallLocked()
 	s.cancel(cause)
 	s.discardLocked()
 	s.rcond.Broadcast()

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
@@ -30,6 +31,20 @@ type responseWriter struct {
 // stream and Write returns at once; larger writes are handed to the writer
 // as they are and Write waits until it has taken them (one copy either way).
 const smallWrite = 4 << 10
+
+// smallBufs hold small writes (one per stream while it has some): most
+// forwarded responses are small, and each would otherwise allocate one.
+var smallBufs = sync.Pool{New: func() any { b := make([]byte, 0, smallWrite); return &b }}
+
+// freeSmallLocked returns the small-write buffer once it is drained or
+// dropped.
+func (s *stream) freeSmallLocked() {
+	s.small = nil
+	if s.smallBuf != nil {
+		smallBufs.Put(s.smallBuf)
+		s.smallBuf = nil
+	}
+}
 
 func (w *responseWriter) Header() http.Header { return w.header }
 
@@ -128,7 +143,8 @@ func (s *stream) writeLocked(p []byte, send bool) (int, error) {
 	c := s.c
 	if s.fitsSmall(p) {
 		if s.small == nil {
-			s.small = make([]byte, 0, smallWrite)
+			s.smallBuf = smallBufs.Get().(*[]byte)
+			s.small = (*s.smallBuf)[:0]
 		}
 		s.small = append(s.small, p...)
 		if send {
