@@ -11,16 +11,15 @@ import (
 	"github.com/pinaka-proxy/pinaka/internal/proxy"
 )
 
-// kernelStallGuard: the kernel enforces writeStallTimeout (see
-// guardWriteStall), so HTTP/2 needs no WriteByteTimeout.
+// kernelStallGuard: the kernel enforces writeStallTimeout on HTTP/2
+// connections (see guardWriteStall), under the stall guard.
 const kernelStallGuard = true
 
 // guardWriteStall sets TCP_USER_TIMEOUT on the socket under c: the kernel
 // drops the connection when written bytes stay unacknowledged, or unsent
-// behind a zero window, for d. That is what x/net/http2's WriteByteTimeout
-// checks, without its two SetWriteDeadline calls (timer updates) around
-// every frame write: those were 11% of the proxy's CPU on an HTTP/2 tunnel
-// download.
+// behind a zero window, for d, without a write deadline set and cleared
+// around every write (timer updates: 11% of the proxy's CPU on an HTTP/2
+// tunnel download when x/net's server did that).
 func guardWriteStall(c net.Conn, d time.Duration) error {
 	rc := proxy.RawSocket(c)
 	if rc == nil {

@@ -8,7 +8,8 @@ import (
 	"time"
 )
 
-// kernelStallGuard: without TCP_USER_TIMEOUT, HTTP/2 uses WriteByteTimeout.
+// kernelStallGuard: no TCP_USER_TIMEOUT here; HTTP/2 connections rely on
+// the stall guard alone (stallguard.go), which goes by a write's age.
 const kernelStallGuard = false
 
 func guardWriteStall(net.Conn, time.Duration) error { return errors.ErrUnsupported }
