@@ -21,7 +21,7 @@ import (
 
 	"github.com/pinaka-proxy/pinaka/internal/collector"
 	"github.com/pinaka-proxy/pinaka/internal/config"
-	"github.com/pinaka-proxy/pinaka/internal/server"
+	"github.com/pinaka-proxy/pinaka/internal/selfsigned"
 )
 
 // repoRoot is the repository root: the Docker build context.
@@ -824,7 +824,7 @@ func TestCertbotDeployHook(t *testing.T) {
 	if err := os.MkdirAll(lineage, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	_, certPEM, keyPEM, err := server.SelfSigned(time.Hour)
+	_, certPEM, keyPEM, err := selfsigned.Cert(time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}

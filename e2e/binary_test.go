@@ -22,11 +22,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pinaka-proxy/pinaka/internal/selfsigned"
 	"github.com/pinaka-proxy/pinaka/internal/testutil"
 
 	"github.com/pinaka-proxy/pinaka/internal/accesslog"
 	"github.com/pinaka-proxy/pinaka/internal/auth"
-	"github.com/pinaka-proxy/pinaka/internal/server"
 )
 
 const secret = "e2e-secret-0123456789abcdef0123456789abcdef"
@@ -74,7 +74,7 @@ func buildFixture() error {
 		return err
 	}
 	fixture.dir = dir
-	cert, certPEM, keyPEM, err := server.SelfSigned(24*time.Hour, "127.0.0.1", "localhost")
+	cert, certPEM, keyPEM, err := selfsigned.Cert(24*time.Hour, "127.0.0.1", "localhost")
 	if err != nil {
 		return err
 	}

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pinaka-proxy/pinaka/internal/server"
+	"github.com/pinaka-proxy/pinaka/internal/selfsigned"
 )
 
 // Secret values the output must never show.
@@ -21,7 +21,7 @@ const (
 // already expired) and its key into dir.
 func writeCertPair(t *testing.T, dir string, validity time.Duration) (certPath, keyPath string) {
 	t.Helper()
-	_, certPEM, keyPEM, err := server.SelfSigned(validity)
+	_, certPEM, keyPEM, err := selfsigned.Cert(validity)
 	if err != nil {
 		t.Fatal(err)
 	}

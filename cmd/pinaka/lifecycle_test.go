@@ -16,12 +16,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pinaka-proxy/pinaka/internal/selfsigned"
 	"github.com/pinaka-proxy/pinaka/internal/testutil"
 
 	"golang.org/x/net/http2"
 
 	"github.com/pinaka-proxy/pinaka/internal/auth"
-	"github.com/pinaka-proxy/pinaka/internal/server"
 )
 
 // These tests run the real binary and talk to it with real signals,
@@ -37,7 +37,7 @@ func TestMain(m *testing.M) {
 
 func writeCert(t *testing.T, dir string) (certPath, keyPath string, certPEM []byte) {
 	t.Helper()
-	_, certPEM, keyPEM, err := server.SelfSigned(time.Hour)
+	_, certPEM, keyPEM, err := selfsigned.Cert(time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}

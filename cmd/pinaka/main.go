@@ -32,6 +32,7 @@ import (
 	"github.com/pinaka-proxy/pinaka/internal/auth"
 	"github.com/pinaka-proxy/pinaka/internal/collector"
 	"github.com/pinaka-proxy/pinaka/internal/config"
+	"github.com/pinaka-proxy/pinaka/internal/selfsigned"
 	"github.com/pinaka-proxy/pinaka/internal/server"
 )
 
@@ -181,7 +182,7 @@ func serve(args []string, stdout, stderr io.Writer) error {
 			return fmt.Errorf("TLS_CERT_PATH/TLS_KEY_PATH: %w", err)
 		}
 	} else {
-		c, _, _, err := server.SelfSigned(7 * 24 * time.Hour)
+		c, _, _, err := selfsigned.Cert(7 * 24 * time.Hour)
 		if err != nil {
 			return err
 		}

@@ -18,7 +18,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
-	"github.com/pinaka-proxy/pinaka/internal/testutil"
+	"github.com/pinaka-proxy/pinaka/internal/selfsigned"
 )
 
 // FuzzConn writes a frame sequence decoded from the input into a live
@@ -49,7 +49,10 @@ import (
 //	10 rapid reset   n: n × (HEADERS GET /block on a new stream, RST_STREAM CANCEL)
 //	11 CONTINUATION flood  n: HEADERS without END_HEADERS, n empty CONTINUATIONs, END_HEADERS
 func FuzzConn(f *testing.F) {
-	cert := testutil.SelfSignedCert(f)
+	cert, _, _, err := selfsigned.Cert(time.Hour)
+	if err != nil {
+		f.Fatal(err)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		runFuzzConn(t, cert, data)
 	})

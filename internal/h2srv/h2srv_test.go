@@ -12,6 +12,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
+	"github.com/pinaka-proxy/pinaka/internal/selfsigned"
 	"github.com/pinaka-proxy/pinaka/internal/testutil"
 )
 
@@ -19,7 +20,10 @@ import (
 // address.
 func testServer(t *testing.T, cfg Config) (*Server, string) {
 	t.Helper()
-	cert := testutil.SelfSignedCert(t)
+	cert, _, _, err := selfsigned.Cert(time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

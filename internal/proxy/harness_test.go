@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"github.com/pinaka-proxy/pinaka/internal/selfsigned"
 	"github.com/pinaka-proxy/pinaka/internal/testutil"
 
 	"bufio"
@@ -98,7 +99,7 @@ var (
 func TestMain(m *testing.M) {
 	var certPEM []byte
 	var err error
-	proxyCert, certPEM, _, err = server.SelfSigned(24 * time.Hour)
+	proxyCert, certPEM, _, err = selfsigned.Cert(24 * time.Hour)
 	if err != nil {
 		panic(err)
 	}

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/selfsigned"
 )
 
 // The watch sees a head with both fields however the bytes are split
@@ -122,7 +124,7 @@ func TestTLSAcceptorSurvivesAcceptErrors(t *testing.T) {
 	}
 	fl := &failingListener{Listener: raw}
 	fl.failures.Store(3)
-	cert, _, _, err := SelfSigned(time.Hour, "127.0.0.1")
+	cert, _, _, err := selfsigned.Cert(time.Hour, "127.0.0.1")
 	if err != nil {
 		t.Fatal(err)
 	}
