@@ -110,6 +110,8 @@ type Server struct {
 	// (http.ServerContextKey); only its presence is used.
 	httpSrv *http.Server
 
+	dateCache atomic.Pointer[dateText]
+
 	// budget is what is left of Config.BodyBudget.
 	budget atomic.Int64
 
@@ -201,6 +203,23 @@ func (s *Server) Conns() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.conns)
+}
+
+// date is the Date header value for now, formatted once per second for
+// every response of the node.
+func (s *Server) date() string {
+	now := time.Now()
+	if d := s.dateCache.Load(); d != nil && d.unix == now.Unix() {
+		return d.text
+	}
+	d := &dateText{unix: now.Unix(), text: now.UTC().Format(http.TimeFormat)}
+	s.dateCache.Store(d)
+	return d.text
+}
+
+type dateText struct {
+	unix int64
+	text string
 }
 
 // BudgetInUse is how much of Config.BodyBudget connections hold.

@@ -93,7 +93,7 @@ func (w *responseWriter) queueFinalHeaderLocked() {
 	w.handlerHdr = true
 	h := w.header.Clone()
 	if _, ok := h["Date"]; !ok {
-		h["Date"] = []string{time.Now().UTC().Format(http.TimeFormat)}
+		h["Date"] = []string{w.s.c.srv.date()}
 	}
 	w.s.hdrs = append(w.s.hdrs, headerOut{status: w.status, header: h})
 	w.s.c.activateLocked(w.s)
