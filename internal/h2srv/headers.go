@@ -233,12 +233,7 @@ func (c *conn) endHeaderBlock(hb *headerBlock) error {
 		s.discard = true
 		s.noCredit = true
 		s.respondLocked(http.StatusRequestHeaderFieldsTooLarge)
-		for range oversizedBlockCost {
-			if err := c.charge("headers_too_large"); err != nil {
-				return err
-			}
-		}
-		return nil
+		return c.chargeN("headers_too_large", oversizedBlockCost)
 	}
 	req, err := c.newRequest(s, hb)
 	if err != nil {

@@ -26,13 +26,13 @@ const (
 
 func (b *frameBudget) init() { b.credits = budgetCap }
 
-// spend takes one credit and reports whether any were left.
-func (b *frameBudget) spend(now time.Time) bool {
+// spend takes cost credits and reports whether any were left.
+func (b *frameBudget) spend(now time.Time, cost int) bool {
 	if !b.last.IsZero() {
 		b.credits = min(budgetCap, b.credits+now.Sub(b.last).Seconds()*budgetRefill)
 	}
 	b.last = now
-	b.credits--
+	b.credits -= float64(cost)
 	return b.credits >= 0
 }
 
@@ -43,11 +43,14 @@ func (b *frameBudget) earn(n int) {
 
 // charge spends a credit for a frame of kind (a fixed set of names, for
 // the metric) and fails the connection when the budget is gone.
-func (c *conn) charge(kind string) error {
+func (c *conn) charge(kind string) error { return c.chargeN(kind, 1) }
+
+// chargeN charges one frame that cost the work of several.
+func (c *conn) chargeN(kind string, cost int) error {
 	if h := c.cfg.Hooks.Unproductive; h != nil {
 		h(kind)
 	}
-	if !c.budget.spend(time.Now()) {
+	if !c.budget.spend(time.Now(), cost) {
 		return connErr(http2.ErrCodeEnhanceYourCalm, "too many frames that do no work")
 	}
 	return nil

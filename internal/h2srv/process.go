@@ -22,7 +22,8 @@ func (c *conn) process(f http2.Frame) error {
 		}
 		return c.continueHeaderBlock(f.HeaderBlockFragment(), f.HeadersEnded())
 	case *http2.SettingsFrame:
-		if err := c.charge("settings"); err != nil {
+		// Each entry costs a little too: a big frame costs more.
+		if err := c.chargeN("settings", 1+f.NumSettings()/64); err != nil {
 			return err
 		}
 		if f.IsAck() {
@@ -71,14 +72,6 @@ func (c *conn) process(f http2.Frame) error {
 }
 
 func (c *conn) processSettings(f *http2.SettingsFrame) error {
-	if n := f.NumSettings(); n > 64 {
-		// Each entry costs a little; a big frame costs more credit.
-		for range n / 64 {
-			if err := c.charge("settings"); err != nil {
-				return err
-			}
-		}
-	}
 	err := f.ForeachSetting(func(s http2.Setting) error {
 		if err := s.Valid(); err != nil {
 			return connErr(http2.ErrCode(err.(http2.ConnectionError)), "invalid setting "+s.ID.String())
@@ -284,5 +277,5 @@ func (c *conn) streamErrorLocked(id uint32, code http2.ErrCode, reason string) {
 	c.ctlFrames++
 	c.wcond.Signal()
 	// Each reset we send is work the client caused (CVE-2019-9514).
-	c.budget.spend(time.Now())
+	c.budget.spend(time.Now(), 1)
 }
