@@ -24,6 +24,7 @@ type conn struct {
 	cfg      *Config
 	nc       *tls.Conn
 	fr       *http2.Framer // reading only
+	src      frameSource   // what fr reads
 	hdec     *hpack.Decoder
 	tlsState *tls.ConnectionState
 	remote   string
@@ -42,6 +43,12 @@ type conn struct {
 	draining, closing bool
 	lastID            uint32
 	goneAway          bool // the client sent GOAWAY
+
+	// Sinks (sink.go), the reader's own: streams with DATA gathered for
+	// their sink, how much, and the scratch list of buffers handed to it.
+	sinkStreams []*stream
+	sinkBytes   int
+	sinkBufs    [][]byte
 
 	// Writer side. ctl holds encoded control frames in the order queued.
 	ctl          []byte
@@ -102,7 +109,8 @@ func newConn(s *Server, tc *tls.Conn) *conn {
 	c.tcond.L = &c.mu
 	st := tc.ConnectionState()
 	c.tlsState = &st
-	c.fr = http2.NewFramer(nil, tc)
+	c.src.c = c
+	c.fr = http2.NewFramer(nil, &c.src)
 	c.fr.SetMaxReadFrameSize(defaultMaxFrame)
 	c.hdec = hpack.NewDecoder(4096, c.emitField)
 	// A single field longer than MaxHeaderBytes is a 431 like any header
@@ -143,10 +151,10 @@ func (c *conn) serve() {
 	c.queueSettings()
 	c.mu.Unlock()
 
-	_ = c.nc.SetReadDeadline(time.Now().Add(c.cfg.HeaderReadTimeout))
+	c.src.setDeadline(time.Now().Add(c.cfg.HeaderReadTimeout))
 	err := c.readPreface()
 	if err == nil {
-		_ = c.nc.SetReadDeadline(time.Time{})
+		c.src.setDeadline(time.Time{})
 		c.mu.Lock()
 		c.idleSince = time.Now()
 		c.armTick()
@@ -158,7 +166,7 @@ func (c *conn) serve() {
 
 func (c *conn) readPreface() error {
 	var buf [len(http2.ClientPreface)]byte
-	if _, err := io.ReadFull(c.nc, buf[:]); err != nil {
+	if _, err := io.ReadFull(&c.src, buf[:]); err != nil {
 		return c.frameReadErr(err)
 	}
 	if string(buf[:]) != http2.ClientPreface {
@@ -313,7 +321,7 @@ func (c *conn) endReading(err error) {
 // the socket closes: closing with unread bytes makes the kernel send a
 // reset, which can destroy the GOAWAY (and ACKs) still on their way.
 func (c *conn) linger() {
-	_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
+	c.src.setDeadline(time.Now().Add(time.Second))
 	_, _ = io.CopyN(io.Discard, c.nc, 1<<20)
 }
 

@@ -83,7 +83,7 @@ func (c *conn) processHeaders(f *http2.HeadersFrame) error {
 	if !f.HeadersEnded() {
 		// The rest of the block must come within the header timeout; no
 		// other frame can come in between (§6.10).
-		_ = c.nc.SetReadDeadline(time.Now().Add(c.cfg.HeaderReadTimeout))
+		c.src.setDeadline(time.Now().Add(c.cfg.HeaderReadTimeout))
 	}
 	return c.continueHeaderBlock(f.HeaderBlockFragment(), f.HeadersEnded())
 }
@@ -101,7 +101,7 @@ func (c *conn) continueHeaderBlock(frag []byte, end bool) error {
 	if !end {
 		return nil
 	}
-	_ = c.nc.SetReadDeadline(time.Time{})
+	c.src.setDeadline(time.Time{})
 	c.hb = nil
 	c.hdec.SetEmitEnabled(true)
 	if err := c.hdec.Close(); err != nil {

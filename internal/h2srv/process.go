@@ -203,8 +203,10 @@ func (c *conn) processData(f *http2.DataFrame) error {
 		} else {
 			s.recv.write(data)
 			c.addBuffered(int64(len(data)))
-			s.rcond.Signal()
-			s.fireReadReady()
+			if !c.sinkDataLocked(s, len(data)) {
+				s.rcond.Signal()
+				s.fireReadReady()
+			}
 		}
 	}
 	if f.StreamEnded() {

@@ -47,7 +47,9 @@ type stream struct {
 	expectContinue bool
 	trailer        http.Header // request trailers, for r.Trailer at EOF
 	rcond          sync.Cond
-	readReady      func() // see ReadReady
+	readReady      func()                      // see ReadReady
+	sink           func([][]byte) (int, error) // see httpx.Sinker
+	sinkQueued     bool                        // in c.sinkStreams
 
 	// Send side.
 	sendWindow    int64
@@ -408,6 +410,37 @@ func (q *chunkQueue) read(p []byte) int {
 		q.chunks = nil
 	}
 	return n
+}
+
+// buffers appends what is queued, in order, to dst without copying it.
+func (q *chunkQueue) buffers(dst [][]byte) [][]byte {
+	for i, ch := range q.chunks {
+		if i == 0 {
+			ch = ch[q.off:]
+		}
+		dst = append(dst, ch)
+	}
+	return dst
+}
+
+// discard drops the first n queued bytes (n <= q.len()).
+func (q *chunkQueue) discard(n int) {
+	q.n -= n
+	for n > 0 {
+		first := q.chunks[0]
+		m := min(n, len(first)-q.off)
+		n -= m
+		q.off += m
+		if q.off == len(first) {
+			q.free(first)
+			q.chunks[0] = nil
+			q.chunks = q.chunks[1:]
+			q.off = 0
+		}
+	}
+	if len(q.chunks) == 0 {
+		q.chunks = nil
+	}
 }
 
 func (q *chunkQueue) reset() {

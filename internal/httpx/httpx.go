@@ -72,6 +72,23 @@ type Stream interface {
 	ReadReady(f func()) bool
 }
 
+// Sinker is implemented by Streams whose engine can hand arriving DATA
+// straight to the tunnel's destination. A bulk upload through a detached
+// stream otherwise costs a goroutine wake-up per DATA frame: the engine's
+// reader queues the data and the relay goroutine copies it out. With a
+// sink, the reader writes it out itself, gathered per batch of frames read
+// from the socket, the way an HTTP/1.1 tunnel's single goroutine does.
+type Sinker interface {
+	// SetSink registers write. The engine calls it, on its reader
+	// goroutine, only while a ReadReady callback is registered (the relay
+	// is parked, so nobody else writes the destination) and with what is
+	// buffered, in order. write must not block: it writes what it can and
+	// returns how much. What it leaves (it returned less, or an error) stays
+	// buffered, and the ReadReady callback runs so that the relay goroutine
+	// takes over; after an error the sink is not used again.
+	SetSink(write func(bufs [][]byte) (int, error))
+}
+
 // Detacher is implemented by ResponseWriters whose stream can outlive the
 // handler. Detach sends the response header already set with WriteHeader
 // and hands the stream over; the ResponseWriter is not used after it.

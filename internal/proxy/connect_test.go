@@ -187,6 +187,61 @@ func TestConnectLargeBothWays(t *testing.T) {
 	check("HTTP/2", up, resp.Body)
 }
 
+// An HTTP/2 upload to an origin that stops reading for a while: the
+// engine's reader writes what arrives straight upstream while the socket
+// takes it (httpx.Sinker), the relay goroutine takes over when it does not,
+// and the bytes still arrive whole, in order, and counted once.
+func TestConnectHTTP2UploadToStallingOrigin(t *testing.T) {
+	e := startProxy(t, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		h := sha256.New()
+		buf := make([]byte, 32<<10)
+		for i := 0; ; i++ {
+			if i%64 == 0 {
+				// Not a timing assertion: a pause that lets the proxy's
+				// socket to us fill up, several times per upload.
+				time.Sleep(50 * time.Millisecond)
+			}
+			n, err := c.Read(buf)
+			h.Write(buf[:n])
+			if err != nil {
+				break
+			}
+		}
+		_, _ = c.Write(h.Sum(nil))
+	}()
+
+	payload := make([]byte, 32<<20)
+	rand.Read(payload)
+	want := sha256.Sum256(payload)
+	resp, up, err := h2Connect(e.h2Conn(), ln.Addr().String(), e.bearer())
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %v %v", resp, err)
+	}
+	go func() {
+		_, _ = up.Write(payload)
+		_ = up.Close()
+	}()
+	got, err := io.ReadAll(resp.Body)
+	if err != nil || !bytes.Equal(got, want[:]) {
+		t.Fatalf("the origin's hash of the upload: %x, %v; want %x", got, err, want)
+	}
+	r := e.waitRecord(func(r recordT) bool { return r.Method == "CONNECT" })
+	if r.RequestSize != int64(len(payload)) || r.ResponseSize != int64(len(want)) {
+		t.Errorf("record sizes: request %d response %d, want %d %d", r.RequestSize, r.ResponseSize, len(payload), len(want))
+	}
+}
+
 type halfCloser struct {
 	c interface {
 		io.Writer

@@ -67,6 +67,11 @@ type endpoint struct {
 	// batch, when set, gathers the TLS records of one large write into
 	// one syscall (see BatchListener).
 	batch *batchConn
+	// sinker is set when r is a stream that can hand its DATA straight to
+	// a sink (httpx.Sinker); rawWrite when w is a plain TCP socket that a
+	// sink can write without blocking (sink_linux.go).
+	sinker   httpx.Sinker
+	rawWrite syscall.RawConn
 }
 
 // setReadDeadline sets the quiet-time lease of a direction that can park.
@@ -87,7 +92,9 @@ type readSocket struct {
 // writes need no flush (the engine's writer sends as soon as it can) and
 // are not cut to record size (the writer sizes its frames).
 func streamEndpoint(st httpx.Stream) endpoint {
-	return endpoint{r: st, w: st, closeWrite: st.CloseWrite, close: st.Close, abort: st.Abort, stream: st}
+	e := endpoint{r: st, w: st, closeWrite: st.CloseWrite, close: st.Close, abort: st.Abort, stream: st}
+	e.sinker, _ = st.(httpx.Sinker)
+	return e
 }
 
 func connEndpoint(c net.Conn) endpoint {
@@ -107,6 +114,9 @@ func connEndpoint(c net.Conn) endpoint {
 	}
 	if raw := RawSocket(c); raw != nil {
 		e.sock = &readSocket{setReadDeadline: c.SetReadDeadline, raw: raw}
+		if _, plain := c.(*net.TCPConn); plain {
+			e.rawWrite = raw // not through TLS or a wrapper that counts
+		}
 	}
 	return e
 }
@@ -203,6 +213,9 @@ type direction struct {
 	// parkedFD is the socket the parker holds d for, or -1; guarded by
 	// the parker's mutex.
 	parkedFD int32
+	// sinking: src hands its data to d.sink while d is parked, and d parks
+	// as soon as src has nothing to read (see httpx.Sinker).
+	sinking bool
 }
 
 // startRelay runs a tunnel in goroutines of its own and calls onDone, from
@@ -221,6 +234,10 @@ func newTunnel(ctx context.Context, pk *parker, client, upstream endpoint, idle 
 	parking := pk.start() == nil
 	t.up.canPark = client.sock != nil && parking || client.stream != nil
 	t.down.canPark = upstream.sock != nil && parking
+	if client.sinker != nil && upstream.rawWrite != nil && sinkSupported {
+		t.up.sinking, t.up.canPark = true, false
+		client.sinker.SetSink(t.up.sink)
+	}
 	t.watch = newIdleWatch(idle, func() { t.idled.Store(true); t.abortIdle() })
 	t.stopCtx = context.AfterFunc(ctx, t.closeBoth)
 	return t
@@ -311,6 +328,22 @@ func (t *tunnel) directionDone() {
 // errParked reports that a direction went quiet and parked.
 var errParked = errors.New("parked")
 
+// errSinkParked reports that a sinking direction found nothing to read and
+// is registered with its stream: the stream's sink takes what comes, and
+// the direction runs again when the sink cannot.
+var errSinkParked = errors.New("parked on a sink")
+
+// parkOnStream registers d to run again when its stream is readable, or
+// reports false, registering nothing, when it is readable now.
+func (d *direction) parkOnStream() bool {
+	d.t.parker.streams.Add(1)
+	if d.src.stream.ReadReady(func() { d.t.parker.streams.Add(-1); go d.run() }) {
+		return true
+	}
+	d.t.parker.streams.Add(-1)
+	return false
+}
+
 // run copies until the source ends, then finishes the direction. A socket
 // direction that goes quiet parks instead: this goroutine ends, and the
 // parker runs the direction again in a new one, whose stack is small, when
@@ -318,16 +351,17 @@ var errParked = errors.New("parked")
 func (d *direction) run() {
 	for {
 		err := d.copy()
+		if err == errSinkParked {
+			return
+		}
 		if err != errParked {
 			d.finish(err)
 			return
 		}
-		if st := d.src.stream; st != nil {
-			d.t.parker.streams.Add(1)
-			if st.ReadReady(func() { d.t.parker.streams.Add(-1); go d.run() }) {
+		if d.src.stream != nil {
+			if d.parkOnStream() {
 				return
 			}
-			d.t.parker.streams.Add(-1)
 			continue // readable already
 		}
 		if d.t.parker.park(d) == nil {
@@ -353,6 +387,9 @@ func (d *direction) copy() error {
 	}()
 	var lease time.Time // the read deadline; zero when d cannot park
 	for {
+		if d.sinking && d.parkOnStream() {
+			return errSinkParked
+		}
 		if d.canPark {
 			if now := time.Now(); lease.Sub(now) < parkAfter/2 {
 				lease = now.Add(parkAfter)
