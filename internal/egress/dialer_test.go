@@ -100,6 +100,18 @@ func TestDialNameResolvingToLoopbackListener(t *testing.T) {
 	if !hasHistogramSamples(t, m, 1) {
 		t.Error("DialSeconds did not observe the dial")
 	}
+	// Upstream sockets carry no TCP keepalive (dialAddr says why).
+	raw, err := conn.(syscall.Conn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	keepalive := -1
+	_ = raw.Control(func(fd uintptr) {
+		keepalive, err = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_KEEPALIVE)
+	})
+	if err != nil || keepalive != 0 {
+		t.Errorf("SO_KEEPALIVE on the upstream socket = %d, %v; want 0", keepalive, err)
+	}
 }
 
 func hasHistogramSamples(t *testing.T, m *metrics.Metrics, want uint64) bool {
