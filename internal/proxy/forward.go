@@ -360,8 +360,8 @@ func (p *Proxy) brokenForward(r *http.Request, q *request, cw *countingWriter) s
 
 type bufferPool struct{}
 
-func (bufferPool) Get() []byte  { return *largeBufs.Get().(*[]byte) }
-func (bufferPool) Put(b []byte) { largeBufs.Put(&b) }
+func (bufferPool) Get() []byte  { return *largeBufs.get() }
+func (bufferPool) Put(b []byte) { largeBufs.put(&b) }
 
 // checkStatus refuses a status net/http would panic on when written back
 // (http.ReadResponse accepts any three digits, WriteHeader only 100–999).
