@@ -231,7 +231,7 @@ func (h *handler) sameNode(w http.ResponseWriter, r *http.Request, b *batch) boo
 	// the log, which get one line per refused batch of a verified node.
 	reason := fmt.Sprintf("%s claims probe_node %s but the node certificate says %q", where, quoteShort(claim), node)
 	h.log.Warn("batch refused: probe_node does not match the node certificate", "batch_id", b.id,
-		"certificate_node", node, "where", where, "claimed", quoteShort(claim), "remote", r.RemoteAddr)
+		"certificate_node", node, "where", where, "claimed", cutShort(claim), "remote", r.RemoteAddr)
 	reply(w, http.StatusForbidden, answer{Status: "forbidden", Reason: reason, BatchID: b.id.String()})
 	return false
 }
@@ -242,6 +242,14 @@ func quoteShort(s string) string {
 		return strconv.Quote(s[:64]) + "…"
 	}
 	return strconv.Quote(s)
+}
+
+// cutShort is s cut to 64 bytes, for a log attribute (which is escaped).
+func cutShort(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
 }
 
 func (t *serverTLS) setMetrics(m *collectorMetrics) {
