@@ -10,6 +10,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/pinaka-proxy/pinaka/internal/backendtls"
 	"github.com/pinaka-proxy/pinaka/internal/config"
 )
 
@@ -88,6 +89,8 @@ func checkConfig(args []string, stdout, stderr io.Writer) error {
 	row("ADD_X_FORWARDED_FOR", cfg.AddForwardedFor)
 	row("BACKEND_URL", orNone(redactURL(cfg.BackendURL)))
 	row("BACKEND_API_KEY", mask(cfg.BackendAPIKey))
+	row("BACKEND_CA_PATH", orNone(cfg.BackendCAPath))
+	row("BACKEND_CLIENT_CERT_PATH", backendClientCert(cfg))
 	row("LOG_BATCH_SIZE", cfg.LogBatchSize)
 	row("LOG_BATCH_INTERVAL", cfg.LogBatchInterval)
 	row("LOG_SHIP_TIMEOUT", cfg.LogShipTimeout)
@@ -156,4 +159,18 @@ func publicKeys(cfg *config.Config) string {
 	}
 	return fmt.Sprintf("%s (%d keys, kids %s)", cfg.JWTPublicKeysPath,
 		cfg.JWTPublicKeys.Len(), strings.Join(cfg.JWTPublicKeys.IDs(), ","))
+}
+
+// backendClientCert describes the node's client certificate towards the
+// backend: the identity a collector will read from it, and its expiry.
+func backendClientCert(cfg *config.Config) string {
+	leaf := cfg.BackendTLS.Leaf()
+	if leaf == nil {
+		return "(none)"
+	}
+	id, err := backendtls.NodeIdentity(leaf)
+	if err != nil {
+		id = "no node identity: " + err.Error()
+	}
+	return fmt.Sprintf("%s (%s), expires %s", cfg.BackendClientCertPath, id, leaf.NotAfter.Format(time.RFC3339))
 }

@@ -216,6 +216,7 @@ func serve(args []string, stdout, stderr io.Writer) error {
 			// Each logs its own outcome; a refusal keeps the old state.
 			_ = app.Server.Reload()
 			_ = app.ReloadKeys()
+			_ = app.ReloadBackendTLS()
 			continue
 		}
 		log.Info("signal received, shutting down", "signal", s.String(), "timeout", cfg.ShutdownTimeout.String())
@@ -409,5 +410,10 @@ func runCollector(args []string, stderr io.Writer) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// SIGHUP re-reads the collector's certificate and client CA bundle.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	cfg.Reload = hup
 	return collector.Run(ctx, cfg, newLogger(stderr, level))
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -27,6 +28,16 @@ type Config struct {
 	InsecureNoAuth bool
 
 	ShutdownTimeout time.Duration // SHUTDOWN_TIMEOUT
+
+	// TLS and node certificates: COLLECTOR_TLS_CERT_PATH and
+	// COLLECTOR_TLS_KEY_PATH make the collector speak HTTPS;
+	// COLLECTOR_CLIENT_CA_PATH then requires a node certificate from those
+	// CAs on every connection and binds each batch to the node it names.
+	TLSCertPath, TLSKeyPath, ClientCAPath string
+	// Reload, when not nil, delivers SIGHUP: the TLS files are re-read.
+	// cmd/pinaka sets it; it is not read from the environment.
+	Reload <-chan os.Signal
+	tls    *serverTLS // loaded by LoadConfig, else by Run
 }
 
 // LoadConfig reads the collector's variables. Every problem is reported,
@@ -68,6 +79,9 @@ func LoadConfig(lookup config.Lookup) (Config, error) {
 			c.ShutdownTimeout = d
 		}
 	}
+	if err := c.loadTLS(get); err != nil {
+		errs = append(errs, err)
+	}
 	if err := c.validate(); err != nil {
 		errs = append(errs, err)
 	}
@@ -78,8 +92,10 @@ func LoadConfig(lookup config.Lookup) (Config, error) {
 }
 
 func (c Config) validate() error {
-	if c.APIKey == "" && !c.InsecureNoAuth {
-		return errors.New("COLLECTOR_API_KEY is required (or set COLLECTOR_INSECURE_NO_AUTH=true to accept batches from anyone)")
+	// A node certificate is a credential of its own: with a client CA the
+	// API key is optional (and checked too when set).
+	if c.APIKey == "" && !c.InsecureNoAuth && c.ClientCAPath == "" {
+		return errors.New("COLLECTOR_API_KEY is required (or COLLECTOR_CLIENT_CA_PATH for node certificates, or set COLLECTOR_INSECURE_NO_AUTH=true to accept batches from anyone)")
 	}
 	return nil
 }
@@ -93,4 +109,18 @@ func parseDuration(v string) (time.Duration, error) {
 		return 0, fmt.Errorf("invalid duration %q", v)
 	}
 	return d, nil
+}
+
+// loadTLS reads the TLS variables and loads their files, so that a missing
+// or malformed file stops start-up naming its variable.
+func (c *Config) loadTLS(get func(name, def string) string) error {
+	c.TLSCertPath = get("COLLECTOR_TLS_CERT_PATH", "")
+	c.TLSKeyPath = get("COLLECTOR_TLS_KEY_PATH", "")
+	c.ClientCAPath = get("COLLECTOR_CLIENT_CA_PATH", "")
+	t, err := loadServerTLS(c.TLSCertPath, c.TLSKeyPath, c.ClientCAPath)
+	if err != nil {
+		return err
+	}
+	c.tls = t
+	return nil
 }

@@ -29,8 +29,12 @@ const MaxBodyBytes = 16 << 20
 // handler serves the batch endpoint and /healthz.
 type handler struct {
 	pool   *pgxpool.Pool
-	apiKey []byte // empty: no authentication (COLLECTOR_INSECURE_NO_AUTH)
+	apiKey []byte // empty: no authentication (COLLECTOR_INSECURE_NO_AUTH), or node certificates only
 	log    *slog.Logger
+	// tls is nil over plain HTTP; with a client CA it names the node
+	// each request comes from.
+	tls *serverTLS
+	m   *collectorMetrics
 
 	// limits are read from the database on the first batch (the handler
 	// is built without a context to query with) and kept: Migrate runs
@@ -42,15 +46,22 @@ type handler struct {
 // NewHandler serves POST accesslog.BatchPath and GET /healthz. An empty
 // apiKey disables authentication; Run only allows that when asked.
 func NewHandler(pool *pgxpool.Pool, apiKey string, log *slog.Logger) http.Handler {
-	h := &handler{pool: pool, apiKey: []byte(apiKey), log: log}
+	return newHandler(pool, apiKey, log, nil, newCollectorMetrics())
+}
+
+// newHandler is NewHandler with the collector's TLS (nil: plain HTTP) and
+// metrics, which it also serves at GET /metrics.
+func newHandler(pool *pgxpool.Pool, apiKey string, log *slog.Logger, t *serverTLS, m *collectorMetrics) http.Handler {
+	h := &handler{pool: pool, apiKey: []byte(apiKey), log: log, tls: t, m: m}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+accesslog.BatchPath, h.batch)
 	mux.HandleFunc("GET /healthz", h.healthz)
+	mux.Handle("GET /metrics", m.handler())
 	return mux
 }
 
 // answer is every response body: status is stored, duplicate, rejected,
-// unauthorized, error or ok. A stored batch says how many records it had,
+// unauthorized, forbidden (another node's records), error or ok. A stored batch says how many records it had,
 // how many were stored and how many were kept aside in
 // forward_proxy_rejected_records (records = stored + rejected).
 type answer struct {
@@ -98,6 +109,7 @@ func (h *handler) authorized(r *http.Request) bool {
 // 4xx would make the shipper dead-letter every other record with them.
 func (h *handler) batch(w http.ResponseWriter, r *http.Request) {
 	if !h.authorized(r) {
+		h.m.batchesRefused.WithLabelValues(refusedUnauthorized).Inc()
 		w.Header().Set("WWW-Authenticate", `Bearer realm="pinaka-collector"`)
 		reply(w, http.StatusUnauthorized, answer{Status: "unauthorized", Reason: "missing or wrong bearer API key"})
 		return
@@ -108,8 +120,12 @@ func (h *handler) batch(w http.ResponseWriter, r *http.Request) {
 		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
 			code = http.StatusRequestEntityTooLarge
 		}
+		h.m.batchesRefused.WithLabelValues(refusedInvalid).Inc()
 		h.log.Warn("batch rejected", "remote", r.RemoteAddr, "status", code, "reason", err.Error())
 		reply(w, code, answer{Status: "rejected", Reason: err.Error()})
+		return
+	}
+	if h.tls.requireNode() && !h.sameNode(w, r, b) {
 		return
 	}
 	limits, err := h.columnLimits(r.Context())

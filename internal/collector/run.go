@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	stdlog "log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -17,6 +18,13 @@ import (
 func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err := cfg.validate(); err != nil {
 		return err
+	}
+	if cfg.tls == nil {
+		t, err := loadServerTLS(cfg.TLSCertPath, cfg.TLSKeyPath, cfg.ClientCAPath)
+		if err != nil {
+			return err
+		}
+		cfg.tls = t
 	}
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
@@ -36,26 +44,46 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, ln net.Listener) e
 	if err := Migrate(ctx, pool); err != nil {
 		return err
 	}
-	if cfg.APIKey == "" {
+	m := newCollectorMetrics()
+	cfg.tls.setMetrics(m)
+	switch {
+	case cfg.APIKey == "" && cfg.tls.requireNode():
+		log.Info("accepting batches from node certificates alone (no COLLECTOR_API_KEY)")
+	case cfg.APIKey == "":
 		log.Warn("COLLECTOR_INSECURE_NO_AUTH: accepting batches without an API key")
 	}
 	srv := &http.Server{
-		Handler:           NewHandler(pool, cfg.APIKey, log),
+		Handler:           newHandler(pool, cfg.APIKey, log, cfg.tls, m),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       2 * time.Minute,
 		WriteTimeout:      2 * time.Minute,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		ErrorLog:          stdlog.New(newErrorLog(log, m), "", 0),
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	log.Info("collector listening", "addr", ln.Addr().String())
+	if cfg.tls != nil {
+		srv.TLSConfig = cfg.tls.config()
+		go func() { errc <- srv.ServeTLS(ln, "", "") }()
+	} else {
+		go func() { errc <- srv.Serve(ln) }()
+	}
+	log.Info("collector listening", "addr", ln.Addr().String(), "tls", cfg.tls != nil, "node_certificates", cfg.tls.requireNode())
 
-	select {
-	case err := <-errc:
-		return fmt.Errorf("serving on %s: %w", ln.Addr(), err)
-	case <-ctx.Done():
+	for done := false; !done; {
+		select {
+		case err := <-errc:
+			return fmt.Errorf("serving on %s: %w", ln.Addr(), err)
+		case <-cfg.Reload:
+			// Logged and counted by Reload; a refusal keeps the old files.
+			if cfg.tls == nil {
+				log.Info("SIGHUP: nothing to reload (no COLLECTOR_TLS_CERT_PATH)")
+				continue
+			}
+			_ = cfg.tls.Reload(log)
+		case <-ctx.Done():
+			done = true
+		}
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()

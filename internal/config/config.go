@@ -17,6 +17,7 @@ import (
 	"github.com/joho/godotenv"
 
 	"github.com/pinaka-proxy/pinaka/internal/auth"
+	"github.com/pinaka-proxy/pinaka/internal/backendtls"
 )
 
 // MinSecretBytes is the shortest JWT_SECRET accepted: HS256 keys shorter than
@@ -93,6 +94,15 @@ type Config struct {
 	LogSpoolMaxBytes int64
 	LogQueueSize     int
 	LogIncludeQuery  bool
+
+	// Mutual TLS to the backend: BACKEND_CA_PATH,
+	// BACKEND_CLIENT_CERT_PATH, BACKEND_CLIENT_KEY_PATH, and what they
+	// held at Load (nil when none is set). Every client the node points at
+	// the backend builds its TLS from BackendTLS; SIGHUP reloads it.
+	BackendCAPath         string
+	BackendClientCertPath string
+	BackendClientKeyPath  string
+	BackendTLS            *backendtls.Client
 
 	// Operations.
 	LogLevel        string
@@ -247,6 +257,7 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	c.LogSpoolMaxBytes = int64(p.int("LOG_SPOOL_MAX_BYTES", 1<<30, 1<<10, 1<<62))
 	c.LogQueueSize = p.int("LOG_QUEUE_SIZE", 100000, 1, 1<<26)
 	c.LogIncludeQuery = p.bool("LOG_INCLUDE_QUERY", false)
+	p.backendTLS(c)
 
 	c.LogLevel = "info"
 	if v, ok := lookup("RUST_LOG"); ok && v != "" {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"sync"
 	"time"
@@ -45,6 +46,8 @@ type App struct {
 	Metrics  *metrics.Metrics
 	Shipper  *accesslog.Shipper
 	log      *slog.Logger
+
+	backendTLSFailures prometheus.Counter // ReloadBackendTLS refusals
 }
 
 // AppOptions are the parts of an App that are not configuration.
@@ -66,6 +69,17 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 	dialer := egress.NewDialer(egress.DialerOptions{
 		Policy: policy, Resolver: resolver, Timeout: cfg.UpstreamDialTimeout, Metrics: m,
 	})
+	// Mutual TLS to the backend, when configured (nil: the defaults).
+	shipClient, err := BackendHTTPClient(cfg, cfg.BackendURL, 0)
+	if err != nil {
+		return nil, err
+	}
+	var jwksClient *http.Client
+	if OnBackend(cfg, cfg.JWKSURL) {
+		if jwksClient, err = BackendHTTPClient(cfg, cfg.JWKSURL, 10*time.Second); err != nil {
+			return nil, err
+		}
+	}
 	shipper, err := accesslog.New(accesslog.Options{
 		Log:           log,
 		BackendURL:    cfg.BackendURL,
@@ -79,16 +93,19 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		ProbeNode:     cfg.ProbeNodeName,
 		Region:        cfg.ProbeNodeRegion,
 		Metrics:       m,
+		Client:        shipClient,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("starting record shipping: %w", err)
 	}
 	verifier := auth.NewVerifier(cfg.JWTSecret, cfg.ProbeNodeRegion, cfg.JWTLeeway)
 	a := &App{Config: cfg, Verifier: verifier, fileKeys: cfg.JWTPublicKeys, log: log}
+	a.backendTLSFailures = registerBackendTLSMetrics(m, cfg)
 	a.applyKeys()
 	if cfg.JWKSURL != "" {
 		a.Remote = auth.NewRemoteKeys(auth.RemoteOptions{
 			URL: cfg.JWKSURL, Interval: cfg.JWKSRefreshInterval, StateDir: cfg.StateDir, Log: log,
+			Client: jwksClient,
 			Apply: func(ks *auth.KeySet) {
 				a.keysMu.Lock()
 				a.urlKeys = ks

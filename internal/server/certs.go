@@ -3,10 +3,9 @@ package server
 import (
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
-	"fmt"
 	"sync/atomic"
-	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/tlsfiles"
 )
 
 // CertStore holds the serving certificate. Reload swaps it atomically: new
@@ -38,17 +37,13 @@ func (s *CertStore) Reload() error {
 	if s.certPath == "" {
 		return nil
 	}
-	c, err := tls.LoadX509KeyPair(s.certPath, s.keyPath)
+	// The checks are tlsfiles', shared with the node's client certificate
+	// and the collector's.
+	c, err := tlsfiles.LoadKeyPair(s.certPath, s.keyPath)
 	if err != nil {
-		return fmt.Errorf("loading certificate %s and key %s: %w", s.certPath, s.keyPath, err)
+		return err
 	}
-	if c.Leaf == nil {
-		return errors.New("certificate has no leaf")
-	}
-	if now := time.Now(); now.After(c.Leaf.NotAfter) {
-		return fmt.Errorf("certificate %s expired on %s", s.certPath, c.Leaf.NotAfter.Format(time.RFC3339))
-	}
-	s.cert.Store(&c)
+	s.cert.Store(c)
 	return nil
 }
 
