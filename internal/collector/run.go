@@ -48,6 +48,9 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, ln net.Listener) e
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	pctx, stopPruner := context.WithCancel(ctx)
+	defer stopPruner()
+	go runPruner(pctx, pool, log)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	log.Info("collector listening", "addr", ln.Addr().String())

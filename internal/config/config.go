@@ -94,6 +94,11 @@ type Config struct {
 	LogQueueSize     int
 	LogIncludeQuery  bool
 
+	// Revocation: the revoked token ids, polled from RevocationURL ("" =
+	// off) every RevocationInterval; see parseRevocation.
+	RevocationURL      string
+	RevocationInterval time.Duration
+
 	// Operations.
 	LogLevel        string
 	AdminAddr       string
@@ -247,6 +252,7 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	c.LogSpoolMaxBytes = int64(p.int("LOG_SPOOL_MAX_BYTES", 1<<30, 1<<10, 1<<62))
 	c.LogQueueSize = p.int("LOG_QUEUE_SIZE", 100000, 1, 1<<26)
 	c.LogIncludeQuery = p.bool("LOG_INCLUDE_QUERY", false)
+	c.RevocationURL, c.RevocationInterval = p.parseRevocation(c.BackendURL)
 
 	c.LogLevel = "info"
 	if v, ok := lookup("RUST_LOG"); ok && v != "" {
@@ -276,6 +282,31 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 		return nil, errors.Join(p.errs...)
 	}
 	return c, nil
+}
+
+// RevocationPath is appended to BACKEND_URL for the default
+// REVOCATION_URL (revocation.Path; config does not import that package).
+const RevocationPath = "/api/forward-proxy/revocations"
+
+// parseRevocation reads REVOCATION_URL and REVOCATION_INTERVAL. Unset,
+// the URL is the backend's revocation endpoint when BACKEND_URL is set,
+// else off; "off" turns it off even then (a backend without the
+// endpoint).
+func (p *parser) parseRevocation(backendURL string) (string, time.Duration) {
+	u := p.str("REVOCATION_URL", "")
+	switch {
+	case strings.EqualFold(u, "off"):
+		u = ""
+	case u != "":
+		u = p.httpURL("REVOCATION_URL")
+	case backendURL != "":
+		u = backendURL + RevocationPath
+	}
+	interval := p.duration("REVOCATION_INTERVAL", 10*time.Second)
+	if interval < time.Second {
+		p.fail("REVOCATION_INTERVAL", "must be at least 1s, got %s", interval)
+	}
+	return u, interval
 }
 
 // rustLevel maps an env_logger filter ("info", "pinaka=debug,hyper=warn") to
