@@ -46,6 +46,8 @@ type PollerOptions struct {
 	Client   *http.Client  // nil: no redirects, FetchTimeout
 	Log      *slog.Logger
 	Now      func() time.Time // nil: time.Now
+	// MaxBodyBytes bounds an answer; 0 means MaxBodyBytes (tests lower it).
+	MaxBodyBytes int64
 }
 
 // Poller keeps a List equal to the list published at a URL: fetched with
@@ -87,6 +89,9 @@ func NewPoller(o PollerOptions, list *List) *Poller {
 	}
 	if o.Now == nil {
 		o.Now = time.Now
+	}
+	if o.MaxBodyBytes <= 0 {
+		o.MaxBodyBytes = MaxBodyBytes
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
@@ -287,11 +292,11 @@ func (p *Poller) fetch(ctx context.Context) (doc *Document, etag string, err err
 		return nil, "", &fetchError{FailStatus, fmt.Errorf("status %s: %q", resp.Status, bytes.TrimSpace(msg))}
 	}
 	var buf bytes.Buffer
-	if _, err := buf.ReadFrom(io.LimitReader(resp.Body, MaxBodyBytes+1)); err != nil {
+	if _, err := buf.ReadFrom(io.LimitReader(resp.Body, p.o.MaxBodyBytes+1)); err != nil {
 		return nil, "", &fetchError{FailUnreachable, fmt.Errorf("reading the list: %w", err)}
 	}
-	if buf.Len() > MaxBodyBytes {
-		return nil, "", &fetchError{FailMalformed, fmt.Errorf("list larger than %d bytes", MaxBodyBytes)}
+	if int64(buf.Len()) > p.o.MaxBodyBytes {
+		return nil, "", &fetchError{FailMalformed, fmt.Errorf("list larger than %d bytes", p.o.MaxBodyBytes)}
 	}
 	var d Document
 	if err := json.Unmarshal(buf.Bytes(), &d); err != nil {
