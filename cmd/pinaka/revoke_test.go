@@ -253,3 +253,24 @@ func connectAnswer(t *testing.T, addr, target, tok string) (int, string) {
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
 	return resp.StatusCode, string(b)
 }
+
+func TestCheckConfigShowsRevocation(t *testing.T) {
+	clearEnv(t)
+	setEnv(t, goodConfig(t))
+	r := runCLI("check-config", "--env-file", emptyEnvFile(t))
+	s := settings(r.stdout)
+	if r.code != 0 || s["REVOCATION_URL"] != "http://127.0.0.1:8080/api/forward-proxy/revocations" || s["REVOCATION_INTERVAL"] != "10s" {
+		t.Errorf("default from BACKEND_URL: %v", r)
+	}
+	t.Setenv("REVOCATION_URL", "off")
+	r = runCLI("check-config", "--env-file", emptyEnvFile(t))
+	if s := settings(r.stdout); r.code != 0 || s["REVOCATION_URL"] != "off" {
+		t.Errorf("REVOCATION_URL=off: %v", r)
+	}
+	t.Setenv("REVOCATION_URL", "")
+	t.Setenv("REVOCATION_INTERVAL", "100ms")
+	r = runCLI("check-config", "--env-file", emptyEnvFile(t))
+	if r.code != 1 || !strings.Contains(r.stderr, "REVOCATION_INTERVAL must be at least 1s") {
+		t.Errorf("REVOCATION_INTERVAL=100ms: %v", r)
+	}
+}
