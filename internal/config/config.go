@@ -17,6 +17,7 @@ import (
 	"github.com/joho/godotenv"
 
 	"github.com/pinaka-proxy/pinaka/internal/auth"
+	"github.com/pinaka-proxy/pinaka/internal/revocation"
 )
 
 // MinSecretBytes is the shortest JWT_SECRET accepted: HS256 keys shorter than
@@ -284,10 +285,6 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	return c, nil
 }
 
-// RevocationPath is appended to BACKEND_URL for the default
-// REVOCATION_URL (revocation.Path; config does not import that package).
-const RevocationPath = "/api/forward-proxy/revocations"
-
 // parseRevocation reads REVOCATION_URL and REVOCATION_INTERVAL. Unset,
 // the URL is the backend's revocation endpoint when BACKEND_URL is set,
 // else off; "off" turns it off even then (a backend without the
@@ -300,7 +297,7 @@ func (p *parser) parseRevocation(backendURL string) (string, time.Duration) {
 	case u != "":
 		u = p.httpURL("REVOCATION_URL")
 	case backendURL != "":
-		u = backendURL + RevocationPath
+		u = backendURL + revocation.Path
 	}
 	interval := p.duration("REVOCATION_INTERVAL", 10*time.Second)
 	if interval < time.Second {

@@ -51,3 +51,4 @@ func TestRevocationSettingsRefused(t *testing.T) {
 		}
 	}
 }
+
