@@ -51,4 +51,3 @@ func TestRevocationSettingsRefused(t *testing.T) {
 		}
 	}
 }
-
