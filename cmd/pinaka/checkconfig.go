@@ -98,6 +98,12 @@ func checkConfig(args []string, stdout, stderr io.Writer) error {
 	row("LOG_SPOOL_MAX_BYTES", cfg.LogSpoolMaxBytes)
 	row("LOG_QUEUE_SIZE", cfg.LogQueueSize)
 	row("LOG_INCLUDE_QUERY", cfg.LogIncludeQuery)
+	revURL := redactURL(cfg.RevocationURL)
+	if revURL == "" {
+		revURL = "off"
+	}
+	row("REVOCATION_URL", revURL)
+	row("REVOCATION_INTERVAL", cfg.RevocationInterval)
 	row("LOG_LEVEL", cfg.LogLevel)
 	row("ADMIN_ADDR", orNone(cfg.AdminAddr))
 	row("SHUTDOWN_TIMEOUT", cfg.ShutdownTimeout)

@@ -46,6 +46,8 @@ Usage:
   pinaka token [flags]                     mint a JWT with JWT_SECRET, or --key FILE
   pinaka keygen --alg ALG [--out FILE]     write a signing key, print its public JWKS
   pinaka collector [--env-file FILE]       run the reference log backend (PostgreSQL)
+  pinaka revoke --token-id T [--until TIME] | --list | --remove T
+                                           revoke token ids (DATABASE_URL)
   pinaka check-config [--env-file FILE]    validate the configuration and print it
   pinaka healthcheck [--path /readyz]      exit 0 if the admin listener says ready (for containers)
   pinaka version                           print the version
@@ -75,6 +77,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = keygen(rest, stdout, stderr)
 	case "collector":
 		err = runCollector(rest, stderr)
+	case "revoke":
+		err = revoke(rest, stdout, stderr)
 	case "check-config":
 		err = checkConfig(rest, stdout, stderr)
 	case "healthcheck":

@@ -33,6 +33,7 @@ var configVariables = []string{
 	"MAX_FORWARDS_PER_TOKEN", "MAX_CONNECTIONS_PER_IP", "MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP",
 	"UNAUTHENTICATED_RECORDS_PER_MINUTE", "REQUEST_BODY_IDLE_TIMEOUT",
 	"COLLECTOR_ADDR", "COLLECTOR_API_KEY", "DATABASE_URL", "COLLECTOR_INSECURE_NO_AUTH",
+	"REVOCATION_URL", "REVOCATION_INTERVAL",
 }
 
 // clearEnv unsets every configuration variable for the rest of the test
@@ -87,7 +88,7 @@ func runCLI(args ...string) result {
 	return result{code: code, stdout: out.String(), stderr: errOut.String()}
 }
 
-var subcommands = []string{"serve", "token", "keygen", "collector", "check-config", "version"}
+var subcommands = []string{"serve", "token", "keygen", "collector", "check-config", "version", "revoke"}
 
 func TestHelpListsCommands(t *testing.T) {
 	for _, arg := range []string{"--help", "-h", "help"} {
@@ -121,7 +122,7 @@ func TestUnknownCommand(t *testing.T) {
 }
 
 func TestSubcommandHelp(t *testing.T) {
-	for _, c := range []string{"serve", "token", "collector", "check-config"} {
+	for _, c := range []string{"serve", "token", "collector", "check-config", "revoke"} {
 		r := runCLI(c, "--help")
 		if r.code != 0 {
 			t.Errorf("pinaka %s --help: %v", c, r)

@@ -51,17 +51,15 @@ func LoadConfig(lookup config.Lookup) (Config, error) {
 		return def
 	}
 	c := Config{
-		Addr:        get("COLLECTOR_ADDR", "127.0.0.1:8080"),
-		APIKey:      get("COLLECTOR_API_KEY", get("BACKEND_API_KEY", "")),
-		DatabaseURL: get("DATABASE_URL", ""),
+		Addr:   get("COLLECTOR_ADDR", "127.0.0.1:8080"),
+		APIKey: get("COLLECTOR_API_KEY", get("BACKEND_API_KEY", "")),
 	}
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
 		errs = append(errs, fmt.Errorf("COLLECTOR_ADDR must be host:port, got %q", c.Addr))
 	}
-	if c.DatabaseURL == "" {
-		errs = append(errs, errors.New("DATABASE_URL is required (postgres://user:password@host:5432/db)"))
-	} else if _, err := pgxpool.ParseConfig(c.DatabaseURL); err != nil {
-		errs = append(errs, fmt.Errorf("DATABASE_URL is invalid: %w", err))
+	var err error
+	if c.DatabaseURL, err = DatabaseURL(lookup); err != nil {
+		errs = append(errs, err)
 	}
 	switch v := strings.ToLower(get("COLLECTOR_INSECURE_NO_AUTH", "false")); v {
 	case "1", "true", "yes", "on":
@@ -89,6 +87,20 @@ func LoadConfig(lookup config.Lookup) (Config, error) {
 		return Config{}, errors.Join(errs...)
 	}
 	return c, nil
+}
+
+// DatabaseURL reads and checks DATABASE_URL, for the collector and for
+// `pinaka revoke`, which writes the same database.
+func DatabaseURL(lookup config.Lookup) (string, error) {
+	v, _ := lookup("DATABASE_URL")
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return "", errors.New("DATABASE_URL is required (postgres://user:password@host:5432/db)")
+	}
+	if _, err := pgxpool.ParseConfig(v); err != nil {
+		return "", fmt.Errorf("DATABASE_URL is invalid: %w", err)
+	}
+	return v, nil
 }
 
 func (c Config) validate() error {

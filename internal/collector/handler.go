@@ -19,6 +19,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pinaka-proxy/pinaka/internal/accesslog"
+	"github.com/pinaka-proxy/pinaka/internal/revocation"
 )
 
 // MaxBodyBytes caps a batch body. A default batch of 100 records is about
@@ -41,9 +42,12 @@ type handler struct {
 	// before the handler serves and never narrows a column.
 	limitsMu sync.Mutex
 	limits   *columnLimits
+
+	revCache revocationCache
 }
 
-// NewHandler serves POST accesslog.BatchPath and GET /healthz. An empty
+// NewHandler serves POST accesslog.BatchPath, GET revocation.Path and GET
+// /healthz. An empty
 // apiKey disables authentication; Run only allows that when asked.
 func NewHandler(pool *pgxpool.Pool, apiKey string, log *slog.Logger) http.Handler {
 	return newHandler(pool, apiKey, log, nil, newCollectorMetrics())
@@ -55,6 +59,7 @@ func newHandler(pool *pgxpool.Pool, apiKey string, log *slog.Logger, t *serverTL
 	h := &handler{pool: pool, apiKey: []byte(apiKey), log: log, tls: t, m: m}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+accesslog.BatchPath, h.batch)
+	mux.HandleFunc("GET "+revocation.Path, h.revocations)
 	mux.HandleFunc("GET /healthz", h.healthz)
 	mux.Handle("GET /metrics", m.handler())
 	return mux
@@ -90,6 +95,8 @@ func (h *handler) healthz(w http.ResponseWriter, r *http.Request) {
 	reply(w, http.StatusOK, answer{Status: "ok"})
 }
 
+// authorized is the one check of a caller, for every endpoint: the
+// bearer API key (none with COLLECTOR_INSECURE_NO_AUTH).
 func (h *handler) authorized(r *http.Request) bool {
 	if len(h.apiKey) == 0 {
 		return true

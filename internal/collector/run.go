@@ -61,6 +61,9 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, ln net.Listener) e
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          stdlog.New(newErrorLog(log, m), "", 0),
 	}
+	pctx, stopPruner := context.WithCancel(ctx)
+	defer stopPruner()
+	go runPruner(pctx, pool, log)
 	errc := make(chan error, 1)
 	if cfg.tls != nil {
 		srv.TLSConfig = cfg.tls.config()

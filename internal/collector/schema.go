@@ -13,8 +13,9 @@ import (
 // SchemaVersion is the version Migrate records in
 // forward_proxy_schema_version. 2 added forward_proxy_rejected_records,
 // forward_proxy_batches.rejected_count and
-// forward_proxy_request_logs.suppressed.
-const SchemaVersion = 2
+// forward_proxy_request_logs.suppressed; 3 the revocation tables
+// (revocationSchema).
+const SchemaVersion = 3
 
 // tokenIDType is the token_id column: as long as the longest token_id the
 // proxy accepts (SPEC §5 says VARCHAR(50)).
@@ -130,6 +131,7 @@ func Migrate(ctx context.Context, pool *pgxpool.Pool) error {
 				pgx.Identifier{c.name}.Sanitize(), c.typ))
 		}
 		stmts = append(stmts, indexes...)
+		stmts = append(stmts, revocationSchema...)
 		for _, s := range stmts {
 			if _, err := tx.Exec(ctx, s); err != nil {
 				return fmt.Errorf("running %q: %w", firstLine(s), err)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/pinaka-proxy/pinaka/internal/auth"
 	"github.com/pinaka-proxy/pinaka/internal/backendtls"
+	"github.com/pinaka-proxy/pinaka/internal/revocation"
 )
 
 // MinSecretBytes is the shortest JWT_SECRET accepted: HS256 keys shorter than
@@ -103,6 +104,10 @@ type Config struct {
 	BackendClientCertPath string
 	BackendClientKeyPath  string
 	BackendTLS            *backendtls.Client
+	// Revocation: the revoked token ids, polled from RevocationURL ("" =
+	// off) every RevocationInterval; see parseRevocation.
+	RevocationURL      string
+	RevocationInterval time.Duration
 
 	// Operations.
 	LogLevel        string
@@ -258,6 +263,7 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	c.LogQueueSize = p.int("LOG_QUEUE_SIZE", 100000, 1, 1<<26)
 	c.LogIncludeQuery = p.bool("LOG_INCLUDE_QUERY", false)
 	p.backendTLS(c)
+	c.RevocationURL, c.RevocationInterval = p.parseRevocation(c.BackendURL)
 
 	c.LogLevel = "info"
 	if v, ok := lookup("RUST_LOG"); ok && v != "" {
@@ -287,6 +293,27 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 		return nil, errors.Join(p.errs...)
 	}
 	return c, nil
+}
+
+// parseRevocation reads REVOCATION_URL and REVOCATION_INTERVAL. Unset,
+// the URL is the backend's revocation endpoint when BACKEND_URL is set,
+// else off; "off" turns it off even then (a backend without the
+// endpoint).
+func (p *parser) parseRevocation(backendURL string) (string, time.Duration) {
+	u := p.str("REVOCATION_URL", "")
+	switch {
+	case strings.EqualFold(u, "off"):
+		u = ""
+	case u != "":
+		u = p.httpURL("REVOCATION_URL")
+	case backendURL != "":
+		u = backendURL + revocation.Path
+	}
+	interval := p.duration("REVOCATION_INTERVAL", 10*time.Second)
+	if interval < time.Second {
+		p.fail("REVOCATION_INTERVAL", "must be at least 1s, got %s", interval)
+	}
+	return u, interval
 }
 
 // rustLevel maps an env_logger filter ("info", "pinaka=debug,hyper=warn") to

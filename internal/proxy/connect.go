@@ -162,7 +162,12 @@ func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, q *request, upstream endpoint
 // would keep the server's per-connection and per-request contexts alive as
 // long as the tunnel.
 func (p *Proxy) detachTunnel(q *request, client, upstream endpoint, release func()) {
-	ctx, done := p.active.add(context.Background())
+	ctx, slot, done := p.active.add(context.Background(), true)
+	if p.watchToken(slot, q.rec.TokenID) {
+		// Revoked while the tunnel was being set up: it starts cut.
+		p.revoked.tunnels.Add(1)
+		slot.cancel(errTokenRevoked)
+	}
 	q.detached = true
 	p.startTunnel(ctx, q, client, upstream, func() {
 		p.finish(q)
@@ -194,7 +199,11 @@ func (p *Proxy) tunnelDone(q *request, res relayResult) {
 	p.opt.Metrics.ActiveTunnels.Dec()
 	q.rec.RequestSize += res.up
 	q.rec.ResponseSize += res.down
-	if res.end != "" {
+	switch res.end {
+	case "":
+	case "token_revoked":
+		q.rec.Error = res.end
+	default:
 		q.rec.Error = "tunnel_" + res.end
 	}
 	if res.err != nil {

@@ -199,6 +199,8 @@ func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request)
 			q.rec.Error = "tunnel_idle_timeout"
 		case errors.Is(context.Cause(r.Context()), errShutdownDeadline):
 			q.rec.Error = "tunnel_shutdown"
+		case errors.Is(context.Cause(r.Context()), errTokenRevoked):
+			q.rec.Error = "token_revoked"
 		}
 	}
 }
@@ -342,6 +344,8 @@ func (p *Proxy) brokenForward(r *http.Request, q *request, cw *countingWriter) s
 	switch {
 	case errors.Is(context.Cause(r.Context()), errShutdownDeadline):
 		return "shutdown"
+	case errors.Is(context.Cause(r.Context()), errTokenRevoked):
+		return "token_revoked"
 	case errors.Is(context.Cause(r.Context()), httpx.ErrWriteStalled):
 		// The engine reset the stream: the client took no bytes of it
 		// (no flow-control window) for the stall limit.

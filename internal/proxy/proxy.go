@@ -48,6 +48,9 @@ type Options struct {
 	Records  Recorder
 	Metrics  *metrics.Metrics
 	Log      *slog.Logger
+	// Revocations, when set, refuses revoked tokens and closes what they
+	// have open when they are revoked (see revoke.go).
+	Revocations Revocations
 
 	HTTPProxyEnabled      bool
 	ProbeNode             string
@@ -71,6 +74,7 @@ type Proxy struct {
 	active    activeSet
 	parker    *parker // idle tunnel directions (see parkAfter)
 	stopSweep func()  // ends the suppressed-refusal summaries
+	revoked   revokedCounts
 }
 
 // New returns a Proxy.
@@ -103,6 +107,9 @@ func New(o Options) *Proxy {
 	p.stopSweep = func() {}
 	if o.Refusals != nil {
 		p.stopSweep = p.sweepSuppressed()
+	}
+	if o.Revocations != nil {
+		o.Revocations.OnRevoke(p.closeRevoked)
 	}
 	return p
 }
@@ -156,12 +163,14 @@ type request struct {
 	upstreamBroke bool
 	// authenticated: the request carried valid credentials.
 	authenticated bool
+	// slot is the request's place in the active set.
+	slot *activeEntry
 }
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	ctx, done := p.active.add(r.Context())
+	ctx, slot, done := p.active.add(r.Context(), false)
 	defer done()
-	q := &request{start: time.Now()}
+	q := &request{start: time.Now(), slot: slot}
 	// One request clone carries both the drain context and the request's
 	// state (the forwarder's error handler finds it there).
 	r = r.WithContext(context.WithValue(ctx, requestKey{}, q))
@@ -212,6 +221,11 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 	id, err := p.opt.Auth.Authenticate(r.Header.Get("Proxy-Authorization"))
 	if id != nil {
 		q.rec.TokenID, q.rec.UserID, q.rec.TokenType = id.TokenID, id.UserID, id.TokenType
+		// Whatever the identity came from; a revoked one is refused
+		// like an invalid token, whatever else is wrong with it.
+		if p.watchToken(q.slot, id.TokenID) {
+			err = errTokenRevoked
+		}
 	}
 	switch {
 	case errors.Is(err, auth.ErrRegion):
@@ -221,9 +235,12 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 		p.fail(w, q, http.StatusForbidden, "region_not_allowed", "token not allowed in region "+strconv.Quote(p.opt.Region))
 		return false
 	case err != nil:
-		reason := "missing"
+		reason, code := "missing", "auth_missing"
 		if !errors.Is(err, auth.ErrMissing) {
-			reason = "invalid"
+			reason, code = "invalid", "auth_invalid"
+			if errors.Is(err, errTokenRevoked) {
+				reason, code = "revoked", "token_revoked"
+			}
 			if p.opt.AuthThrottle != nil {
 				ip, _ := netip.ParseAddr(q.rec.ClientIP)
 				if !p.opt.AuthThrottle.Allowed(ip) {
@@ -240,7 +257,7 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 		h.Add("Proxy-Authenticate", `Bearer realm="pinaka"`)
 		h.Add("Proxy-Authenticate", `Basic realm="pinaka"`)
 		p.log.Debug("authentication failed", "client_ip", q.rec.ClientIP, "reason", err.Error())
-		p.fail(w, q, http.StatusProxyAuthRequired, "auth_"+reason, err.Error())
+		p.fail(w, q, http.StatusProxyAuthRequired, code, err.Error())
 		return false
 	}
 	q.authenticated = true
@@ -261,6 +278,11 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 func (p *Proxy) finish(q *request) {
 	d := time.Since(q.start)
 	q.rec.DurationMS = d.Milliseconds()
+	if q.req != nil && q.rec.Error != "token_revoked" && errors.Is(context.Cause(q.req.Context()), errTokenRevoked) {
+		// Cut by a revocation wherever it was: the record says so
+		// rather than what the cut looked like (a closed client).
+		q.rec.Error = "token_revoked"
+	}
 	if q.rec.StatusCode == 0 {
 		// The handler ended without a response: the client went away.
 		q.rec.StatusCode = 499
@@ -367,6 +389,12 @@ func (p *Proxy) fail(w http.ResponseWriter, q *request, status int, code, reason
 // failUpstream maps a dial or round-trip error to a status: malformed target
 // 400, denied 403, unknown host and refused 502, timeout 504.
 func (p *Proxy) failUpstream(w http.ResponseWriter, q *request, err error) {
+	if q.req != nil && errors.Is(context.Cause(q.req.Context()), errTokenRevoked) {
+		// The dial or round trip was cut because the token was revoked
+		// meanwhile: the client learns why, as a new request would.
+		p.failRevoked(w, q)
+		return
+	}
 	status, code, pstatus, reason := classifyError(err)
 	if status == 0 { // the client went away; nobody to answer
 		q.rec.StatusCode, q.rec.Error = 499, code
@@ -510,25 +538,39 @@ func (discard) Record(accesslog.Record) {}
 // activeSet tracks in-flight requests so shutdown can wait for them and, at
 // the deadline, cancel them: including hijacked tunnels that http.Server no
 // longer sees.
+//
+// Entries are also indexed by token id (setToken), so that a revocation
+// cancels exactly the requests and tunnels of the tokens it names.
 type activeSet struct {
 	mu      sync.Mutex
-	cancels map[*context.CancelCauseFunc]struct{}
+	cancels map[*activeEntry]struct{}
+	byToken map[string]map[*activeEntry]struct{}
 	changed chan struct{} // closed and replaced whenever the set shrinks
 }
 
-func (a *activeSet) add(parent context.Context) (context.Context, func()) {
+// activeEntry is one request or tunnel in the set.
+type activeEntry struct {
+	cancel context.CancelCauseFunc
+	token  string // "" until known; guarded by activeSet.mu
+	tunnel bool   // a detached tunnel rather than a handler
+}
+
+// add puts a request or a detached tunnel in the set; done takes it out.
+// Its token is set once known (setToken).
+func (a *activeSet) add(parent context.Context, tunnel bool) (context.Context, *activeEntry, func()) {
 	ctx, cancel := context.WithCancelCause(parent)
+	e := &activeEntry{cancel: cancel, tunnel: tunnel}
 	a.mu.Lock()
 	if a.cancels == nil {
-		a.cancels = make(map[*context.CancelCauseFunc]struct{})
+		a.cancels = make(map[*activeEntry]struct{})
 	}
-	key := &cancel
-	a.cancels[key] = struct{}{}
+	a.cancels[e] = struct{}{}
 	a.mu.Unlock()
-	return ctx, func() {
+	return ctx, e, func() {
 		cancel(nil)
 		a.mu.Lock()
-		delete(a.cancels, key)
+		delete(a.cancels, e)
+		a.unindex(e)
 		if a.changed != nil {
 			close(a.changed)
 			a.changed = nil
@@ -566,8 +608,8 @@ func (a *activeSet) wait(ctx context.Context) error {
 func (a *activeSet) cancelAll() int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for c := range a.cancels {
-		(*c)(errShutdownDeadline)
+	for e := range a.cancels {
+		e.cancel(errShutdownDeadline)
 	}
 	return len(a.cancels)
 }

@@ -178,8 +178,9 @@ type relayResult struct {
 	up, down int64 // client → upstream, upstream → client
 	// end is "" when either side closed or reset the tunnel, the ordinary
 	// ways a tunnel ends (browsers reset HTTP/2 streams rather than
-	// half-closing them), "idle_timeout" when TUNNEL_IDLE_TIMEOUT closed it
-	// and "shutdown" when the drain deadline did.
+	// half-closing them), "idle_timeout" when TUNNEL_IDLE_TIMEOUT closed it,
+	// "shutdown" when the drain deadline did and "token_revoked" when its
+	// token was revoked.
 	end string
 	err error // the first read or write error, for debug logs
 }
@@ -247,7 +248,15 @@ func newTunnel(ctx context.Context, pk *parker, client, upstream endpoint, idle 
 		client.sinker.SetSink(t.up.sink)
 	}
 	t.watch = newIdleWatch(idle, func() { t.idled.Store(true); t.abortIdle() })
-	t.stopCtx = context.AfterFunc(ctx, t.closeBoth)
+	t.stopCtx = context.AfterFunc(ctx, func() {
+		if errors.Is(context.Cause(ctx), errTokenRevoked) {
+			// Like an idle cut: a write blocked on the client's
+			// window must not keep a revoked tunnel open.
+			t.abortIdle()
+			return
+		}
+		t.closeBoth()
+	})
 	return t
 }
 
@@ -329,6 +338,8 @@ func (t *tunnel) directionDone() {
 		res.end = "idle_timeout"
 	case errors.Is(context.Cause(t.ctx), errShutdownDeadline):
 		res.end = "shutdown"
+	case errors.Is(context.Cause(t.ctx), errTokenRevoked):
+		res.end = "token_revoked"
 	}
 	t.onDone(res)
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
 	"github.com/pinaka-proxy/pinaka/internal/proxy"
 	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
+	"github.com/pinaka-proxy/pinaka/internal/revocation"
 )
 
 // App is one wired Pinaka process: listeners, proxy, egress, limits and
@@ -48,6 +49,9 @@ type App struct {
 	log      *slog.Logger
 
 	backendTLSFailures prometheus.Counter // ReloadBackendTLS refusals
+	// Revocations polls REVOCATION_URL; nil when it is off.
+	Revocations     *revocation.Poller
+	stopRevocations context.CancelFunc
 }
 
 // AppOptions are the parts of an App that are not configuration.
@@ -125,6 +129,14 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		Name: "pinaka_jwt_public_keys",
 		Help: "Public keys that verify tokens (JWT_PUBLIC_KEYS and JWKS_URL together).",
 	}, func() float64 { return float64(verifier.Keys().Len()) }))
+	revoked, poller, err := newRevocations(cfg, log, m)
+	if err != nil {
+		return nil, err
+	}
+	var revocations proxy.Revocations
+	if revoked != nil {
+		revocations = revoked
+	}
 	p := proxy.New(proxy.Options{
 		Auth:                  verifier,
 		Policy:                policy,
@@ -146,7 +158,10 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		UpstreamHeaderTimeout: cfg.UpstreamHeaderTimeout,
 		BodyIdleTimeout:       cfg.RequestBodyIdleTimeout,
 		UpstreamTLS:           o.UpstreamTLS,
+		Revocations:           revocations,
 	})
+	a.Revocations = poller
+	registerRevokedClosed(m, p.RevokedClosed)
 	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "pinaka_tunnel_directions_parked",
 		Help: "Tunnel directions idle without a goroutine or buffer, waiting for their socket.",
@@ -214,6 +229,7 @@ func (a *App) Start() error {
 		}
 	}
 	a.Server.Serve()
+	a.startRevocations()
 	if a.Remote != nil {
 		ctx, cancel := context.WithCancel(context.Background())
 		a.stop = cancel
@@ -230,6 +246,9 @@ func (a *App) Start() error {
 func (a *App) Shutdown(ctx context.Context) error {
 	if a.stop != nil {
 		a.stop()
+	}
+	if a.stopRevocations != nil {
+		a.stopRevocations()
 	}
 	err := a.Server.Shutdown(ctx)
 	fctx := ctx
