@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/pinaka-proxy/pinaka/internal/tlsfiles"
@@ -98,10 +99,18 @@ type Options struct {
 
 // Client is the node's TLS towards the backend. Reload (SIGHUP) re-reads the
 // client certificate and the CA bundle; a bad file is refused and the one in
-// use kept. Connections already open keep what they were made with.
+// use kept. Idle connections are closed on reload, so the next request
+// shakes hands with what was reloaded; one in flight ends on its own.
 type Client struct {
 	cert *tlsfiles.KeyPair // nil: no client certificate
 	cas  *tlsfiles.CAs     // nil: system roots
+
+	// transports are those HTTPClient made (a few, at start): Reload
+	// closes their idle connections, so that the next request makes a new
+	// handshake with what was reloaded instead of reusing a connection
+	// made with the old certificate.
+	mu         sync.Mutex
+	transports []*http.Transport
 }
 
 // New loads the files named in o. Errors name the variable. With none of
@@ -192,6 +201,11 @@ func (c *Client) Reload() error {
 			errs = append(errs, fmt.Errorf("BACKEND_CA_PATH: %w", err))
 		}
 	}
+	c.mu.Lock()
+	for _, t := range c.transports {
+		t.CloseIdleConnections()
+	}
+	c.mu.Unlock()
 	return errors.Join(errs...)
 }
 
@@ -279,6 +293,9 @@ func (c *Client) HTTPClient(rawURL string, timeout time.Duration) (*http.Client,
 	}
 	t := http.DefaultTransport.(*http.Transport).Clone()
 	t.TLSClientConfig = cfg
+	c.mu.Lock()
+	c.transports = append(c.transports, t)
+	c.mu.Unlock()
 	return &http.Client{
 		Transport:     t,
 		Timeout:       timeout,
