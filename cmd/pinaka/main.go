@@ -216,6 +216,7 @@ func serve(args []string, stdout, stderr io.Writer) error {
 			// Each logs its own outcome; a refusal keeps the old state.
 			_ = app.Server.Reload()
 			_ = app.ReloadKeys()
+			_ = app.ReloadClientCerts()
 			continue
 		}
 		log.Info("signal received, shutting down", "signal", s.String(), "timeout", cfg.ShutdownTimeout.String())

@@ -99,6 +99,14 @@ type Config struct {
 	AdminAddr       string
 	ShutdownTimeout time.Duration
 
+	// Client certificates as credentials: ClientTrust is what
+	// CLIENT_CA_PATH and CLIENT_CRL_PATH held at Load (nil without a CA);
+	// SIGHUP reloads both.
+	ClientCAPath   string
+	ClientCertMode string // ClientCertOff, ClientCertOptional or ClientCertRequire
+	ClientCRLPath  string
+	ClientTrust    *auth.ClientTrust
+
 	// Dev is true for `pinaka serve --dev`: the certificate and secret are
 	// generated in memory instead of read from files.
 	Dev bool
@@ -271,6 +279,7 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 		}
 	}
 	c.ShutdownTimeout = p.duration("SHUTDOWN_TIMEOUT", 30*time.Second)
+	loadClientCerts(&p, c)
 
 	if len(p.errs) > 0 {
 		return nil, errors.Join(p.errs...)
