@@ -398,8 +398,8 @@ func (t *ClientTrust) checkChains(chains [][]*x509.Certificate) (string, error) 
 // refused (err wraps a *tls.CertificateVerificationError), or "" if err is
 // no such refusal. Go reports a certificate outside its validity period
 // before it looks for the issuer, so "expired" is said only of a
-// certificate that verifies at its own NotAfter: anyone can make an
-// expired certificate, and only ours say something about our clients.
+// certificate one of the CAs signed: anyone can make an expired
+// certificate, and only ours say something about our clients.
 func (t *ClientTrust) ClassifyFailure(err error) string {
 	ve, ok := errors.AsType[*tls.CertificateVerificationError](err)
 	if !ok {
@@ -408,7 +408,7 @@ func (t *ClientTrust) ClassifyFailure(err error) string {
 	if ie, ok := errors.AsType[x509.CertificateInvalidError](ve.Err); ok {
 		switch ie.Reason {
 		case x509.Expired:
-			if len(ve.UnverifiedCertificates) > 0 && t.verifiesAt(ve.UnverifiedCertificates, ve.UnverifiedCertificates[0].NotAfter) {
+			if t.issuedByUs(ve.UnverifiedCertificates) {
 				return CertExpired
 			}
 			return CertUnknownCA
@@ -426,6 +426,21 @@ func (t *ClientTrust) ClassifyFailure(err error) string {
 // maxClientChain bounds the certificates a refused chain is re-verified
 // with.
 const maxClientChain = 8
+
+// issuedByUs says whether the leaf of certs was signed by one of the
+// CAs, directly or through the chain the client sent, whatever the time.
+func (t *ClientTrust) issuedByUs(certs []*x509.Certificate) bool {
+	if len(certs) == 0 {
+		return false
+	}
+	leaf := certs[0]
+	for _, ca := range t.cas {
+		if bytes.Equal(leaf.RawIssuer, ca.RawSubject) && leaf.CheckSignatureFrom(ca) == nil {
+			return true
+		}
+	}
+	return t.verifiesAt(certs, leaf.NotAfter)
+}
 
 func (t *ClientTrust) verifiesAt(certs []*x509.Certificate, at time.Time) bool {
 	if len(certs) > maxClientChain {
