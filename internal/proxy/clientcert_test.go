@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/tls"
 	"crypto/x509"
@@ -445,5 +446,49 @@ func TestClientCertHTTP2Connect(t *testing.T) {
 	rec := e.waitRecordOf("cert-alice")
 	if rec.Protocol != "HTTP/2" || rec.UserID != "alice" || rec.TokenType != "certificate" || rec.Method != "CONNECT" || !rec.Success {
 		t.Fatalf("record %+v", rec)
+	}
+}
+
+// A TLS session resumed after a CRL reload is checked too: a session
+// ticket must not outlive the revocation of the certificate it was issued
+// for.
+func TestClientCertResumptionChecksCRL(t *testing.T) {
+	p := newClientPKI(t)
+	e := startProxy(t, p.vars("optional"))
+	echo := newEchoServer(t)
+	cache := tls.NewLRUClientSessionCache(8)
+	connect := func() (resumed bool, status int) {
+		t.Helper()
+		cfg := e.tlsConfig("http/1.1")
+		cfg.Certificates = []tls.Certificate{p.alice.TLS}
+		cfg.ClientSessionCache = cache
+		c, err := tls.Dial("tcp", e.addr, cfg)
+		if err != nil {
+			return false, 0
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "CONNECT %s HTTP/1.1\r\nHost: %[1]s\r\n\r\n", echo.addr())
+		resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: http.MethodConnect})
+		if err != nil {
+			return c.ConnectionState().DidResume, 0
+		}
+		return c.ConnectionState().DidResume, resp.StatusCode
+	}
+	if _, s := connect(); s != 200 {
+		t.Fatalf("first connection: %d", s)
+	}
+	if resumed, s := connect(); !resumed || s != 200 {
+		t.Fatalf("second connection: resumed %v, status %d; want a resumed session", resumed, s)
+	}
+	testpki.Write(t, p.dir, "client.crl", p.ca.CRLPEM(t, time.Now().Add(time.Hour), p.alice.Cert.SerialNumber))
+	if err := e.app.ReloadClientCerts(); err != nil {
+		t.Fatal(err)
+	}
+	if _, s := connect(); s == 200 {
+		t.Fatal("a resumed session of a revoked certificate got through")
+	}
+	if got := e.certResult("revoked"); got != 1 {
+		t.Fatalf("revoked = %v, want 1", got)
 	}
 }
