@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"math/big"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -148,7 +149,7 @@ func TestAuthenticateTLS(t *testing.T) {
 	}
 }
 
-func mustParseCRL(t *testing.T, der []byte) *x509.RevocationList {
+func mustParseCRL(t testing.TB, der []byte) *x509.RevocationList {
 	t.Helper()
 	rl, err := x509.ParseRevocationList(der)
 	if err != nil {
@@ -268,5 +269,26 @@ func TestClientTrustResults(t *testing.T) {
 	}
 	if got := trust.ClassifyFailure(errors.New("tls: first record does not look like a TLS handshake")); got != "" {
 		t.Errorf("unrelated handshake error classified as %q", got)
+	}
+}
+
+// The per-request cost of a certificate credential: the CRL lookup and
+// the mapping run on every request and HTTP/2 stream.
+func BenchmarkAuthenticateTLS(b *testing.B) {
+	ca := testpki.NewCA(b, "clients")
+	leaf := ca.Issue(b, testpki.LeafOptions{URIs: []string{"urn:pinaka:token:c1", "urn:pinaka:user:u1", "urn:pinaka:region:us-east", "urn:pinaka:region:eu-west"}})
+	var serials []*big.Int
+	for range 10000 {
+		serials = append(serials, testpki.Serial(b))
+	}
+	crl := &CRL{List: mustParseCRL(b, ca.CRL(b, time.Now().Add(time.Hour), serials...)), Issuer: ca.Cert}
+	v := NewVerifier(nil, "us-east", 0)
+	v.SetClientTrust(NewClientTrust([]*x509.Certificate{ca.Cert}, []*CRL{crl}))
+	cs := verifiedState(leaf, ca)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := v.AuthenticateTLS(cs); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
