@@ -161,6 +161,20 @@ func (e *env) certResult(result string) float64 {
 	return e.metric("pinaka_client_cert_auth_total", "result", result)
 }
 
+// waitCertResult waits until the count of result is want: the server
+// counts a refused handshake after sending its alert, so the client can
+// see the refusal first.
+func (e *env) waitCertResult(result string, want float64) float64 {
+	e.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	got := e.certResult(result)
+	for got != want && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+		got = e.certResult(result)
+	}
+	return got
+}
+
 func (e *env) waitRecordOf(tokenID string) accesslog.Record {
 	return e.waitRecord(func(r accesslog.Record) bool { return r.TokenID == tokenID })
 }
@@ -182,7 +196,7 @@ func TestClientCertCurlConnect(t *testing.T) {
 				rec.Protocol != "HTTP/1.1" || rec.StatusCode != 200 || !rec.Success {
 				t.Fatalf("record %+v", rec)
 			}
-			if got := e.certResult("ok"); got != 1 {
+			if got := e.waitCertResult("ok", 1); got != 1 {
 				t.Fatalf("ok results = %v, want 1", got)
 			}
 			if got := e.metric("pinaka_client_ca_certificates"); got != 1 {
@@ -222,7 +236,7 @@ func TestClientCertRefusedAtHandshake(t *testing.T) {
 		if r.code == 0 || r.status == "200" {
 			t.Errorf("%s: curl got through: exit %d, status %q", c.name, r.code, r.status)
 		}
-		if got := e.certResult(c.result); got != 1 {
+		if got := e.waitCertResult(c.result, 1); got != 1 {
 			t.Errorf("%s: %s results = %v, want 1 (curl said %s)", c.name, c.result, got, strings.TrimSpace(r.stderr))
 		}
 	}
@@ -255,7 +269,7 @@ func TestClientCertModesAndTokens(t *testing.T) {
 	if !strings.Contains(r.stderr, "certificate required") {
 		t.Errorf("curl does not say why: %s", r.stderr)
 	}
-	if got := req.certResult("no_cert"); got != 1 {
+	if got := req.waitCertResult("no_cert", 1); got != 1 {
 		t.Fatalf("require: no_cert = %v", got)
 	}
 	if n := len(req.records()); n != 0 {
@@ -368,8 +382,8 @@ func TestClientCertReload(t *testing.T) {
 		t.Fatalf("open connection after the CRL reload: status %d, reused %v; want 407 on the same connection", s, reused)
 	}
 	r := curlVia(t, e, p, origin.URL, "--proxy-cert", p.aliceCertPath, "--proxy-key", p.keyPath)
-	if r.code == 0 || e.certResult("revoked") != 1 {
-		t.Fatalf("new handshake after the CRL reload: exit %d, status %q, revoked = %v", r.code, r.status, e.certResult("revoked"))
+	if got := e.waitCertResult("revoked", 1); r.code == 0 || got != 1 {
+		t.Fatalf("new handshake after the CRL reload: exit %d, status %q, revoked = %v", r.code, r.status, got)
 	}
 	if got := e.metric("pinaka_client_crl_entries"); got != 1 {
 		t.Fatalf("CRL entries after reload = %v", got)
@@ -488,7 +502,7 @@ func TestClientCertResumptionChecksCRL(t *testing.T) {
 	if _, s := connect(); s == 200 {
 		t.Fatal("a resumed session of a revoked certificate got through")
 	}
-	if got := e.certResult("revoked"); got != 1 {
+	if got := e.waitCertResult("revoked", 1); got != 1 {
 		t.Fatalf("revoked = %v, want 1", got)
 	}
 }

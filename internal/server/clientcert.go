@@ -148,7 +148,6 @@ func (cc *clientCerts) handshakeFailed(c net.Conn, err error) {
 		}
 		result = auth.CertNone
 	}
-	cc.results.WithLabelValues(result).Inc()
 	level := slog.LevelDebug
 	// Only a certificate one of our CAs issued says something about a
 	// client of ours; anyone can present another.
@@ -160,6 +159,7 @@ func (cc *clientCerts) handshakeFailed(c net.Conn, err error) {
 	}
 	cc.log.Log(context.Background(), level, "client certificate refused", "client", c.RemoteAddr().String(),
 		"result", result, "err", why.Error())
+	cc.results.WithLabelValues(result).Inc()
 }
 
 // reload re-reads CLIENT_CA_PATH and CLIENT_CRL_PATH. Files that do not
