@@ -50,7 +50,7 @@ const (
 var ErrCertificate = errors.New("client certificate does not name an identity")
 
 // IdentityFromCertificate maps a verified client certificate to the
-// Identity it stands for (see the package comment above for the mapping).
+// Identity it stands for (the mapping is described at the top of this file).
 // It does not verify the certificate: callers pass a leaf of a verified
 // chain. Errors wrap ErrCertificate and name the SAN and the rule, never
 // a value.
