@@ -54,6 +54,7 @@ func checkConfig(args []string, stdout, stderr io.Writer) error {
 	row("TLS_KEY_PATH", orNone(cfg.TLSKeyPath))
 	row("certificate", certInfo)
 	row("TLS_POST_QUANTUM", cfg.TLSPostQuantum)
+	clientCertRows(cfg, row)
 	row("JWT_SECRET", mask(string(cfg.JWTSecret)))
 	row("JWT_PUBLIC_KEYS", publicKeys(cfg))
 	row("JWKS_URL", orNone(redactURL(cfg.JWKSURL)))

@@ -221,6 +221,7 @@ func serve(args []string, stdout, stderr io.Writer) error {
 			_ = app.Server.Reload()
 			_ = app.ReloadKeys()
 			_ = app.ReloadBackendTLS()
+			_ = app.ReloadClientCerts()
 			continue
 		}
 		log.Info("signal received, shutting down", "signal", s.String(), "timeout", cfg.ShutdownTimeout.String())

@@ -229,6 +229,8 @@ type Verifier struct {
 	// for bytes that verified; entries expire with the token.
 	verified *lru.Cache[string, verifiedToken]
 	now      func() time.Time
+	// clientTrust checks client certificates (see AuthenticateTLS).
+	clientTrust atomic.Pointer[ClientTrust]
 }
 
 type verifiedToken struct {

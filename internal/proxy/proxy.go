@@ -218,7 +218,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // others out. A signature check costs microseconds, much less than the
 // TLS handshake that came before it.
 func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bool {
-	id, err := p.opt.Auth.Authenticate(r.Header.Get("Proxy-Authorization"))
+	id, err := p.authenticate(r)
 	if id != nil {
 		q.rec.TokenID, q.rec.UserID, q.rec.TokenType = id.TokenID, id.UserID, id.TokenType
 		// Whatever the identity came from; a revoked one is refused

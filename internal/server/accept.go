@@ -26,6 +26,9 @@ type tlsAcceptor struct {
 	// h2, when set, serves connections that negotiated h2 (our own engine);
 	// nil: they go to net/http like the others.
 	h2 func(*tls.Conn)
+	// failed, when set, is told about each handshake that failed (client
+	// certificate refusals are counted there).
+	failed func(net.Conn, error)
 
 	conns     chan net.Conn
 	ctx       context.Context // cancelled by Close: ends handshakes in progress
@@ -75,6 +78,9 @@ func (a *tlsAcceptor) handshake(c net.Conn) {
 	cancel()
 	if err != nil {
 		a.log.Debug("TLS handshake failed", "client", c.RemoteAddr().String(), "err", err)
+		if a.failed != nil {
+			a.failed(c, err)
+		}
 		c.Close()
 		return
 	}

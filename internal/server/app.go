@@ -167,6 +167,9 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		Help: "Tunnel directions idle without a goroutine or buffer, waiting for their socket.",
 	}, func() float64 { return float64(p.ParkedDirections()) }))
 	a.Server, a.Proxy, a.Policy, a.Metrics, a.Shipper = New(cfg, log, o.Certs, p, m), p, policy, m, shipper
+	if cfg.ClientCertMode != config.ClientCertOff && cfg.ClientTrust != nil {
+		a.Server.clientCerts = newClientCerts(cfg, log, m, verifier.SetClientTrust)
+	}
 	return a, nil
 }
 

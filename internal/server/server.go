@@ -44,6 +44,9 @@ type Server struct {
 	ready    atomic.Bool
 	wg       sync.WaitGroup
 	stalls   *stallGuard
+	// clientCerts, when set, asks clients for certificates
+	// (CLIENT_CERT_MODE optional or require).
+	clientCerts *clientCerts
 }
 
 // New prepares a Server; Listen opens its sockets.
@@ -136,7 +139,13 @@ func (s *Server) Listen() error {
 	if handshakeTimeout <= 0 {
 		handshakeTimeout = 10 * time.Second
 	}
+	if s.clientCerts != nil {
+		s.clientCerts.apply(tlsCfg)
+	}
 	s.tlsLn = newTLSAcceptor(s.proxyLn, tlsCfg, handshakeTimeout, s.log)
+	if s.clientCerts != nil {
+		s.tlsLn.failed = s.clientCerts.handshakeFailed
+	}
 	s.tlsLn.h2 = func(tc *tls.Conn) {
 		if kernelStallGuard {
 			if err := guardWriteStall(tc, writeStallTimeout); err != nil {
