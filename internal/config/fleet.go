@@ -2,7 +2,10 @@ package config
 
 import (
 	"errors"
+	"fmt"
+	"net"
 	"net/url"
+	"strconv"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -16,7 +19,17 @@ func (p *parser) redisURL(name string) string {
 	if v == "" {
 		return ""
 	}
-	if _, err := redis.ParseURL(v); err != nil {
+	opt, err := redis.ParseURL(v)
+	if err == nil {
+		// ParseURL leaves the port to the dial; a typo there should stop
+		// start-up like any other.
+		if _, port, serr := net.SplitHostPort(opt.Addr); serr != nil {
+			err = serr
+		} else if n, perr := strconv.Atoi(port); perr != nil || n < 1 || n > 65535 {
+			err = fmt.Errorf("invalid port %q", port)
+		}
+	}
+	if err != nil {
 		// url.Error repeats the whole URL, password included: only its
 		// cause is shown, since start-up errors end up in logs.
 		var ue *url.Error

@@ -142,6 +142,11 @@ func New(o Options) (*Fleet, error) {
 	if err != nil {
 		return nil, err
 	}
+	// go-redis has one logger per process and writes plain lines to
+	// stderr by default, between our JSON lines, once per failed dial.
+	// Its messages go to our log at debug level: an outage is reported
+	// once, by failed.
+	redis.SetLogger(debugLogger{o.Log})
 	f := &Fleet{o: o, client: client, log: o.Log, m: newMetrics(o.Registry), kick: make(chan struct{}, 1)}
 	f.m.up.Set(1)
 	f.limiter = newLimiter(f)
@@ -332,4 +337,13 @@ func newMetrics(reg prometheus.Registerer) *fleetMetrics {
 		reg.MustRegister(m.up, m.fallback, m.errors, m.seconds, m.leases, m.revoked)
 	}
 	return m
+}
+
+// debugLogger passes go-redis's messages to slog at debug level.
+type debugLogger struct{ log *slog.Logger }
+
+func (d debugLogger) Printf(ctx context.Context, format string, v ...any) {
+	if d.log.Enabled(ctx, slog.LevelDebug) {
+		d.log.DebugContext(ctx, "redis client: "+fmt.Sprintf(format, v...))
+	}
 }

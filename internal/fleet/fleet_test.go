@@ -191,6 +191,31 @@ func TestRedisOutageFallsBackAndRecovers(t *testing.T) {
 	}
 }
 
+// A Redis that stops answering (SIGSTOP: connections open, no replies)
+// costs one REDIS_TIMEOUT, then decisions are local until it answers.
+func TestSlowRedisFallsBack(t *testing.T) {
+	r := testutil.StartRedis(t)
+	n := newNode(t, r.URL(), Options{Burst: 4, FleetSize: 2, Timeout: 50 * time.Millisecond,
+		ProbeInterval: 200 * time.Millisecond})
+	if got := allowed(n.Limiter(), "warm", 1); got != 1 {
+		t.Fatal("refused with Redis up")
+	}
+	r.Pause()
+	defer r.Resume()
+	if got := allowed(n.Limiter(), "t", 10); got != 2 {
+		t.Errorf("hung Redis: %d admitted, want 2 (burst 4 / FLEET_SIZE 2)", got)
+	}
+	if f := n.fallbacks("rate_limit"); f != 10 {
+		t.Errorf("fallback_total %v, want 10", f)
+	}
+	// One call waited for the deadline; the rest did not try Redis.
+	if e := promtest.ToFloat64(n.m.errors.WithLabelValues("rate_limit")); e != 1 {
+		t.Errorf("%v rate_limit calls failed, want 1 (the rest skip Redis while it is down)", e)
+	}
+	r.Resume()
+	waitFor(t, "back on Redis after it resumed", n.Up)
+}
+
 // Unreachable at start: a warning, local decisions, and Redis used once it
 // appears.
 func TestUnreachableAtStartWarnsAndRecovers(t *testing.T) {
@@ -413,6 +438,22 @@ func BenchmarkAllow(b *testing.B) {
 			b.Fatal("fell back during the benchmark")
 		}
 	})
+	// The floor: one round trip to the same server, no script.
+	b.Run("redis-ping", func(b *testing.B) {
+		r := testutil.StartRedis(b)
+		c, err := NewClient(r.URL())
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		ctx := context.Background()
+		b.ReportAllocs()
+		for b.Loop() {
+			if err := c.Ping(ctx).Err(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 	b.Run("redis-parallel", func(b *testing.B) {
 		r := testutil.StartRedis(b)
 		f, err := New(Options{URL: r.URL(), RequestsPerMinute: 1 << 30, Burst: 1 << 30, MaxTokens: 1000,
@@ -424,6 +465,7 @@ func BenchmarkAllow(b *testing.B) {
 		l := f.Limiter()
 		l.Allow("bench-token")
 		b.ReportAllocs()
+		b.SetParallelism(16) // requests in flight at once, as on a busy node
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
 				l.Allow("bench-token")

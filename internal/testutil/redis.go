@@ -93,6 +93,7 @@ func (r *Redis) Kill() {
 		return
 	}
 	_ = r.cmd.Process.Signal(syscall.SIGKILL)
+	_ = r.cmd.Process.Signal(syscall.SIGCONT) // a paused process dies only once continued
 	<-r.done
 	r.cmd = nil
 }
@@ -105,3 +106,10 @@ func (r *Redis) Restart() {
 		r.t.Fatalf("redis-server did not restart on %s", r.Addr)
 	}
 }
+
+// Pause stops the server without closing its connections (SIGSTOP): a
+// Redis that accepts and never answers, as a hung or overloaded one.
+func (r *Redis) Pause() { _ = r.cmd.Process.Signal(syscall.SIGSTOP) }
+
+// Resume continues a paused server (SIGCONT).
+func (r *Redis) Resume() { _ = r.cmd.Process.Signal(syscall.SIGCONT) }
