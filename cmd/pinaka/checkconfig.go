@@ -95,6 +95,13 @@ func checkConfig(args []string, stdout, stderr io.Writer) error {
 	row("LOG_SPOOL_MAX_BYTES", cfg.LogSpoolMaxBytes)
 	row("LOG_QUEUE_SIZE", cfg.LogQueueSize)
 	row("LOG_INCLUDE_QUERY", cfg.LogIncludeQuery)
+	row("REDIS_URL", orNone(redactURL(cfg.RedisURL)))
+	if cfg.RedisURL != "" {
+		row("REDIS_KEY_PREFIX", cfg.RedisKeyPrefix)
+		row("REDIS_TIMEOUT", cfg.RedisTimeout)
+		row("FLEET_SIZE", cfg.FleetSize)
+		row("TUNNEL_LEASE_TTL", cfg.TunnelLeaseTTL)
+	}
 	row("LOG_LEVEL", cfg.LogLevel)
 	row("ADMIN_ADDR", orNone(cfg.AdminAddr))
 	row("SHUTDOWN_TIMEOUT", cfg.ShutdownTimeout)

@@ -253,3 +253,21 @@ func TestFleetRedisURLAtStart(t *testing.T) {
 		t.Errorf("want a warning without the password:\n%s", out)
 	}
 }
+
+func TestCheckConfigShowsFleetWithoutRedisPassword(t *testing.T) {
+	clearEnv(t)
+	setEnv(t, goodConfig(t))
+	t.Setenv("REDIS_URL", "rediss://:redis-password-value@10.0.0.7:6380/2")
+	t.Setenv("FLEET_SIZE", "4")
+	r := runCLI("check-config", "--env-file", emptyEnvFile(t))
+	if r.code != 0 {
+		t.Fatalf("check-config: %v", r)
+	}
+	if strings.Contains(r.stdout, "redis-password-value") {
+		t.Errorf("REDIS_URL password printed:\n%s", r.stdout)
+	}
+	s := settings(r.stdout)
+	if s["REDIS_URL"] != "rediss://:xxxxx@10.0.0.7:6380/2" || s["FLEET_SIZE"] != "4" || s["REDIS_TIMEOUT"] != "50ms" {
+		t.Errorf("fleet rows: REDIS_URL=%q FLEET_SIZE=%q REDIS_TIMEOUT=%q", s["REDIS_URL"], s["FLEET_SIZE"], s["REDIS_TIMEOUT"])
+	}
+}
