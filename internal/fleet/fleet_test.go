@@ -231,8 +231,24 @@ func TestUnreachableAtStartWarnsAndRecovers(t *testing.T) {
 	if got := allowed(n.Limiter(), "t", 10); got != 2 {
 		t.Errorf("got %d, want 2 (burst 4 / FLEET_SIZE 2)", got)
 	}
+	// Its revocation subscriber connects once Redis appears too.
+	got := make(chan []string, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); n.Revocations().Run(ctx, func(ids []string) { got <- ids }) }()
+	defer func() { cancel(); <-done }()
+
 	r.Restart()
 	waitFor(t, "Redis used once it appears", n.Up)
+	c := redis.NewClient(&redis.Options{Addr: r.Addr})
+	defer c.Close()
+	waitFor(t, "the subscriber connected", func() bool {
+		return c.PubSubNumSub(context.Background(), "pinaka:revocations").Val()["pinaka:revocations"] == 1
+	})
+	c.Publish(context.Background(), "pinaka:revocations", "late")
+	if ids := <-got; len(ids) != 1 || ids[0] != "late" {
+		t.Errorf("got %q", ids)
+	}
 }
 
 func TestMalformedURL(t *testing.T) {
