@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a fresh Debian machine, skipping what is
 # already there: PostgreSQL (collector tests), curl, Chromium and its driver
-# (browser test), systemd-analyze (unit check), h2spec, playwright-core.
+# (browser test), systemd-analyze (unit check), h2spec, playwright-core,
+# redis-server (fleet tests start their own on a free port).
 set -euo pipefail
 # go.mod asks for Go 1.27.3; fetched when the machine's Go is older.
 export GOTOOLCHAIN=${GOTOOLCHAIN:-go1.27.3}
@@ -18,6 +19,7 @@ command -v psql >/dev/null || need+=(postgresql postgresql-client)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v node >/dev/null || need+=(nodejs npm)
 command -v openssl >/dev/null || need+=(openssl)
+command -v redis-server >/dev/null || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "deps: apt-get install ${need[*]}"
   $SUDO apt-get update -qq

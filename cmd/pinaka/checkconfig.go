@@ -105,6 +105,13 @@ func checkConfig(args []string, stdout, stderr io.Writer) error {
 	}
 	row("REVOCATION_URL", revURL)
 	row("REVOCATION_INTERVAL", cfg.RevocationInterval)
+	row("REDIS_URL", orNone(redactURL(cfg.RedisURL)))
+	if cfg.RedisURL != "" {
+		row("REDIS_KEY_PREFIX", cfg.RedisKeyPrefix)
+		row("REDIS_TIMEOUT", cfg.RedisTimeout)
+		row("FLEET_SIZE", cfg.FleetSize)
+		row("TUNNEL_LEASE_TTL", cfg.TunnelLeaseTTL)
+	}
 	row("LOG_LEVEL", cfg.LogLevel)
 	row("ADMIN_ADDR", orNone(cfg.AdminAddr))
 	row("SHUTDOWN_TIMEOUT", cfg.ShutdownTimeout)

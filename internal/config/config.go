@@ -108,6 +108,13 @@ type Config struct {
 	// off) every RevocationInterval; see parseRevocation.
 	RevocationURL      string
 	RevocationInterval time.Duration
+	// Fleet mode (REDIS_URL): the nodes on one Redis share the token
+	// buckets, the tunnel caps and revocations (see internal/fleet).
+	RedisURL       string        // "" = off: no Redis client is created
+	RedisKeyPrefix string        // every key and channel starts with it
+	RedisTimeout   time.Duration // per call; past it the node decides locally
+	FleetSize      int           // the local fallback allows limit / FleetSize
+	TunnelLeaseTTL time.Duration // a dead node's tunnel leases expire after it
 
 	// Operations.
 	LogLevel        string
@@ -272,6 +279,12 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	c.LogIncludeQuery = p.bool("LOG_INCLUDE_QUERY", false)
 	p.backendTLS(c)
 	c.RevocationURL, c.RevocationInterval = p.parseRevocation(c.BackendURL)
+
+	c.RedisURL = p.redisURL("REDIS_URL")
+	c.RedisKeyPrefix = p.keyPrefix("REDIS_KEY_PREFIX", "pinaka:")
+	c.RedisTimeout = p.durationIn("REDIS_TIMEOUT", 50*time.Millisecond, time.Millisecond, 10*time.Second)
+	c.FleetSize = p.int("FLEET_SIZE", 1, 1, 10000)
+	c.TunnelLeaseTTL = p.durationIn("TUNNEL_LEASE_TTL", 30*time.Second, 3*time.Second, time.Hour)
 
 	c.LogLevel = "info"
 	if v, ok := lookup("RUST_LOG"); ok && v != "" {

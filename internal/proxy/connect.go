@@ -8,7 +8,6 @@ import (
 
 	"github.com/pinaka-proxy/pinaka/internal/egress"
 	"github.com/pinaka-proxy/pinaka/internal/httpx"
-	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
 )
 
 // serveConnect opens a tunnel to the CONNECT authority. The upstream dial
@@ -69,7 +68,7 @@ func (p *Proxy) acquireForward(w http.ResponseWriter, q *request) (release func(
 
 // acquireSlot takes one of the token's slots in lim (nil: no cap), or
 // answers 429 with code and reason.
-func (p *Proxy) acquireSlot(w http.ResponseWriter, q *request, lim *ratelimit.TunnelLimiter, code, reason string) (release func(), ok bool) {
+func (p *Proxy) acquireSlot(w http.ResponseWriter, q *request, lim SlotLimiter, code, reason string) (release func(), ok bool) {
 	if lim == nil {
 		return func() {}, true
 	}

@@ -32,15 +32,29 @@ type Recorder interface {
 	Record(accesslog.Record)
 }
 
+// RateLimiter decides whether a token may make one more request, and if
+// not, how long until it may. ratelimit.Limiter decides on this node alone;
+// fleet.Limiter shares the bucket between the nodes on one Redis.
+type RateLimiter interface {
+	Allow(tokenID string) (ok bool, retryAfter time.Duration)
+}
+
+// SlotLimiter caps what a token holds open at once (tunnels, forwarded
+// requests). release is never nil and releases once however often called.
+// ratelimit.TunnelLimiter counts on this node; fleet.Tunnels across nodes.
+type SlotLimiter interface {
+	Acquire(tokenID string) (release func(), ok bool)
+}
+
 // Options configure a Proxy. Auth, Dialer, Policy and Metrics are required;
 // the limiters may be nil (no limit).
 type Options struct {
 	Auth         *auth.Verifier
 	Policy       *egress.Policy
 	Dialer       *egress.Dialer
-	Limiter      *ratelimit.Limiter
-	Tunnels      *ratelimit.TunnelLimiter
-	Forwards     *ratelimit.TunnelLimiter // concurrent forwarded requests per token
+	Limiter      RateLimiter
+	Tunnels      SlotLimiter
+	Forwards     SlotLimiter // concurrent forwarded requests per token
 	AuthThrottle *ratelimit.AuthThrottle
 	// Refusals bounds the records and log lines of refusals without valid
 	// credentials per client address; nil writes them all.

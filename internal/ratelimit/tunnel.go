@@ -28,9 +28,17 @@ func NewTunnelLimiter(maxPerToken int) *TunnelLimiter {
 // and calling it more than once (say, from both a deferred cleanup and an
 // error path) releases only once.
 func (t *TunnelLimiter) Acquire(tokenID string) (release func(), ok bool) {
+	return t.AcquireUpTo(tokenID, t.max)
+}
+
+// AcquireUpTo is Acquire with a lower cap for this call: a fleet node
+// deciding alone while Redis is away allows its share of the fleet's cap,
+// counting the tunnels it already holds (see internal/fleet).
+func (t *TunnelLimiter) AcquireUpTo(tokenID string, max int) (release func(), ok bool) {
+	max = min(max, t.max)
 	t.mu.Lock()
 	n := t.counts[tokenID]
-	if n >= t.max {
+	if n >= max {
 		t.mu.Unlock()
 		return noop, false
 	}

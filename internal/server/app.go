@@ -18,6 +18,7 @@ import (
 	"github.com/pinaka-proxy/pinaka/internal/auth"
 	"github.com/pinaka-proxy/pinaka/internal/config"
 	"github.com/pinaka-proxy/pinaka/internal/egress"
+	"github.com/pinaka-proxy/pinaka/internal/fleet"
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
 	"github.com/pinaka-proxy/pinaka/internal/proxy"
 	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
@@ -36,6 +37,9 @@ type App struct {
 	Verifier *auth.Verifier
 	// Remote is the JWKS_URL key set, nil without JWKS_URL.
 	Remote *auth.RemoteKeys
+	// Fleet shares limits through REDIS_URL; nil without it.
+	Fleet     *fleet.Fleet
+	stopFleet func()
 
 	// The verifier's set is the file's keys, then the URL's (the file
 	// wins a kid both hold); keysMu orders the two writers.
@@ -137,12 +141,17 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 	if revoked != nil {
 		revocations = revoked
 	}
+	limiter, tunnels, fl, err := newLimits(cfg, log, m)
+	if err != nil {
+		return nil, err
+	}
+	a.Fleet = fl
 	p := proxy.New(proxy.Options{
 		Auth:                  verifier,
 		Policy:                policy,
 		Dialer:                dialer,
-		Limiter:               ratelimit.New(cfg.RateLimitRequestsPerMinute, cfg.RateLimitBurstSize, cfg.RateLimitMaxTokens),
-		Tunnels:               ratelimit.NewTunnelLimiter(cfg.MaxTunnelsPerToken),
+		Limiter:               limiter,
+		Tunnels:               tunnels,
 		Forwards:              ratelimit.NewTunnelLimiter(cfg.MaxForwardsPerToken),
 		AuthThrottle:          ratelimit.NewAuthThrottle(cfg.AuthFailuresPerMinute, 100000),
 		Refusals:              ratelimit.NewRefusalSampler(cfg.UnauthenticatedRecordsPerMinute, 100000),
@@ -238,6 +247,9 @@ func (a *App) Start() error {
 		a.stop = cancel
 		go a.Remote.Run(ctx)
 	}
+	if a.Fleet != nil {
+		a.stopFleet = a.startFleet()
+	}
 	a.log.Info("pinaka listening", "addr", a.Server.ProxyAddr().String(),
 		"admin", fmt.Sprint(a.Server.AdminAddr()), "region", a.Config.ProbeNodeRegion,
 		"probe_node", a.Config.ProbeNodeName, "http_proxy_enabled", a.Config.HTTPProxyEnabled)
@@ -254,6 +266,10 @@ func (a *App) Shutdown(ctx context.Context) error {
 		a.stopRevocations()
 	}
 	err := a.Server.Shutdown(ctx)
+	// After the drain: tunnels ending during it give their leases back.
+	if a.stopFleet != nil {
+		a.stopFleet()
+	}
 	fctx := ctx
 	if ctx.Err() != nil {
 		var cancel context.CancelFunc
