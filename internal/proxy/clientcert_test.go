@@ -22,6 +22,7 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/pinaka-proxy/pinaka/internal/accesslog"
+	"github.com/pinaka-proxy/pinaka/internal/revocation"
 	"github.com/pinaka-proxy/pinaka/internal/testutil/testpki"
 )
 
@@ -504,5 +505,51 @@ func TestClientCertResumptionChecksCRL(t *testing.T) {
 	}
 	if got := e.waitCertResult("revoked", 1); got != 1 {
 		t.Fatalf("revoked = %v, want 1", got)
+	}
+}
+
+// Revocation applies to a certificate's identity as to a token's: revoking
+// its token_id closes the tunnel it has open, records token_revoked, and the
+// next request on the same connection gets 407.
+func TestClientCertTokenRevoked(t *testing.T) {
+	p := newClientPKI(t)
+	ls := newListServer(t)
+	vars := p.vars("optional")
+	vars["REVOCATION_URL"], vars["REVOCATION_INTERVAL"], vars["BACKEND_API_KEY"] = ls.URL+revocation.Path, "1s", "node-key"
+	e := startProxy(t, vars)
+	echo := newEchoServer(t)
+
+	cfg := e.tlsConfig("h2")
+	cfg.Certificates = []tls.Certificate{p.alice.TLS}
+	c, err := tls.Dial("tcp", e.addr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := (&http2.Transport{}).NewClientConn(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	resp, up, err := h2Connect(cc, echo.addr(), "")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT with the certificate: %v %v", resp, err)
+	}
+	defer up.Close()
+	h1Echo(t, up, bufio.NewReader(resp.Body), "before")
+
+	ls.set("cert-alice")
+	rec := e.waitRecord(func(r recordT) bool { return r.TokenID == "cert-alice" && r.Method == "CONNECT" })
+	if rec.Error != "token_revoked" || rec.TokenType != "certificate" {
+		t.Errorf("the tunnel's record: error %q token_type %q, want token_revoked, certificate", rec.Error, rec.TokenType)
+	}
+	if _, err := io.ReadAll(resp.Body); err == nil {
+		t.Error("the revoked certificate's tunnel ended cleanly; want a reset")
+	}
+	resp2, _, err := h2Connect(cc, echo.addr(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp2.StatusCode != http.StatusProxyAuthRequired {
+		t.Errorf("CONNECT after the revocation: %d, want 407", resp2.StatusCode)
 	}
 }
