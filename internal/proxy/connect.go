@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"context"
 	"net"
 	"net/http"
 	"time"
@@ -161,28 +160,27 @@ func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, q *request, upstream endpoint
 // would keep the server's per-connection and per-request contexts alive as
 // long as the tunnel.
 func (p *Proxy) detachTunnel(q *request, client, upstream endpoint, release func()) {
-	ctx, slot, done := p.active.add(context.Background(), true)
-	if p.watchToken(slot, q.rec.TokenID) {
-		// Revoked while the tunnel was being set up: it starts cut.
-		p.revoked.tunnels.Add(1)
-		slot.cancel(errTokenRevoked)
-	}
 	q.detached = true
-	p.startTunnel(ctx, q, client, upstream, func() {
+	p.opt.Metrics.ActiveTunnels.Inc()
+	var done func()
+	t := newTunnel(p.parker, client, upstream, p.opt.TunnelIdleTimeout, p.countTunnelBytes, func(res relayResult) {
+		p.tunnelDone(q, res)
 		p.finish(q)
 		release()
 		done()
 	})
-}
-
-// startTunnel relays and accounts for one tunnel in goroutines of its own,
-// and calls onDone when it is over.
-func (p *Proxy) startTunnel(ctx context.Context, q *request, client, upstream endpoint, onDone func()) {
-	p.opt.Metrics.ActiveTunnels.Inc()
-	startRelay(ctx, p.parker, client, upstream, p.opt.TunnelIdleTimeout, p.countTunnelBytes, func(res relayResult) {
-		p.tunnelDone(q, res)
-		onDone()
-	})
+	// In the drain set as its stop function, not as a context: see
+	// tunnel.cause.
+	slot, done := p.active.addFunc(t.stop, true)
+	// The request's entry, and through its cancel func the request's
+	// context chain, must not live as long as the tunnel.
+	q.slot = slot
+	if p.watchToken(slot, q.rec.TokenID) {
+		// Revoked while the tunnel was being set up: it starts cut.
+		p.revoked.tunnels.Add(1)
+		t.stop(errTokenRevoked)
+	}
+	t.start()
 }
 
 func (p *Proxy) countTunnelBytes(up, down int) {

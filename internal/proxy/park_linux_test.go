@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -20,7 +19,7 @@ func TestParkerWakesAndReleases(t *testing.T) {
 	defer pk.close()
 	client, clientPeer := testutil.TCPPair(t)
 	upstream, upstreamPeer := testutil.TCPPair(t)
-	tn := newTunnel(context.Background(), pk, connEndpoint(client), connEndpoint(upstream), 0,
+	tn := newTunnel(pk, connEndpoint(client), connEndpoint(upstream), 0,
 		func(int, int) {}, func(relayResult) {})
 
 	// Parked, the upload wakes for the client's bytes and relays them.

@@ -573,6 +573,13 @@ type activeEntry struct {
 // Its token is set once known (setToken).
 func (a *activeSet) add(parent context.Context, tunnel bool) (context.Context, *activeEntry, func()) {
 	ctx, cancel := context.WithCancelCause(parent)
+	e, done := a.addFunc(cancel, tunnel)
+	return ctx, e, done
+}
+
+// addFunc is add for what is stopped by calling cancel rather than through
+// a context.
+func (a *activeSet) addFunc(cancel context.CancelCauseFunc, tunnel bool) (*activeEntry, func()) {
 	e := &activeEntry{cancel: cancel, tunnel: tunnel}
 	a.mu.Lock()
 	if a.cancels == nil {
@@ -580,7 +587,7 @@ func (a *activeSet) add(parent context.Context, tunnel bool) (context.Context, *
 	}
 	a.cancels[e] = struct{}{}
 	a.mu.Unlock()
-	return ctx, e, func() {
+	return e, func() {
 		cancel(nil)
 		a.mu.Lock()
 		delete(a.cancels, e)

@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"context"
 	"crypto/tls"
 	"errors"
 	"io"
@@ -46,6 +45,9 @@ const (
 // HTTP/2 streams, capped at 64 MiB in use across the node (beyond it such
 // downloads keep a large buffer).
 var (
+	// smallBufs: a direction runs again after every park, and a fresh
+	// buffer each time was most of the garbage idle tunnels made.
+	smallBufs = bufPool{size: smallBufSize}
 	largeBufs = bufPool{size: largeBufSize}
 	hugeBufs  = bufPool{size: hugeBufSize, limit: 64 << 20 / hugeBufSize}
 )
@@ -188,16 +190,18 @@ type relayResult struct {
 // tunnel relays both ways until both directions are done, passing each
 // half-close on to the other side (a TCP FIN, an HTTP/2 END_STREAM); when
 // a side cannot half-close, the tunnel ends as soon as the other is done
-// sending. It also ends after idle without traffic, or
-// when ctx is cancelled (shutdown deadline).
+// sending. It also ends after idle without traffic, or when stop is
+// called (shutdown deadline, revocation).
 type tunnel struct {
-	ctx              context.Context
 	client, upstream endpoint
 	up, down         direction
 	parker           *parker
 	released         bool // closing: the parker refuses its directions; guarded by the parker's mutex
 	watch            *idleWatch
-	stopCtx          func() bool
+	// cause is why stop ended the tunnel, nil until then. A tunnel holds
+	// no context: an idle one costs what it holds, and a context with an
+	// AfterFunc cost a fifth of that.
+	cause atomic.Pointer[error]
 	onDone           func(relayResult)
 
 	running   atomic.Int32 // directions not yet finished
@@ -227,16 +231,15 @@ type direction struct {
 	sinking bool
 }
 
-// startRelay runs a tunnel in goroutines of its own and calls onDone, from
+// start runs the tunnel in goroutines of its own; onDone is called, from
 // one of them, when it is over.
-func startRelay(ctx context.Context, pk *parker, client, upstream endpoint, idle time.Duration, onBytes func(up, down int), onDone func(relayResult)) {
-	t := newTunnel(ctx, pk, client, upstream, idle, onBytes, onDone)
+func (t *tunnel) start() {
 	go t.down.run()
 	go t.up.run()
 }
 
-func newTunnel(ctx context.Context, pk *parker, client, upstream endpoint, idle time.Duration, onBytes func(up, down int), onDone func(relayResult)) *tunnel {
-	t := &tunnel{ctx: ctx, client: client, upstream: upstream, parker: pk, onDone: onDone}
+func newTunnel(pk *parker, client, upstream endpoint, idle time.Duration, onBytes func(up, down int), onDone func(relayResult)) *tunnel {
+	t := &tunnel{client: client, upstream: upstream, parker: pk, onDone: onDone}
 	t.running.Store(2)
 	t.up = direction{t: t, src: &t.client, dst: &t.upstream, onBytes: func(n int) { onBytes(n, 0) }, finish: t.upFinished, parkedFD: -1}
 	t.down = direction{t: t, src: &t.upstream, dst: &t.client, onBytes: func(n int) { onBytes(0, n) }, finish: t.downFinished, parkedFD: -1}
@@ -248,16 +251,28 @@ func newTunnel(ctx context.Context, pk *parker, client, upstream endpoint, idle 
 		client.sinker.SetSink(t.up.sink)
 	}
 	t.watch = newIdleWatch(idle, func() { t.idled.Store(true); t.abortIdle() })
-	t.stopCtx = context.AfterFunc(ctx, func() {
-		if errors.Is(context.Cause(ctx), errTokenRevoked) {
-			// Like an idle cut: a write blocked on the client's
-			// window must not keep a revoked tunnel open.
-			t.abortIdle()
-			return
-		}
-		t.closeBoth()
-	})
 	return t
+}
+
+// stop ends the tunnel from outside, with cause (errShutdownDeadline,
+// errTokenRevoked), for its record; the first cause is kept.
+func (t *tunnel) stop(cause error) {
+	t.cause.CompareAndSwap(nil, &cause)
+	if errors.Is(cause, errTokenRevoked) {
+		// Like an idle cut: a write blocked on the client's window must
+		// not keep a revoked tunnel open.
+		t.abortIdle()
+		return
+	}
+	t.closeBoth()
+}
+
+// stopCause is what stop was called with, or nil.
+func (t *tunnel) stopCause() error {
+	if c := t.cause.Load(); c != nil {
+		return *c
+	}
+	return nil
 }
 
 // abortIdle ends a tunnel idle for too long. A blocked write may be what
@@ -328,7 +343,6 @@ func (t *tunnel) directionDone() {
 	}
 	t.closeBoth()
 	t.watch.stop()
-	t.stopCtx()
 	t.endMu.Lock()
 	t.ended = true
 	t.endMu.Unlock()
@@ -336,9 +350,9 @@ func (t *tunnel) directionDone() {
 	switch {
 	case t.idled.Load():
 		res.end = "idle_timeout"
-	case errors.Is(context.Cause(t.ctx), errShutdownDeadline):
+	case errors.Is(t.stopCause(), errShutdownDeadline):
 		res.end = "shutdown"
-	case errors.Is(context.Cause(t.ctx), errTokenRevoked):
+	case errors.Is(t.stopCause(), errTokenRevoked):
 		res.end = "token_revoked"
 	}
 	t.onDone(res)
@@ -396,11 +410,13 @@ func (d *direction) run() {
 // measures the quiet time is renewed at most twice per parkAfter, so the
 // data path does not reset a timer on every read.
 func (d *direction) copy() error {
-	small := make([]byte, smallBufSize)
+	smallp := smallBufs.get()
+	small := *smallp
 	buf := small
 	var large *[]byte
 	var pool *bufPool // where large goes back
 	defer func() {
+		smallBufs.put(smallp)
 		if large != nil {
 			pool.put(large)
 		}
