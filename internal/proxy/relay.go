@@ -201,8 +201,8 @@ type tunnel struct {
 	// cause is why stop ended the tunnel, nil until then. A tunnel holds
 	// no context: an idle one costs what it holds, and a context with an
 	// AfterFunc cost a fifth of that.
-	cause atomic.Pointer[error]
-	onDone           func(relayResult)
+	cause  atomic.Pointer[error]
+	onDone func(relayResult)
 
 	running   atomic.Int32 // directions not yet finished
 	closeOnce sync.Once
