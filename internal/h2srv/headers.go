@@ -243,7 +243,7 @@ func (c *conn) endHeaderBlock(hb *headerBlock) error {
 		return nil
 	}
 	s.req = req
-	go s.runHandler(req)
+	c.srv.workers.run(func() { s.runHandler(req) })
 	return nil
 }
 

@@ -111,6 +111,7 @@ type Server struct {
 	httpSrv *http.Server
 
 	dateCache atomic.Pointer[dateText]
+	workers   *workers // handler goroutines (workers.go)
 
 	// budget is what is left of Config.BodyBudget.
 	budget atomic.Int64
@@ -124,7 +125,7 @@ type Server struct {
 // New returns a Server for cfg.
 func New(cfg Config) *Server {
 	cfg.defaults()
-	s := &Server{cfg: cfg, conns: make(map[*conn]struct{}), drained: make(chan struct{}), httpSrv: &http.Server{}}
+	s := &Server{cfg: cfg, conns: make(map[*conn]struct{}), drained: make(chan struct{}), httpSrv: &http.Server{}, workers: newWorkers()}
 	s.budget.Store(cfg.BodyBudget)
 	return s
 }

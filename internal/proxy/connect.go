@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"context"
+	"log/slog"
 	"net"
 	"net/http"
 	"time"
@@ -203,7 +205,10 @@ func (p *Proxy) tunnelDone(q *request, res relayResult) {
 	default:
 		q.rec.Error = "tunnel_" + res.end
 	}
-	if res.err != nil {
+	// Checked first: this runs on a relay goroutine with a small stack,
+	// which slog's large frame would grow (a stack copy per tunnel) even
+	// when debug logging is off.
+	if res.err != nil && p.log.Enabled(context.Background(), slog.LevelDebug) {
 		p.log.Debug("tunnel closed", "target", q.rec.TargetURL, "end", res.end, "err", res.err)
 	}
 }
