@@ -2,7 +2,8 @@
 # Installs what the tests need on a fresh Debian machine, skipping what is
 # already there: PostgreSQL (collector tests), curl, Chromium and its driver
 # (browser test), systemd-analyze (unit check), h2spec, playwright-core,
-# redis-server (fleet tests start their own on a free port).
+# redis-server (fleet tests start their own on a free port), prometheus and
+# promtool (deploy/monitoring_test.go starts its own on a free port).
 set -euo pipefail
 # go.mod asks for Go 1.27.3; fetched when the machine's Go is older.
 export GOTOOLCHAIN=${GOTOOLCHAIN:-go1.27.3}
@@ -24,6 +25,19 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "deps: apt-get install ${need[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# Prometheus on its own: without its recommended node exporter. The tests
+# start their own Prometheus; a packaged service started by the install
+# (on a machine running systemd) would hold 127.0.0.1:9090, pinaka's
+# default ADMIN_ADDR, so it is stopped and disabled.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  echo "deps: apt-get install prometheus"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  if [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 
 # PostgreSQL must be running for the collector tests.

@@ -52,6 +52,7 @@ type Server struct {
 // New prepares a Server; Listen opens its sockets.
 func New(cfg *config.Config, log *slog.Logger, certs *CertStore, p *proxy.Proxy, m *metrics.Metrics) *Server {
 	s := &Server{cfg: cfg, log: log, certs: certs, proxy: p, metrics: m}
+	initLabelSets(m)
 	if leaf := certs.Leaf(); leaf != nil {
 		m.CertNotAfter.Set(float64(leaf.NotAfter.Unix()))
 	}
