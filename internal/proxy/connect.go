@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/pinaka-proxy/pinaka/internal/accesslog"
 	"github.com/pinaka-proxy/pinaka/internal/egress"
 	"github.com/pinaka-proxy/pinaka/internal/httpx"
 )
@@ -80,7 +81,15 @@ func (p *Proxy) acquireSlot(w http.ResponseWriter, q *request, lim SlotLimiter, 
 	return release, ok
 }
 
-var connectEstablished = []byte("HTTP/1.1 200 Connection established\r\n\r\n")
+// connectEstablishedFor is the 200 of an HTTP/1.1 CONNECT, written on the
+// hijacked connection, with the request id like every other answer.
+func connectEstablishedFor(requestID string) []byte {
+	b := make([]byte, 0, 96)
+	b = append(b, "HTTP/1.1 200 Connection established\r\n"...)
+	b = append(b, accesslog.RequestIDHeader+": "...)
+	b = append(b, requestID...)
+	return append(b, "\r\n\r\n"...)
+}
 
 // tunnelHTTP1 hijacks the connection, answers 200 and hands the tunnel to
 // fresh goroutines, then returns: the connection's serve goroutine, whose
@@ -99,7 +108,7 @@ func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, 
 	// The server's header timeouts must not cut the tunnel; the idle watch
 	// takes over.
 	_ = conn.SetDeadline(time.Time{})
-	if _, err := conn.Write(connectEstablished); err != nil {
+	if _, err := conn.Write(connectEstablishedFor(q.rec.RequestID)); err != nil {
 		release()
 		conn.Close()
 		upstream.Close()
@@ -179,7 +188,7 @@ func (p *Proxy) detachTunnel(q *request, client, upstream endpoint, release func
 // and calls onDone when it is over.
 func (p *Proxy) startTunnel(ctx context.Context, q *request, client, upstream endpoint, onDone func()) {
 	p.opt.Metrics.ActiveTunnels.Inc()
-	startRelay(ctx, p.parker, client, upstream, p.opt.TunnelIdleTimeout, p.countTunnelBytes, func(res relayResult) {
+	startRelay(ctx, p.parker, client, upstream, p.opt.TunnelIdleTimeout, p.tunnelBytes(q), func(res relayResult) {
 		p.tunnelDone(q, res)
 		onDone()
 	})
@@ -198,6 +207,7 @@ func (p *Proxy) tunnelDone(q *request, res relayResult) {
 	p.opt.Metrics.ActiveTunnels.Dec()
 	q.rec.RequestSize += res.up
 	q.rec.ResponseSize += res.down
+	q.rec.CloseReason = res.closeReason()
 	switch res.end {
 	case "":
 	case "token_revoked":
