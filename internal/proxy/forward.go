@@ -241,9 +241,11 @@ type countingWriter struct {
 }
 
 func (c *countingWriter) WriteHeader(code int) {
+	// Every answer has our id, and only ours: an origin's is replaced, and
+	// the headers of a 1xx from the origin replaced the ones set before.
+	stampRequestID(c.Header(), c.q)
 	if code >= 200 || code == http.StatusSwitchingProtocols {
 		c.q.rec.StatusCode = code
-		stampRequestID(c.Header(), c.q) // again: a 1xx from the origin clears the headers
 	}
 	c.ResponseWriter.WriteHeader(code)
 }

@@ -204,6 +204,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ClientIP:  clientIP(r),
 		Protocol:  protocolName(r),
 		Method:    r.Method,
+		RequestID: q.rec.RequestID, // given by startTiming
 	}
 	defer func() {
 		if !q.detached {
