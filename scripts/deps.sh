@@ -2,7 +2,8 @@
 # Installs what the tests need on a fresh Debian machine, skipping what is
 # already there: PostgreSQL (collector tests), curl, Chromium and its driver
 # (browser test), systemd-analyze (unit check), h2spec, playwright-core,
-# redis-server (fleet tests start their own on a free port).
+# redis-server (fleet tests start their own on a free port), promtool
+# (package prometheus: the metrics check).
 set -euo pipefail
 # go.mod asks for Go 1.27.3; fetched when the machine's Go is older.
 export GOTOOLCHAIN=${GOTOOLCHAIN:-go1.27.3}
@@ -20,6 +21,8 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v node >/dev/null || need+=(nodejs npm)
 command -v openssl >/dev/null || need+=(openssl)
 command -v redis-server >/dev/null || need+=(redis-server)
+# promtool checks the real /metrics (cmd/pinaka TestMetricsPassPromtool).
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "deps: apt-get install ${need[*]}"
   $SUDO apt-get update -qq
