@@ -2,13 +2,14 @@ package proxy
 
 import (
 	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"math/rand/v2"
 	"errors"
 	"net"
 	"net/http"
 	"sync/atomic"
 	"time"
-
-	"github.com/google/uuid"
 
 	"github.com/pinaka-proxy/pinaka/internal/accesslog"
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
@@ -17,20 +18,38 @@ import (
 
 // newRequestID names one request or tunnel in its record and in the
 // answer's Pinaka-Request-Id header, so a user can quote it. It is always
-// Pinaka's own: a UUIDv7, time-ordered like the records, never taken from
-// the client.
-func newRequestID() string {
-	id, err := uuid.NewV7()
-	if err != nil { // the system's randomness failed: still unique enough to quote
-		return uuid.NewString()
-	}
-	return id.String()
+// Pinaka's own, never taken from the client: a UUIDv7 (RFC 9562) of the
+// request's start, time-ordered like the records, whose 74 random bits come
+// from math/rand/v2's generator (ChaCha8, seeded by the system, per thread:
+// ~50ns instead of ~1µs for a crypto/rand read under a lock). An id must be
+// unique, not secret: two ids of one millisecond collide with probability
+// 2⁻⁷⁴.
+func newRequestID(start time.Time) string {
+	var b [16]byte
+	ms := uint64(start.UnixMilli())
+	binary.BigEndian.PutUint64(b[0:8], ms<<16)
+	binary.BigEndian.PutUint64(b[8:16], rand.Uint64())
+	r := rand.Uint32()
+	b[6] = 0x70 | byte(r>>8)&0x0f // version 7
+	b[7] = byte(r)
+	b[8] = 0x80 | b[8]&0x3f // variant 10
+	var out [36]byte
+	hex.Encode(out[0:8], b[0:4])
+	out[8] = '-'
+	hex.Encode(out[9:13], b[4:6])
+	out[13] = '-'
+	hex.Encode(out[14:18], b[6:8])
+	out[18] = '-'
+	hex.Encode(out[19:23], b[8:10])
+	out[23] = '-'
+	hex.Encode(out[24:36], b[10:16])
+	return string(out[:])
 }
 
 // startTiming gives the request its id (in the record and, from now on,
 // in every answer's header) and the trace its upstream phases report to.
 func (p *Proxy) startTiming(ctx context.Context, w http.ResponseWriter, q *request) context.Context {
-	q.rec.RequestID = newRequestID()
+	q.rec.RequestID = newRequestID(q.start)
 	w.Header().Set(accesslog.RequestIDHeader, q.rec.RequestID)
 	q.timing = timing.New(q.start, nil)
 	return timing.NewContext(ctx, q.timing)
