@@ -496,3 +496,36 @@ func TestRequestIDOnEveryAnswer(t *testing.T) {
 		}
 	}
 }
+
+// A WebSocket forwarded as an HTTP/1.1 Upgrade: the 101 carries the id,
+// ttfb_ms is the origin's 101, and the client closing is client_closed.
+func TestRecordTimingsUpgradeForwarded(t *testing.T) {
+	e := startProxy(t, nil)
+	o := newWSOrigin(t, false)
+	c, err := tls.Dial("tcp", e.addr, e.tlsConfig("http/1.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(c, "GET http://%s/echo HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\nSec-WebSocket-Version: 13\r\nProxy-Authorization: %s\r\n\r\n",
+		o.hostPort(), o.hostPort(), e.bearer())
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodGet})
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("%v %v", resp, err)
+	}
+	ids := resp.Header.Values(accesslog.RequestIDHeader)
+	if len(ids) != 1 {
+		t.Fatalf("101 with %s %q", accesslog.RequestIDHeader, ids)
+	}
+	wsEcho(t, c, br)
+	c.Close()
+	r := e.waitRecord(func(r recordT) bool { return r.RequestID == ids[0] })
+	checkTimings(t, "upgrade", r)
+	if us(r.ConnectMS) < 0 || us(r.TTFBMS) <= 0 || r.CloseReason != "client_closed" || r.UpstreamAddr != o.hostPort() {
+		t.Errorf("connect %d ttfb %d (µs), close_reason %q, upstream_addr %q", us(r.ConnectMS), us(r.TTFBMS), r.CloseReason, r.UpstreamAddr)
+	}
+	if n := histCount(t, e, "pinaka_upstream_ttfb_seconds", "protocol", "HTTP/1.1", "kind", "websocket", "outcome", "ok"); n != 1 {
+		t.Errorf("forwarded upgrade ttfb samples (kind websocket): %d, want 1", n)
+	}
+}
