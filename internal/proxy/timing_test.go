@@ -529,3 +529,43 @@ func TestRecordTimingsUpgradeForwarded(t *testing.T) {
 		t.Errorf("forwarded upgrade ttfb samples (kind websocket): %d, want 1", n)
 	}
 }
+
+// An origin that takes the request and never answers: no ttfb_ms in the
+// record, and the ttfb histogram counts a timeout; a refused connection is
+// a connect outcome "refused" with its connect_ms.
+func TestRecordTimingsUpstreamFailures(t *testing.T) {
+	e := startProxy(t, map[string]string{"UPSTREAM_RESPONSE_TIMEOUT": "300ms"})
+	silent := testutil.ServeTCP(t, func(c net.Conn) { defer c.Close(); _, _ = io.Copy(io.Discard, c) })
+	refused := "127.0.0.1:" + testutil.FreePort(t)
+	c := e.h1Client(e.bearer())
+	for _, tc := range []struct {
+		target string
+		status int
+	}{{silent, http.StatusGatewayTimeout}, {refused, http.StatusBadGateway}} {
+		resp, err := c.Get("http://" + tc.target + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		id := resp.Header.Get(accesslog.RequestIDHeader)
+		if resp.StatusCode != tc.status || id == "" {
+			t.Fatalf("%s: %d, id %q", tc.target, resp.StatusCode, id)
+		}
+		r := e.waitRecord(func(r recordT) bool { return r.RequestID == id })
+		checkTimings(t, tc.target, r)
+		if us(r.TTFBMS) != -1 || us(r.ConnectMS) < 0 || r.UpstreamAddr != tc.target {
+			t.Errorf("%s: ttfb %d connect %d (µs) upstream_addr %q; want no ttfb, a connect, the address", tc.target, us(r.TTFBMS), us(r.ConnectMS), r.UpstreamAddr)
+		}
+	}
+	for _, h := range []struct {
+		name, outcome string
+	}{
+		{"pinaka_upstream_ttfb_seconds", "timeout"},
+		{"pinaka_upstream_connect_seconds", "refused"},
+		{"pinaka_upstream_connect_seconds", "ok"},
+	} {
+		if n := histCount(t, e, h.name, "protocol", "HTTP/1.1", "kind", "forward", "outcome", h.outcome); n != 1 {
+			t.Errorf("%s{outcome=%q}: %d samples, want 1", h.name, h.outcome, n)
+		}
+	}
+}
