@@ -27,8 +27,9 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# Prometheus on its own: without its recommended node exporter. The tests
-# start their own Prometheus; a packaged service started by the install
+# Prometheus on its own: without its recommended node exporter. promtool
+# checks the real /metrics (cmd/pinaka TestMetricsPassPromtool) and the
+# alert rules; the tests start their own Prometheus; a packaged service started by the install
 # (on a machine running systemd) would hold 127.0.0.1:9090, pinaka's
 # default ADMIN_ADDR, so it is stopped and disabled.
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then

@@ -3,7 +3,11 @@
 // ever blocking the request path or losing a record silently.
 package accesslog
 
-import "time"
+import (
+	"math"
+	"strconv"
+	"time"
+)
 
 // Record is one request or tunnel, with exactly the fields of SPEC §5.
 // Field names are the wire names the backend stores.
@@ -31,4 +35,64 @@ type Record struct {
 	// stands for them too. Zero, and absent from the JSON, otherwise. Not
 	// part of SPEC §5's list; older collectors ignore it.
 	Suppressed int64 `json:"suppressed,omitempty"`
+
+	// Where the time went (docs/RECORDS.md, "Timings"). Not part of SPEC
+	// §5's list; absent when they do not apply, and older collectors
+	// ignore them.
+	RequestID    string `json:"request_id,omitempty"`    // also sent to the client (RequestIDHeader)
+	DNSMS        Millis `json:"dns_ms,omitzero"`         // resolving the origin's name; 0: from the cache
+	ConnectMS    Millis `json:"connect_ms,omitzero"`     // TCP connect, every address tried
+	TLSMS        Millis `json:"tls_ms,omitzero"`         // TLS handshake Pinaka did with the origin
+	TTFBMS       Millis `json:"ttfb_ms,omitzero"`        // from the request's start to the origin's first byte
+	UpstreamAddr string `json:"upstream_addr,omitempty"` // IP:port connected to (or last tried)
+	CloseReason  string `json:"close_reason,omitempty"`  // tunnels: who or what ended it
+}
+
+// RequestIDHeader is the response header that gives the client the
+// record's request_id, on every answer of the proxy.
+const RequestIDHeader = "Pinaka-Request-Id"
+
+// Millis is a duration in a record: JSON milliseconds with microsecond
+// resolution (12.345), so that loopback and LAN timings, fractions of a
+// millisecond, are not all 0. The zero Millis is "not measured" and is
+// left out of the JSON (omitzero); a measured 0 is written as 0.
+type Millis struct {
+	d   time.Duration
+	set bool
+}
+
+// MillisOf is d as a measured Millis, truncated to the microsecond.
+func MillisOf(d time.Duration) Millis {
+	return Millis{d: max(d, 0).Truncate(time.Microsecond), set: true}
+}
+
+// IsZero reports whether m was not measured.
+func (m Millis) IsZero() bool { return !m.set }
+
+// Duration returns the duration and whether it was measured.
+func (m Millis) Duration() (time.Duration, bool) { return m.d, m.set }
+
+// Float is m in milliseconds (0 when not measured).
+func (m Millis) Float() float64 { return float64(m.d.Microseconds()) / 1000 }
+
+// MarshalJSON writes milliseconds with up to three decimals.
+func (m Millis) MarshalJSON() ([]byte, error) {
+	if !m.set {
+		return []byte("null"), nil
+	}
+	return strconv.AppendFloat(nil, m.Float(), 'f', -1, 64), nil
+}
+
+// UnmarshalJSON reads milliseconds; null leaves m unmeasured.
+func (m *Millis) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		*m = Millis{}
+		return nil
+	}
+	f, err := strconv.ParseFloat(string(b), 64)
+	if err != nil {
+		return err
+	}
+	*m = MillisOf(time.Duration(math.Round(f*1000)) * time.Microsecond)
+	return nil
 }

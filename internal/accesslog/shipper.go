@@ -287,7 +287,7 @@ func recordAttrs(r *Record) []slog.Attr {
 	if r.Suppressed != 0 {
 		attrs = append(attrs, slog.Int64("suppressed", r.Suppressed))
 	}
-	return attrs
+	return appendTimingAttrs(attrs, r)
 }
 
 // Close stops accepting records and flushes: queued records are batched and

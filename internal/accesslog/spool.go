@@ -98,6 +98,7 @@ func openSpool(dir string, max int64, retry time.Duration, m *metrics.Metrics, p
 	}
 	slices.Sort(s.names)
 	s.publish(s.total)
+	s.publishOldest()
 	return s, nil
 }
 
@@ -156,6 +157,7 @@ func (s *spool) put(b *batch) error {
 	} else {
 		i, _ := slices.BinarySearch(s.names, name)
 		s.names = slices.Insert(s.names, i, name)
+		s.publishOldest()
 	}
 	s.sizes[name] = n
 	return nil
@@ -251,6 +253,7 @@ func (s *spool) forget(name string) {
 	defer s.mu.Unlock()
 	if i, ok := slices.BinarySearch(s.names, name); ok {
 		s.names = slices.Delete(s.names, i, i+1)
+		s.publishOldest()
 	}
 	s.total -= s.sizes[name]
 	delete(s.sizes, name)

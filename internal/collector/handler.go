@@ -267,11 +267,7 @@ func store(ctx context.Context, pool *pgxpool.Pool, b *batch, good []row, bad []
 			return nil
 		}
 		stored = true
-		cols := make([]string, len(logColumns))
-		for i, c := range logColumns {
-			cols[i] = c.name
-		}
-		n, err := tx.CopyFrom(ctx, pgx.Identifier{"forward_proxy_request_logs"}, cols,
+		n, err := tx.CopyFrom(ctx, pgx.Identifier{"forward_proxy_request_logs"}, storedColumns(),
 			pgx.CopyFromSlice(len(good), func(i int) ([]any, error) {
 				return append([]any{pgID}, good[i]...), nil
 			}))

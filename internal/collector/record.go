@@ -40,6 +40,7 @@ type record struct {
 	// Suppressed counts further credential-less refusals from the same
 	// client IP that this record stands for (absent: 0).
 	Suppressed int64 `json:"suppressed"`
+	timingFields
 }
 
 // row is a valid record in logColumns order, ready for COPY.
@@ -162,12 +163,14 @@ func (l *columnLimits) validate(raw json.RawMessage) (row, []string) {
 		rule(f.v <= f.max, "%s %d is above %d", f.column, f.v, f.max)
 	}
 
+	timing := r.timingFields.check(l, rule)
+
 	if len(why) > 0 {
 		return nil, why
 	}
-	return row{ts, r.TokenID, r.UserID, r.TokenType, r.Region, r.ProbeNode, r.ClientIP, r.Protocol, r.Method,
+	return append(row{ts, r.TokenID, r.UserID, r.TokenType, r.Region, r.ProbeNode, r.ClientIP, r.Protocol, r.Method,
 		r.TargetURL, r.StatusCode, r.RequestSize, r.ResponseSize, r.DurationMS, r.Success, r.RateLimited, r.Error,
-		r.Suppressed}, nil
+		r.Suppressed}, timing...), nil
 }
 
 // decodeReason says why a record did not decode into record.
@@ -188,6 +191,8 @@ func jsonType(kind string) string {
 		return "an integer"
 	case "bool":
 		return "true or false"
+	case "float64":
+		return "a number"
 	case "string":
 		return "a string"
 	}

@@ -14,8 +14,9 @@ import (
 // forward_proxy_schema_version. 2 added forward_proxy_rejected_records,
 // forward_proxy_batches.rejected_count and
 // forward_proxy_request_logs.suppressed; 3 the revocation tables
-// (revocationSchema).
-const SchemaVersion = 3
+// (revocationSchema); 4 the timing columns of forward_proxy_request_logs
+// (timingSchema).
+const SchemaVersion = 4
 
 // tokenIDType is the token_id column: as long as the longest token_id the
 // proxy accepts (SPEC §5 says VARCHAR(50)).
@@ -132,6 +133,7 @@ func Migrate(ctx context.Context, pool *pgxpool.Pool) error {
 		}
 		stmts = append(stmts, indexes...)
 		stmts = append(stmts, revocationSchema...)
+		stmts = append(stmts, timingSchema()...)
 		for _, s := range stmts {
 			if _, err := tx.Exec(ctx, s); err != nil {
 				return fmt.Errorf("running %q: %w", firstLine(s), err)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
+	"github.com/pinaka-proxy/pinaka/internal/timing"
 )
 
 // Dial timing, as in the standard library's net.Dialer: the dial timeout
@@ -96,10 +97,15 @@ func (d *Dialer) dial(ctx context.Context, network string, t Target) (net.Conn, 
 }
 
 func (d *Dialer) resolveAndDial(ctx context.Context, network string, t Target) (net.Conn, error) {
+	tr := timing.FromContext(ctx)
 	addrs := []netip.Addr{t.Addr}
 	if !t.Addr.IsValid() {
+		tr.Begin(timing.DNS)
+		var cached bool
 		var err error
-		if addrs, err = d.resolver.LookupHost(ctx, t.Host); err != nil {
+		addrs, cached, err = d.resolver.lookupHost(ctx, t.Host)
+		tr.EndDNS(cached, err)
+		if err != nil {
 			return nil, err
 		}
 	}
@@ -127,14 +133,17 @@ func (d *Dialer) resolveAndDial(ctx context.Context, network string, t Target) (
 		return nil, &net.DNSError{Err: "no " + network + " address", Name: t.Host, IsNotFound: true}
 	}
 
+	tr.Begin(timing.Connect)
 	var lastErr error
 	for i, ap := range allowed {
 		conn, err := d.dialAddr(ctx, ap, len(allowed)-i)
 		if err == nil {
+			tr.EndConnect(ap, conn, nil)
 			return conn, nil
 		}
 		lastErr = &dialError{target: t, addr: ap, err: err}
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || i == len(allowed)-1 {
+			tr.EndConnect(ap, nil, lastErr)
 			break
 		}
 	}

@@ -87,24 +87,32 @@ func NewResolver(servers []string, timeout time.Duration, cacheSize int) *Resolv
 // addresses (RFC 6761 §6.3), so they mean the same thing whatever DNS server
 // is configured, and the policy refuses them as loopback.
 func (r *Resolver) LookupHost(ctx context.Context, host string) ([]netip.Addr, error) {
+	addrs, _, err := r.lookupHost(ctx, host)
+	return addrs, err
+}
+
+// lookupHost is LookupHost that also says whether no query was needed
+// (an answer from the cache, a literal, localhost): the record's dns_ms is
+// 0 then.
+func (r *Resolver) lookupHost(ctx context.Context, host string) (_ []netip.Addr, local bool, _ error) {
 	name := strings.ToLower(strings.TrimSuffix(host, "."))
 	if name == "" {
-		return nil, &net.DNSError{Err: "empty host name", Name: host, IsNotFound: true}
+		return nil, true, &net.DNSError{Err: "empty host name", Name: host, IsNotFound: true}
 	}
 	if a, err := netip.ParseAddr(name); err == nil {
-		return []netip.Addr{a}, nil
+		return []netip.Addr{a}, true, nil
 	}
 	if name == "localhost" || strings.HasSuffix(name, ".localhost") {
-		return []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, 1}), netip.IPv6Loopback()}, nil
+		return []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, 1}), netip.IPv6Loopback()}, true, nil
 	}
 	if _, ok := dns.IsDomainName(name); !ok || strings.HasSuffix(name, ".") {
-		return nil, &net.DNSError{Err: "invalid host name", Name: host, IsNotFound: true}
+		return nil, true, &net.DNSError{Err: "invalid host name", Name: host, IsNotFound: true}
 	}
 	if e, ok := r.cache.Get(name); ok && r.now().Before(e.expires) {
 		if e.err != nil {
-			return nil, e.err
+			return nil, true, e.err
 		}
-		return append([]netip.Addr(nil), e.addrs...), nil
+		return append([]netip.Addr(nil), e.addrs...), true, nil
 	}
 
 	// The shared lookup must not die with whichever caller started it, so it
@@ -119,13 +127,13 @@ func (r *Resolver) LookupHost(ctx context.Context, host string) ([]netip.Addr, e
 	})
 	select {
 	case <-ctx.Done():
-		return nil, ctxDNSError(ctx.Err(), host)
+		return nil, false, ctxDNSError(ctx.Err(), host)
 	case out := <-ch:
 		res := out.Val.(lookupResult)
 		if res.err != nil {
-			return nil, res.err
+			return nil, false, res.err
 		}
-		return append([]netip.Addr(nil), res.addrs...), nil
+		return append([]netip.Addr(nil), res.addrs...), false, nil
 	}
 }
 

@@ -53,6 +53,16 @@ type Metrics struct {
 	ShipAttemptsTimedOut prometheus.Counter     // attempts that hit LOG_SHIP_TIMEOUT
 	SpoolFilesSetAside   *prometheus.CounterVec // reason: corrupt, unreadable
 	SpoolReadErrors      prometheus.Counter     // read failures of a spool file kept for a later retry
+
+	// Where upstream time goes (timing.go); labels protocol, kind, outcome.
+	UpstreamConnect *prometheus.HistogramVec
+	UpstreamTTFB    *prometheus.HistogramVec
+	DNSLookup       *prometheus.HistogramVec
+	// ShipSpoolOldest is unix nanoseconds of the oldest batch parked
+	// (spooled, or in memory without a spool dir); 0 = none. With
+	// ShipMemoryOldest it makes pinaka_ship_lag_seconds.
+	ShipSpoolOldest atomic.Int64
+	ShipLag         prometheus.GaugeFunc
 }
 
 // New creates the collectors and registers them, with the Go runtime and
@@ -166,6 +176,7 @@ func New() *Metrics {
 		Name: "pinaka_ship_spool_read_errors_total", Help: "Times a spool file could be neither read nor moved aside; it stays in the spool and is retried.",
 	})
 	reg.MustRegister(m.ShipMemoryAge, m.ShipAttemptsTimedOut, m.SpoolFilesSetAside, m.SpoolReadErrors)
+	m.registerTiming()
 	return m
 }
 

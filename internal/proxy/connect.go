@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/pinaka-proxy/pinaka/internal/accesslog"
 	"github.com/pinaka-proxy/pinaka/internal/egress"
 	"github.com/pinaka-proxy/pinaka/internal/httpx"
 )
@@ -81,7 +82,15 @@ func (p *Proxy) acquireSlot(w http.ResponseWriter, q *request, lim SlotLimiter, 
 	return release, ok
 }
 
-var connectEstablished = []byte("HTTP/1.1 200 Connection established\r\n\r\n")
+// connectEstablishedFor is the 200 of an HTTP/1.1 CONNECT, written on the
+// hijacked connection, with the request id like every other answer.
+func connectEstablishedFor(requestID string) []byte {
+	b := make([]byte, 0, 96)
+	b = append(b, "HTTP/1.1 200 Connection established\r\n"...)
+	b = append(b, accesslog.RequestIDHeader+": "...)
+	b = append(b, requestID...)
+	return append(b, "\r\n\r\n"...)
+}
 
 // tunnelHTTP1 hijacks the connection, answers 200 and hands the tunnel to
 // fresh goroutines, then returns: the connection's serve goroutine, whose
@@ -100,7 +109,7 @@ func (p *Proxy) tunnelHTTP1(w http.ResponseWriter, r *http.Request, q *request, 
 	// The server's header timeouts must not cut the tunnel; the idle watch
 	// takes over.
 	_ = conn.SetDeadline(time.Time{})
-	if _, err := conn.Write(connectEstablished); err != nil {
+	if _, err := conn.Write(connectEstablishedFor(q.rec.RequestID)); err != nil {
 		release()
 		conn.Close()
 		upstream.Close()
@@ -158,14 +167,13 @@ func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, q *request, upstream endpoint
 
 // detachTunnel relays a tunnel whose handler returns: it keeps its own
 // place in the drain set and the tunnel-limit slot (release) until it
-// ends, and its context starts afresh rather than from the request's, which
-// would keep the server's per-connection and per-request contexts alive as
-// long as the tunnel.
+// ends. It holds no context: the request's, and the server's
+// per-connection ones, would otherwise live as long as the tunnel.
 func (p *Proxy) detachTunnel(q *request, client, upstream endpoint, release func()) {
 	q.detached = true
 	p.opt.Metrics.ActiveTunnels.Inc()
 	var done func()
-	t := newTunnel(p.parker, client, upstream, p.opt.TunnelIdleTimeout, p.countTunnelBytes, func(res relayResult) {
+	t := newTunnel(p.parker, client, upstream, p.opt.TunnelIdleTimeout, p.tunnelBytes(q), func(res relayResult) {
 		p.tunnelDone(q, res)
 		p.finish(q)
 		release()
@@ -198,6 +206,7 @@ func (p *Proxy) tunnelDone(q *request, res relayResult) {
 	p.opt.Metrics.ActiveTunnels.Dec()
 	q.rec.RequestSize += res.up
 	q.rec.ResponseSize += res.down
+	q.rec.CloseReason = res.closeReason()
 	switch res.end {
 	case "":
 	case "token_revoked":

@@ -9,10 +9,12 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/http/httputil"
 	"strings"
 	"sync/atomic"
 
+	"github.com/pinaka-proxy/pinaka/internal/accesslog"
 	"github.com/pinaka-proxy/pinaka/internal/httpx"
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
 )
@@ -55,6 +57,9 @@ func (p *Proxy) newForwarder() http.Handler {
 			if err := checkStatus(res.StatusCode); err != nil {
 				return err
 			}
+			// The request id is ours (countingWriter sets it); an
+			// origin's would be added to it.
+			res.Header.Del(accesslog.RequestIDHeader)
 			addVia(res.Header, res.Request)
 			// Trailers pass the same filter as headers: the declared
 			// names now (ReverseProxy announces them), the values when
@@ -130,6 +135,7 @@ func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request)
 		return
 	}
 	upgrade := r.Header.Get("Upgrade") != ""
+	q.upgrade = upgrade
 	if upgrade {
 		release, ok := p.acquireTunnel(w, q)
 		if !ok {
@@ -183,6 +189,9 @@ func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request)
 			}
 		}()
 	}
+	// The transport reports its TLS handshake, the connection it used and
+	// the response's first byte to the request's trace.
+	r = r.WithContext(httptrace.WithClientTrace(r.Context(), q.timing.ClientTrace()))
 	p.forwarder.ServeHTTP(cw, r)
 	completed = true
 	if body != nil {
@@ -194,13 +203,17 @@ func (p *Proxy) serveForward(w http.ResponseWriter, r *http.Request, q *request)
 		cw.hijacked.watch.stop()
 		q.rec.RequestSize += cw.hijacked.up.Load()
 		q.rec.ResponseSize += cw.hijacked.down.Load()
+		q.rec.CloseReason = endNames[cw.hijacked.firstEnd.Load()]
 		switch {
 		case cw.hijacked.idled.Load():
 			q.rec.Error = "tunnel_idle_timeout"
+			q.rec.CloseReason = "idle_timeout"
 		case errors.Is(context.Cause(r.Context()), errShutdownDeadline):
 			q.rec.Error = "tunnel_shutdown"
+			q.rec.CloseReason = "shutdown"
 		case errors.Is(context.Cause(r.Context()), errTokenRevoked):
 			q.rec.Error = "token_revoked"
+			q.rec.CloseReason = "token_revoked"
 		}
 	}
 }
@@ -228,6 +241,9 @@ type countingWriter struct {
 }
 
 func (c *countingWriter) WriteHeader(code int) {
+	// Every answer has our id, and only ours: an origin's is replaced, and
+	// the headers of a 1xx from the origin replaced the ones set before.
+	stampRequestID(c.Header(), c.q)
 	if code >= 200 || code == http.StatusSwitchingProtocols {
 		c.q.rec.StatusCode = code
 	}
@@ -261,6 +277,8 @@ func (c *countingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	c.q.rec.StatusCode = http.StatusSwitchingProtocols
+	// ReverseProxy writes the 101 itself, from these headers.
+	stampRequestID(c.Header(), c.q)
 	hc := &countingConn{Conn: conn, m: c.p.opt.Metrics}
 	// ReverseProxy relays the upgraded connection with no time limit of
 	// its own: the tunnel idle timeout applies here as to CONNECT.
@@ -281,12 +299,24 @@ type countingConn struct {
 	up, down atomic.Int64
 	watch    *idleWatch
 	idled    atomic.Bool
+	// firstEnd: which side ended the upgraded connection first, for
+	// close_reason (endClient, endOrigin).
+	firstEnd atomic.Int32
 }
 
 func (c *countingConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
 	if n > 0 {
 		c.watch.touch()
+	}
+	if err != nil {
+		// A read of our own closed connection: ReverseProxy closed it
+		// because the origin's side ended first.
+		side := endClient
+		if errors.Is(err, net.ErrClosed) {
+			side = endOrigin
+		}
+		c.firstEnd.CompareAndSwap(endNone, side)
 	}
 	c.up.Add(int64(n))
 	c.m.BytesUpstream.Add(float64(n))
@@ -297,6 +327,9 @@ func (c *countingConn) Write(b []byte) (int, error) {
 	n, err := c.Conn.Write(b)
 	if n > 0 {
 		c.watch.touch()
+	}
+	if err != nil {
+		c.firstEnd.CompareAndSwap(endNone, endClient)
 	}
 	c.down.Add(int64(n))
 	c.m.BytesDownstream.Add(float64(n))
@@ -311,6 +344,7 @@ func (c *countingConn) Close() error {
 // CloseWrite passes the origin's half-close on, as ReverseProxy does for
 // the bare connection.
 func (c *countingConn) CloseWrite() error {
+	c.firstEnd.CompareAndSwap(endNone, endOrigin)
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
 	}

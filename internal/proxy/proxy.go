@@ -25,6 +25,7 @@ import (
 	"github.com/pinaka-proxy/pinaka/internal/httpx"
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
 	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
+	"github.com/pinaka-proxy/pinaka/internal/timing"
 )
 
 // Recorder receives one record per request or tunnel. It must not block.
@@ -179,12 +180,18 @@ type request struct {
 	authenticated bool
 	// slot is the request's place in the active set.
 	slot *activeEntry
+	// timing collects the upstream phases (timing.go); kind and upgrade
+	// say what the request was, for the histograms' kind label.
+	timing  *timing.Trace
+	kind    requestKind
+	upgrade bool // a forwarded HTTP/1.1 Upgrade
 }
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx, slot, done := p.active.add(r.Context(), false)
 	defer done()
 	q := &request{start: time.Now(), slot: slot}
+	ctx = p.startTiming(ctx, w, q)
 	// One request clone carries both the drain context and the request's
 	// state (the forwarder's error handler finds it there).
 	r = r.WithContext(context.WithValue(ctx, requestKey{}, q))
@@ -197,6 +204,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ClientIP:  clientIP(r),
 		Protocol:  protocolName(r),
 		Method:    r.Method,
+		RequestID: q.rec.RequestID, // given by startTiming
 	}
 	defer func() {
 		if !q.detached {
@@ -205,6 +213,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}()
 
 	kind := classify(r)
+	q.kind = kind
 	q.rec.TargetURL = p.targetURL(r, kind)
 	if kind == kindSelf {
 		p.serveSelf(w, r, q)
@@ -290,8 +299,11 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 
 // finish completes and emits the record.
 func (p *Proxy) finish(q *request) {
+	p.finishTiming(q)
 	d := time.Since(q.start)
-	q.rec.DurationMS = d.Milliseconds()
+	// Rounded up, so that it is never below the record's sub-millisecond
+	// timings (ttfb_ms ≤ duration_ms; docs/RECORDS.md).
+	q.rec.DurationMS = int64((d + time.Millisecond - 1) / time.Millisecond)
 	if q.req != nil && q.rec.Error != "token_revoked" && errors.Is(context.Cause(q.req.Context()), errTokenRevoked) {
 		// Cut by a revocation wherever it was: the record says so
 		// rather than what the cut looked like (a closed client).
@@ -371,6 +383,7 @@ func (p *Proxy) fail(w http.ResponseWriter, q *request, status int, code, reason
 	q.rec.StatusCode = status
 	q.rec.Error = code
 	h := w.Header()
+	stampRequestID(h, q) // again: a 1xx from the origin clears the headers
 	h.Set("Content-Type", "text/plain; charset=utf-8")
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Set("Cache-Control", "no-store")
@@ -395,7 +408,7 @@ func (p *Proxy) fail(w http.ResponseWriter, q *request, status int, code, reason
 		level = slog.LevelInfo
 	}
 	p.log.Log(q.req.Context(), level, "request refused", "status", status, "error", code, "reason", reason,
-		"client_ip", q.rec.ClientIP, "token_id", q.rec.TokenID, "target", q.rec.TargetURL)
+		"client_ip", q.rec.ClientIP, "token_id", q.rec.TokenID, "target", q.rec.TargetURL, "request_id", q.rec.RequestID)
 	w.WriteHeader(status)
 	fmt.Fprintln(w, reason)
 }

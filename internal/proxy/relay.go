@@ -184,7 +184,12 @@ type relayResult struct {
 	// "shutdown" when the drain deadline did and "token_revoked" when its
 	// token was revoked.
 	end string
-	err error // the first read or write error, for debug logs
+	// closedBy names the side whose end came first, when end is "":
+	// "client_closed" or "origin_closed" (a close, half-close, reset or
+	// failed write on that side), or "error" (a failure that is neither,
+	// such as a TLS error on the client's connection).
+	closedBy string
+	err      error // the first read or write error, for debug logs
 }
 
 // tunnel relays both ways until both directions are done, passing each
@@ -209,7 +214,8 @@ type tunnel struct {
 	errOnce   sync.Once
 	err       error
 	idled     atomic.Bool
-	endMu     sync.Mutex // orders abortIdle before the end of the tunnel
+	firstEnd  atomic.Int32 // endNone until a direction ends; then who ended first
+	endMu     sync.Mutex   // orders abortIdle before the end of the tunnel
 	ended     bool
 }
 
@@ -315,6 +321,7 @@ func (t *tunnel) setErr(err error) {
 
 // upFinished: the client is done sending. Its half-close goes on upstream.
 func (t *tunnel) upFinished(err error) {
+	t.noteEnd(endClient, endOrigin, err)
 	switch {
 	case err != nil:
 		t.setErr(err)
@@ -327,6 +334,7 @@ func (t *tunnel) upFinished(err error) {
 
 // downFinished: upstream is done sending.
 func (t *tunnel) downFinished(err error) {
+	t.noteEnd(endOrigin, endClient, err)
 	switch {
 	case err != nil:
 		t.setErr(err)
@@ -346,7 +354,7 @@ func (t *tunnel) directionDone() {
 	t.endMu.Lock()
 	t.ended = true
 	t.endMu.Unlock()
-	res := relayResult{up: t.up.moved.Load(), down: t.down.moved.Load(), err: t.err}
+	res := relayResult{up: t.up.moved.Load(), down: t.down.moved.Load(), err: t.err, closedBy: endNames[t.firstEnd.Load()]}
 	switch {
 	case t.idled.Load():
 		res.end = "idle_timeout"
@@ -439,7 +447,7 @@ func (d *direction) copy() error {
 			nr += d.src.drain(buf[nr:], lease) // busy: send what has arrived in one write
 		}
 		if err := d.write(buf[:nr]); err != nil {
-			return err
+			return &writeError{err}
 		}
 		switch {
 		case rerr == nil:

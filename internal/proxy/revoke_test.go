@@ -210,6 +210,9 @@ func TestRevocationClosesWhatTheTokenHasOpen(t *testing.T) {
 		if r.Error != "token_revoked" || r.Success {
 			t.Errorf("%s record: error %q success %v, want token_revoked", c.what, r.Error, r.Success)
 		}
+		if c.what != "forwarded request" && r.CloseReason != "token_revoked" {
+			t.Errorf("%s record: close_reason %q, want token_revoked", c.what, r.CloseReason)
+		}
 	}
 
 	// A new request with the token: 407, token revoked.

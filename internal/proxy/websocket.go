@@ -17,6 +17,7 @@ import (
 
 	"github.com/pinaka-proxy/pinaka/internal/egress"
 	"github.com/pinaka-proxy/pinaka/internal/httpx"
+	"github.com/pinaka-proxy/pinaka/internal/timing"
 )
 
 // refusalBodyTimeout bounds how long the body of a refused upgrade is
@@ -72,7 +73,9 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		cfg.NextProtos = []string{"http/1.1"}
 		tc := tls.Client(conn, cfg)
 		hctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+		q.timing.Begin(timing.TLS)
 		err := tc.HandshakeContext(hctx)
+		q.timing.End(timing.TLS, err)
 		cancel()
 		if err != nil {
 			conn.Close()
@@ -82,7 +85,7 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		}
 		conn = tc
 	}
-	res, br, err := websocketHandshake(conn, r, t)
+	res, br, err := websocketHandshake(conn, r, t, q.timing)
 	if errors.Is(err, errBadUpgrade) {
 		conn.Close()
 		q.proxyStatus = "http_protocol_error"
@@ -116,6 +119,7 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 		defer conn.Close()
 		defer res.Body.Close()
 		copyEndToEnd(w.Header(), res.Header)
+		stampRequestID(w.Header(), q)
 		// At most 1 MB of the body is passed on, so its length may not
 		// hold; HTTP/2 ends the stream instead.
 		w.Header().Del("Content-Length")
@@ -133,6 +137,7 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 	// subprotocol and extensions, cookies); the 101's own handshake fields
 	// belong to the HTTP/1.1 hop that ends here (RFC 8441 §5).
 	copyEndToEnd(w.Header(), res.Header)
+	stampRequestID(w.Header(), q)
 	w.Header().Del("Sec-Websocket-Accept")
 	w.Header().Del("Content-Length")
 	up := connEndpoint(conn)
@@ -145,8 +150,9 @@ func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *
 }
 
 // websocketHandshake sends the HTTP/1.1 Upgrade request for r's path and
-// reads the answer. A 101 must carry the right Sec-WebSocket-Accept.
-func websocketHandshake(conn net.Conn, r *http.Request, t egress.Target) (*http.Response, *bufio.Reader, error) {
+// reads the answer. A 101 must carry the right Sec-WebSocket-Accept. The
+// answer's first byte is the request's time to first byte (tr).
+func websocketHandshake(conn net.Conn, r *http.Request, t egress.Target, tr *timing.Trace) (*http.Response, *bufio.Reader, error) {
 	keyBytes := make([]byte, 16)
 	if _, err := rand.Read(keyBytes); err != nil {
 		return nil, nil, fmt.Errorf("generating websocket key: %w", err)
@@ -184,6 +190,9 @@ func websocketHandshake(conn net.Conn, r *http.Request, t egress.Target) (*http.
 		return nil, nil, fmt.Errorf("writing websocket handshake: %w", err)
 	}
 	br := bufio.NewReaderSize(conn, 4<<10)
+	if _, err := br.Peek(1); err == nil {
+		tr.FirstByte()
+	}
 	req, _ := http.NewRequest(http.MethodGet, "http://"+hostHeader(t)+path, nil)
 	res, err := http.ReadResponse(br, req)
 	if err != nil {
