@@ -480,7 +480,10 @@ func TestDashboardAndAlertsAgainstPrometheus(t *testing.T) {
 	p := testutil.StartPinaka(t,
 		"JWT_SECRET="+monitorSecret, "TLS_CERT_PATH="+certPath, "TLS_KEY_PATH="+keyPath,
 		"ADMIN_ADDR="+admin, "PROBE_NODE_NAME="+monitorNode, "PROBE_NODE_REGION="+monitorRegion,
-		"EGRESS_ALLOW_CIDRS=127.0.0.0/8", "DNS_SERVERS=127.0.0.1:9",
+		// A name for the DNS-time panels; the test's own server on loopback.
+		"EGRESS_ALLOW_CIDRS=127.0.0.0/8", "DNS_SERVERS="+testutil.StartDNS(t, map[string]string{
+			"r0.origin.test.": "127.0.0.1", "r1.origin.test.": "127.0.0.1", "r2.origin.test.": "127.0.0.1",
+		}),
 		// Loopback only, as in e2e: every other IPv4 range and all IPv6 denied.
 		"EGRESS_DENY_CIDRS=0.0.0.0/2,64.0.0.0/3,96.0.0.0/4,112.0.0.0/5,120.0.0.0/6,124.0.0.0/7,126.0.0.0/8,128.0.0.0/1,::/0",
 		"BACKEND_URL=https://"+collAddr, "BACKEND_CA_PATH="+serverCAPath,
@@ -706,6 +709,13 @@ func driveLoad(t *testing.T, proxyAddr string, round int) {
 	}
 	if got := status(t, fwd, "http://10.1.2.3/private"); got != 403 {
 		t.Fatalf("private destination: %d, want 403", got)
+	}
+	// Through a name of the test's DNS server, a new one each round (a
+	// cached answer is another series): lookups for the time-breakdown
+	// panels.
+	byName := strings.Replace(plain.URL, "127.0.0.1", fmt.Sprintf("r%d.origin.test", round), 1)
+	if got := status(t, fwd, byName+"/by-name"); got != 200 {
+		t.Fatalf("forwarded GET by name: %d", got)
 	}
 	// A dead origin: 502, so that the 5xx series exist.
 	dead := "http://127.0.0.1:" + testutil.FreePort(t) + "/dead"

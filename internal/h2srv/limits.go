@@ -19,9 +19,12 @@ type frameBudget struct {
 }
 
 const (
-	budgetCap     = 1000
-	budgetRefill  = 100 // credits per second
-	budgetPerByte = 1.0 / 1024
+	// productiveWindowUpdate is the smallest WINDOW_UPDATE increment that
+	// costs no credit (see process).
+	productiveWindowUpdate = 1 << 10
+	budgetCap              = 1000
+	budgetRefill           = 100 // credits per second
+	budgetPerByte          = 1.0 / 1024
 )
 
 func (b *frameBudget) init() { b.credits = budgetCap }

@@ -177,6 +177,7 @@ func TestControlFrameFloods(t *testing.T) {
 	}{
 		{"PING", func(fr *http2.Framer, i int) error { return fr.WritePing(false, [8]byte{byte(i >> 8), byte(i)}) }},
 		{"SETTINGS", func(fr *http2.Framer, i int) error { return fr.WriteSettings() }},
+		{"WINDOW_UPDATE of 1 byte", func(fr *http2.Framer, i int) error { return fr.WriteWindowUpdate(0, 1) }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := dial(t, addr)
@@ -196,6 +197,48 @@ func TestControlFrameFloods(t *testing.T) {
 				t.Errorf("GOAWAY after %d frames, fewer than the budget (%d)", n, budgetCap)
 			}
 		})
+	}
+}
+
+// A client reading a download 4 KiB at a time sends a stream and a
+// connection WINDOW_UPDATE for each read (x/net's client does, in bursts
+// of hundreds when it drains its buffer): several budgets' worth of them
+// cost nothing, and the connection goes on.
+func TestReadingClientsWindowUpdatesAreFree(t *testing.T) {
+	g := newGate()
+	t.Cleanup(g.open)
+	_, addr := newServer(t, Config{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { g.wait(r) })})
+	c := dial(t, addr)
+	c.mustHeaders(1, true, get("/")...)
+	recv(t, g.started, "the handler")
+	sent := 0
+	for b := 0; sent < 3*budgetCap; b++ {
+		var buf bytes.Buffer
+		fr := http2.NewFramer(&buf, nil)
+		for range 50 {
+			_ = fr.WriteWindowUpdate(1, 4096)
+			_ = fr.WriteWindowUpdate(0, 4096)
+			sent += 2
+		}
+		var mark [8]byte
+		binary.BigEndian.PutUint64(mark[:], uint64(b)|1<<63)
+		_ = fr.WritePing(false, mark)
+		if _, err := c.Conn.Write(buf.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			f, err := c.read()
+			if err != nil || f.Type == http2.FrameGoAway {
+				t.Fatalf("after %d WINDOW_UPDATEs of 4 KiB: %v %v", sent, f, err)
+			}
+			if f.Type == http2.FramePing && f.Flags.Has(http2.FlagPingAck) && bytes.Equal(f.Data, mark[:]) {
+				break
+			}
+		}
+	}
+	g.open()
+	if hdr, _, _ := c.response(1); statusOf(hdr) != "200" {
+		t.Errorf("the stream after %d WINDOW_UPDATEs: %v", sent, hdr)
 	}
 }
 

@@ -43,8 +43,16 @@ func (c *conn) process(f http2.Frame) error {
 		c.wcond.Signal()
 		return nil
 	case *http2.WindowUpdateFrame:
-		if err := c.charge("window_update"); err != nil {
-			return err
+		// Opening a window by a KiB or more is a client reading what we
+		// send: x/net's client sends a stream and a connection update for
+		// every 4 KiB it reads, in bursts of hundreds when it drains its
+		// buffer, and a download must not run out of credits for that.
+		// Smaller increments are the dribble (CVE-2019-9517 family); a
+		// stream of large ones ends in a window overflow.
+		if f.Increment < productiveWindowUpdate {
+			if err := c.charge("window_update"); err != nil {
+				return err
+			}
 		}
 		return c.processWindowUpdate(f)
 	case *http2.RSTStreamFrame:
