@@ -8,9 +8,18 @@
 # memory workload (which runs first) sees an unused process. Writes
 # bench/results/latest.md and prints it.
 #
+# Fleet mode: right after each Pinaka protocol run, the same proxy with
+# REDIS_URL pointing at a redis-server this script starts on a free port
+# (column "Pinaka+Redis", the setup and forwarding workloads; its CPU is
+# Pinaka's plus redis-server's). Without redis-server it is not measured.
+#
 # Environment: BENCH_DURATION (default 3s per measurement),
 # BENCH_IDLE_TUNNELS (default 1000), BENCH_TUNNELS (16), BENCH_CLIENTS (16),
-# BENCH_SKIP (space-separated: pinaka squid nghttpx).
+# BENCH_SKIP (space-separated: pinaka redis squid nghttpx),
+# BENCH_WORKLOADS (pinaka-bench -workloads for every run; default all),
+# BENCH_REDIS_WORKLOADS (for the Redis runs; default setup,setup-warm,forward),
+# BENCH_OUT (the table; default bench/results/latest.md: give partial runs
+# another file).
 set -euo pipefail
 # go.mod asks for Go 1.27.3; fetched when the machine's Go is older.
 export GOTOOLCHAIN=${GOTOOLCHAIN:-go1.27.3}
@@ -22,6 +31,8 @@ idle=${BENCH_IDLE_TUNNELS:-1000}
 tunnels=${BENCH_TUNNELS:-16}
 clients=${BENCH_CLIENTS:-16}
 skip=" ${BENCH_SKIP:-} "
+workloads=${BENCH_WORKLOADS:-all}
+redis_workloads=${BENCH_REDIS_WORKLOADS:-setup,setup-warm,forward}
 
 work=$(mktemp -d /tmp/pinaka-bench.XXXXXX)
 chmod 755 "$work" # Squid drops privileges to its own user and must read its files
@@ -74,6 +85,7 @@ bench="$work/pinaka-bench"
 # (-baseline): the ratios stay right when load from elsewhere on the machine
 # changes during the suite. The separate direct run is the table's column.
 common=(-json -duration "$duration" -tunnels "$tunnels" -clients "$clients" -idle-tunnels "$idle")
+run_workloads=(-workloads "$workloads")
 reports=()
 notes=()
 
@@ -83,7 +95,7 @@ run() {
 	local name=$1
 	shift
 	log "measuring $name"
-	"$bench" "${common[@]}" "$@" >"$work/$name.json" || true
+	"$bench" "${common[@]}" "${run_workloads[@]}" "$@" >"$work/$name.json" || true
 	if [[ -s "$work/$name.json" ]]; then
 		reports+=("$work/$name.json")
 	else
@@ -96,7 +108,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
 	-addext subjectAltName=IP:127.0.0.1 2>/dev/null
 chmod 644 "$work/key.pem" "$work/cert.pem"
 
-read -r p_pinaka p_squid_http p_squid_https p_nghttpx <<<"$("$bench" ports 4)"
+read -r p_pinaka p_squid_http p_squid_https p_nghttpx p_redis p_admin <<<"$("$bench" ports 6)"
 
 run direct -label direct -baseline=false
 
@@ -109,9 +121,10 @@ elif ! go build -o "$work/pinaka" ./cmd/pinaka 2>"$work/pinaka-build.log"; then
 else
 	secret=$(openssl rand -hex 32)
 	token=$(JWT_SECRET=$secret "$work/pinaka" token --user bench --token-id bench --regions '*' --ttl 2h)
+	# start_pinaka [VAR=VALUE...]: the proxy, with extra environment.
 	start_pinaka() {
 		env JWT_SECRET="$secret" TLS_CERT_PATH="$work/cert.pem" TLS_KEY_PATH="$work/key.pem" \
-			PROXY_BIND=127.0.0.1 PROXY_PORT="$p_pinaka" ADMIN_ADDR=off \
+			PROXY_BIND=127.0.0.1 PROXY_PORT="$p_pinaka" ADMIN_ADDR=off "$@" \
 			EGRESS_ALLOW_CIDRS=127.0.0.0/8 PROBE_NODE_REGION=bench PROBE_NODE_NAME=bench \
 			RATE_LIMIT_REQUESTS_PER_MINUTE=1000000000 RATE_LIMIT_BURST_SIZE=1000000000 \
 			MAX_TUNNELS_PER_TOKEN=1000000 MAX_FORWARDS_PER_TOKEN=1000000 MAX_CONNECTIONS=1000000 \
@@ -121,17 +134,53 @@ else
 		started+=("$pinaka_pid")
 		wait_port "$p_pinaka" || { cat "$work/pinaka.log" >&2; return 1; }
 	}
+	# Fleet mode, measured next to each protocol's run: a redis-server of
+	# our own (no persistence, like the tests'), REDIS_TIMEOUT long enough
+	# that no decision falls back to local state (counted and noted if one
+	# does: the figure would then understate Redis's cost).
+	redis_pid=""
+	if [[ $skip == *" redis "* ]]; then
+		notes+=("Pinaka+Redis: skipped (BENCH_SKIP)")
+	elif ! command -v redis-server >/dev/null; then
+		notes+=("Pinaka+Redis: not measured (redis-server not installed: Debian package redis-server)")
+	else
+		mkdir "$work/redis"
+		redis-server --port "$p_redis" --bind 127.0.0.1 --save "" --appendonly no \
+			--dir "$work/redis" >"$work/redis/out.log" 2>&1 &
+		redis_pid=$!
+		started+=("$redis_pid")
+		if ! wait_port "$p_redis"; then
+			cat "$work/redis/out.log" >&2
+			notes+=("Pinaka+Redis: not measured (redis-server did not start)")
+			stop "$redis_pid"
+			redis_pid=""
+		fi
+	fi
 	for proto in h1 h2; do
+		flags=()
+		[[ $proto == h2 ]] && flags=(-proxy-h2)
 		if start_pinaka; then
-			flags=()
-			[[ $proto == h2 ]] && flags=(-proxy-h2)
 			run "pinaka-$proto" -label Pinaka -proxy "https://127.0.0.1:$p_pinaka" -insecure \
 				-bearer "$token" -pid "$pinaka_pid" "${flags[@]}"
 			stop "$pinaka_pid"
 		else
 			notes+=("Pinaka $proto: did not start")
 		fi
+		[[ -n $redis_pid ]] || continue
+		if start_pinaka REDIS_URL="redis://127.0.0.1:$p_redis/0" REDIS_TIMEOUT=1s FLEET_SIZE=1 \
+			ADMIN_ADDR="127.0.0.1:$p_admin"; then
+			run_workloads=(-workloads "$redis_workloads")
+			run "pinaka-redis-$proto" -label Pinaka+Redis -proxy "https://127.0.0.1:$p_pinaka" -insecure \
+				-bearer "$token" -pid "$pinaka_pid,$redis_pid" "${flags[@]}"
+			run_workloads=(-workloads "$workloads")
+			fallback=$(curl -s "http://127.0.0.1:$p_admin/metrics" | awk '/^pinaka_redis_fallback_total/ {n += $2} END {print n + 0}') || fallback="?"
+			notes+=("Pinaka+Redis $proto: $fallback decisions fell back to local state (0 expected)")
+			stop "$pinaka_pid"
+		else
+			notes+=("Pinaka+Redis $proto: did not start")
+		fi
 	done
+	stop "$redis_pid"
 fi
 
 # --- Squid, and nghttpx in front of it ---------------------------------------
@@ -205,7 +254,7 @@ fi
 
 # --- Table ---------------------------------------------------------------------
 mkdir -p bench/results
-out=bench/results/latest.md
+out=${BENCH_OUT:-bench/results/latest.md}
 {
 	echo "# pinaka-bench results"
 	echo

@@ -12,6 +12,8 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pinaka-proxy/pinaka/internal/collector"
+	"github.com/pinaka-proxy/pinaka/internal/config"
+	"github.com/pinaka-proxy/pinaka/internal/fleet"
 )
 
 // revokeTimeout bounds the whole command: connect, migrate, one change.
@@ -22,7 +24,9 @@ const revokeTimeout = 30 * time.Second
 // database rather than calling the collector: the collector then needs no
 // write endpoint, so a node's API key, which every proxy holds, cannot
 // revoke or un-revoke anything, and revoking works while the collector
-// is down. The proxies see the change at their next poll.
+// is down. The proxies see the change at their next poll; with REDIS_URL
+// it is also published on the fleet's channel after the commit, and the
+// nodes connected to Redis apply it at once.
 func revoke(args []string, stdout, stderr io.Writer) error {
 	fs := flagSet("revoke", stderr)
 	tokenID := fs.String("token-id", "", "revoke this token_id")
@@ -59,6 +63,12 @@ func revoke(args []string, stdout, stderr io.Writer) error {
 		end = &t
 	}
 	dsn, err := collector.DatabaseURL(lookup)
+	if err != nil {
+		return err
+	}
+	// Checked before the database is touched: a typo must not leave a
+	// revocation that was never published.
+	redisURL, redisPrefix, err := config.Redis(lookup)
 	if err != nil {
 		return err
 	}
@@ -102,6 +112,7 @@ func revoke(args []string, stdout, stderr io.Writer) error {
 			return fmt.Errorf("--remove: token_id %q is not revoked", *remove)
 		}
 		fmt.Fprintf(stdout, "token_id %q is no longer revoked (proxies allow it again after their next poll)\n", *remove)
+		publishRevocation(redisURL, redisPrefix, fleet.RevocationMessage{TokenID: *remove, Remove: true}, stdout, stderr)
 		return nil
 	}
 	if end != nil && !end.After(now) {
@@ -115,7 +126,39 @@ func revoke(args []string, stdout, stderr io.Writer) error {
 		msg += " until " + end.UTC().Format(time.RFC3339)
 	}
 	fmt.Fprintln(stdout, msg+" (proxies refuse it and close its tunnels within one REVOCATION_INTERVAL)")
+	m := fleet.RevocationMessage{TokenID: *tokenID}
+	if end != nil {
+		m.Until = *end
+	}
+	publishRevocation(redisURL, redisPrefix, m, stdout, stderr)
 	return nil
+}
+
+// publishTimeout bounds publishing on Redis, connection included.
+const publishTimeout = 5 * time.Second
+
+// publishRevocation announces a change already committed to the database
+// on the fleet's Redis channel (REDIS_URL), so that the nodes connected to
+// it apply it at once. It is the fast path only: a failure is a warning,
+// not a failed command, since every node still gets the change at its next
+// poll of REVOCATION_URL.
+func publishRevocation(redisURL, prefix string, m fleet.RevocationMessage, stdout, stderr io.Writer) {
+	if redisURL == "" {
+		return
+	}
+	client, err := fleet.NewClient(redisURL)
+	if err == nil {
+		defer client.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), publishTimeout)
+		defer cancel()
+		var n int64
+		n, err = fleet.NewRevocations(client, prefix, nil, nil).Publish(ctx, m)
+		if err == nil {
+			fmt.Fprintf(stdout, "published on Redis to %d node(s): they apply it at once\n", n)
+			return
+		}
+	}
+	fmt.Fprintf(stderr, "warning: publishing on REDIS_URL failed (%v); the change is stored, and proxies apply it at their next poll of REVOCATION_URL\n", err)
 }
 
 // parseUntil reads --until: an RFC 3339 time or a duration from now.

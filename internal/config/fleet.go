@@ -67,3 +67,13 @@ func (p *parser) durationIn(name string, def, min, max time.Duration) time.Durat
 	}
 	return d
 }
+
+// Redis reads REDIS_URL and REDIS_KEY_PREFIX alone, checked as serve
+// checks them, for commands that publish to the fleet without serving
+// (pinaka revoke). url is "" when REDIS_URL is not set.
+func Redis(lookup Lookup) (url, prefix string, err error) {
+	p := parser{lookup: lookup}
+	url = p.redisURL("REDIS_URL")
+	prefix = p.keyPrefix("REDIS_KEY_PREFIX", "pinaka:")
+	return url, prefix, errors.Join(p.errs...)
+}

@@ -183,8 +183,8 @@ func (f *Fleet) Up() bool { return !f.down.Load() }
 
 // Run keeps the fleet state alive until ctx ends: it probes Redis after a
 // failure, renews this node's tunnel leases, and, when onRevoked is not nil,
-// delivers revoked token ids published by any node.
-func (f *Fleet) Run(ctx context.Context, onRevoked func(tokenIDs []string)) {
+// delivers the revocations published by any node.
+func (f *Fleet) Run(ctx context.Context, onRevoked func(msgs []RevocationMessage)) {
 	var wg sync.WaitGroup
 	wg.Go(func() { f.probe(ctx) })
 	wg.Go(func() { f.tunnels.renewLoop(ctx) })

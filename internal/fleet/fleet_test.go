@@ -232,10 +232,10 @@ func TestUnreachableAtStartWarnsAndRecovers(t *testing.T) {
 		t.Errorf("got %d, want 2 (burst 4 / FLEET_SIZE 2)", got)
 	}
 	// Its revocation subscriber connects once Redis appears too.
-	got := make(chan []string, 1)
+	got := make(chan []RevocationMessage, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { defer close(done); n.Revocations().Run(ctx, func(ids []string) { got <- ids }) }()
+	go func() { defer close(done); n.Revocations().Run(ctx, func(ms []RevocationMessage) { got <- ms }) }()
 	defer func() { cancel(); <-done }()
 
 	r.Restart()
@@ -246,8 +246,8 @@ func TestUnreachableAtStartWarnsAndRecovers(t *testing.T) {
 		return c.PubSubNumSub(context.Background(), "pinaka:revocations").Val()["pinaka:revocations"] == 1
 	})
 	c.Publish(context.Background(), "pinaka:revocations", "late")
-	if ids := <-got; len(ids) != 1 || ids[0] != "late" {
-		t.Errorf("got %q", ids)
+	if ms := <-got; len(ms) != 1 || ms[0] != (RevocationMessage{TokenID: "late"}) {
+		t.Errorf("got %+v", ms)
 	}
 }
 
@@ -370,13 +370,15 @@ func TestTunnelFallbackAndRejoin(t *testing.T) {
 	}
 }
 
-// A revoked token id published on one node reaches the subscribers on two
-// others; what is not a token id is dropped.
+// A revocation published on one node reaches the subscribers on two
+// others, in order, with its end or as a withdrawal; a bare token id (what
+// redis-cli sends by hand) is a revocation with no end; what is not a
+// valid message is dropped and counted.
 func TestRevocationFanOut(t *testing.T) {
 	r := testutil.StartRedis(t)
 	type got struct {
-		mu  sync.Mutex
-		ids []string
+		mu sync.Mutex
+		ms []RevocationMessage
 	}
 	subscribe := func() (*Fleet, *got) {
 		f, err := New(Options{URL: r.URL(), RequestsPerMinute: 1, Burst: 1, MaxTokens: 1, MaxTunnelsPerToken: 1, Registry: prometheus.NewRegistry()})
@@ -388,7 +390,7 @@ func TestRevocationFanOut(t *testing.T) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			f.Run(ctx, func(ids []string) { g.mu.Lock(); g.ids = append(g.ids, ids...); g.mu.Unlock() })
+			f.Run(ctx, func(ms []RevocationMessage) { g.mu.Lock(); g.ms = append(g.ms, ms...); g.mu.Unlock() })
 		}()
 		t.Cleanup(func() { cancel(); <-done; f.Close() })
 		return f, g
@@ -401,28 +403,46 @@ func TestRevocationFanOut(t *testing.T) {
 		return c.PubSubNumSub(context.Background(), "pinaka:revocations").Val()["pinaka:revocations"] == 2
 	})
 	pub := NewRevocations(c, "pinaka:", nil, nil)
-	if _, err := pub.Publish(context.Background(), "bad\x00id"); err == nil {
-		t.Error("published an invalid token id")
+	ctx := context.Background()
+	for _, bad := range []RevocationMessage{{TokenID: "bad\x00id"}, {}, {TokenID: "a", Remove: true, Until: time.Now().Add(time.Hour)}} {
+		if _, err := pub.Publish(ctx, bad); err == nil {
+			t.Errorf("published an invalid message %+v", bad)
+		}
 	}
-	c.Publish(context.Background(), "pinaka:revocations", "bad\x01id") // another publisher's junk
-	n, err := pub.Publish(context.Background(), "session_42")
-	if err != nil || n != 2 {
-		t.Fatalf("publish: %d receivers, %v", n, err)
+	// Another publisher's junk.
+	for _, junk := range []string{"bad\x01id", "{not json", `{"token_id":""}`, `{"token_id":"x","until":"soon"}`,
+		`{"token_id":"x","remove":true,"until":"2030-01-01T00:00:00Z"}`, strings.Repeat("x", 2000)} {
+		c.Publish(ctx, "pinaka:revocations", junk)
 	}
+	until := time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
+	want := []RevocationMessage{{TokenID: "session_42"}, {TokenID: "s_until", Until: until}, {TokenID: "session_42", Remove: true}, {TokenID: "plain-id"}}
+	for _, m := range want[:3] {
+		n, err := pub.Publish(ctx, m)
+		if err != nil || n != 2 {
+			t.Fatalf("publish %+v: %d receivers, %v", m, n, err)
+		}
+	}
+	c.Publish(ctx, "pinaka:revocations", "plain-id")
 	for i, g := range []*got{g1, g2} {
 		waitFor(t, fmt.Sprint("delivery to subscriber ", i+1), func() bool {
 			g.mu.Lock()
 			defer g.mu.Unlock()
-			return len(g.ids) > 0
+			return len(g.ms) >= len(want)
 		})
 		g.mu.Lock()
-		if len(g.ids) != 1 || g.ids[0] != "session_42" {
-			t.Errorf("subscriber %d got %q", i+1, g.ids)
+		if len(g.ms) != len(want) {
+			t.Errorf("subscriber %d got %+v", i+1, g.ms)
+		} else {
+			for j := range want {
+				if g.ms[j].TokenID != want[j].TokenID || !g.ms[j].Until.Equal(want[j].Until) || g.ms[j].Remove != want[j].Remove {
+					t.Errorf("subscriber %d message %d: %+v, want %+v", i+1, j, g.ms[j], want[j])
+				}
+			}
 		}
 		g.mu.Unlock()
 	}
-	if v := promtest.ToFloat64(f1.m.revoked.WithLabelValues("invalid")); v != 1 {
-		t.Errorf("invalid messages counted %v, want 1", v)
+	if v := promtest.ToFloat64(f1.m.revoked.WithLabelValues("invalid")); v != 6 {
+		t.Errorf("invalid messages counted %v, want 6", v)
 	}
 }
 

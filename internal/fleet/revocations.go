@@ -2,9 +2,12 @@ package fleet
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -14,9 +17,51 @@ import (
 // maxRevocationBatch bounds the ids handed to the callback at once.
 const maxRevocationBatch = 256
 
-// Revocations fans revoked token ids out to every node through Redis
-// pub/sub on the channel REDIS_KEY_PREFIX + "revocations" (by default
-// "pinaka:revocations"), one token id per message.
+// maxRevocationMessage bounds one message: a JSON object with a 50-byte
+// id (at most 300 bytes escaped) and a time fits many times over.
+const maxRevocationMessage = 1024
+
+// RevocationMessage is one message on the channel: a token id revoked
+// (until Until, when set), or a revocation withdrawn (Remove).
+//
+// On the wire it is a JSON object, {"token_id":"T"} with "until" (RFC
+// 3339) or "remove":true when they apply; what Publish sends. A message
+// that does not start with "{" is a bare token id revoked with no end, so
+// that `redis-cli PUBLISH pinaka:revocations T` works by hand.
+type RevocationMessage struct {
+	TokenID string    `json:"token_id"`
+	Until   time.Time `json:"until,omitzero"`
+	Remove  bool      `json:"remove,omitempty"`
+}
+
+// parseRevocation reads one message; an error means it is dropped.
+func parseRevocation(payload string) (RevocationMessage, error) {
+	if len(payload) > maxRevocationMessage {
+		return RevocationMessage{}, fmt.Errorf("message of %d bytes", len(payload))
+	}
+	var m RevocationMessage
+	if strings.HasPrefix(payload, "{") {
+		if err := json.Unmarshal([]byte(payload), &m); err != nil {
+			return RevocationMessage{}, err
+		}
+		if m.Remove && !m.Until.IsZero() {
+			return RevocationMessage{}, errors.New("remove with until")
+		}
+	} else {
+		m.TokenID = payload
+	}
+	if m.TokenID == "" {
+		return RevocationMessage{}, errors.New("empty token id")
+	}
+	if err := auth.CheckID("token_id", m.TokenID); err != nil {
+		return RevocationMessage{}, err
+	}
+	return m, nil
+}
+
+// Revocations fans revocations out to every node through Redis pub/sub on
+// the channel REDIS_KEY_PREFIX + "revocations" (by default
+// "pinaka:revocations"), one RevocationMessage per message.
 //
 // Pub/sub delivers at most once, to the nodes connected at that moment: a
 // node that was disconnected misses the message. It is the fast path next
@@ -45,37 +90,40 @@ func NewRevocations(client *redis.Client, prefix string, log *slog.Logger, m *fl
 // Channel is the pub/sub channel's name.
 func (r *Revocations) Channel() string { return r.channel }
 
-// Publish announces that tokenID is revoked, and returns how many nodes
-// received it.
-func (r *Revocations) Publish(ctx context.Context, tokenID string) (int64, error) {
-	if tokenID == "" {
+// Publish announces a revocation (or its withdrawal), and returns how
+// many nodes received it.
+func (r *Revocations) Publish(ctx context.Context, m RevocationMessage) (int64, error) {
+	if m.TokenID == "" {
 		return 0, errors.New("publishing a revocation: empty token id")
 	}
-	if err := auth.CheckID("token_id", tokenID); err != nil {
+	if err := auth.CheckID("token_id", m.TokenID); err != nil {
 		return 0, fmt.Errorf("publishing a revocation: %w", err)
 	}
-	n, err := r.client.Publish(ctx, r.channel, tokenID).Result()
+	if m.Remove && !m.Until.IsZero() {
+		return 0, errors.New("publishing a revocation: a removal has no until")
+	}
+	b, err := json.Marshal(m)
+	if err != nil {
+		return 0, fmt.Errorf("publishing a revocation: %w", err)
+	}
+	n, err := r.client.Publish(ctx, r.channel, b).Result()
 	if err != nil {
 		return 0, fmt.Errorf("publishing a revocation on %s: %w", r.channel, err)
 	}
 	return n, nil
 }
 
-// Run delivers the token ids published on the channel to deliver, in
-// batches of what has arrived (at most maxRevocationBatch), until ctx ends.
-// deliver runs in this goroutine and should be quick. Messages that are not
-// a valid token id are dropped and counted. The client reconnects and
-// resubscribes by itself after Redis comes back.
-//
-// Wiring: the revocation list (REVOCATION_URL, internal/revocation) is
-// built separately; at merge, cmd/pinaka passes its "add these ids"
-// function as deliver, so a revocation published on one node reaches the
-// others' lists within a second.
-func (r *Revocations) Run(ctx context.Context, deliver func(tokenIDs []string)) {
+// Run delivers the messages published on the channel to deliver, in
+// order, in batches of what has arrived (at most maxRevocationBatch),
+// until ctx ends. deliver runs in this goroutine and should be quick
+// (internal/server hands them to revocation.List.Push). Messages that do
+// not parse or do not carry a valid token id are dropped and counted. The
+// client reconnects and resubscribes by itself after Redis comes back.
+func (r *Revocations) Run(ctx context.Context, deliver func(msgs []RevocationMessage)) {
 	ps := r.client.Subscribe(ctx, r.channel)
 	defer ps.Close()
 	ch := ps.Channel(redis.WithChannelSize(1024))
-	batch := make([]string, 0, maxRevocationBatch)
+	batch := make([]RevocationMessage, 0, maxRevocationBatch)
 	for {
 		var msg *redis.Message
 		var ok bool
@@ -101,17 +149,17 @@ func (r *Revocations) Run(ctx context.Context, deliver func(tokenIDs []string)) 
 			}
 		}
 		if len(batch) > 0 {
-			deliver(append([]string(nil), batch...))
+			deliver(append([]RevocationMessage(nil), batch...))
 		}
 	}
 }
 
-func (r *Revocations) add(batch []string, msg *redis.Message) []string {
-	id := msg.Payload
-	if id == "" || auth.CheckID("token_id", id) != nil {
+func (r *Revocations) add(batch []RevocationMessage, msg *redis.Message) []RevocationMessage {
+	m, err := parseRevocation(msg.Payload)
+	if err != nil {
 		r.m.revoked.WithLabelValues("invalid").Inc()
 		return batch
 	}
 	r.m.revoked.WithLabelValues("accepted").Inc()
-	return append(batch, id)
+	return append(batch, m)
 }

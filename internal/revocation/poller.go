@@ -172,6 +172,9 @@ func (p *Poller) LoadSaved() error {
 func (p *Poller) Poll(ctx context.Context) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	// Pushes that arrived before the fetch starts are settled by its
+	// answer; later ones are not (List).
+	mark := p.list.Mark()
 	doc, etag, err := p.fetch(ctx)
 	if err != nil {
 		var fe *fetchError
@@ -188,13 +191,14 @@ func (p *Poller) Poll(ctx context.Context) error {
 	p.logRecovery()
 	path := p.savePath()
 	if doc == nil { // 304: unchanged
+		p.list.Confirm(mark)
 		if path != "" {
 			// The saved list's time is its age after a restart.
 			_ = os.Chtimes(path, now, now)
 		}
 		return nil
 	}
-	added, removed := p.list.Apply(doc.TokenIDs)
+	added, removed := p.list.ApplyPolled(doc.TokenIDs, mark)
 	p.etag = etag
 	prev := p.version.Swap(doc.Version)
 	if added > 0 || removed > 0 || prev != doc.Version {

@@ -56,6 +56,9 @@ type App struct {
 	// Revocations polls REVOCATION_URL; nil when it is off.
 	Revocations     *revocation.Poller
 	stopRevocations context.CancelFunc
+	// Revoked is the revocation list in force (polled and pushed through
+	// Redis); nil when neither REVOCATION_URL nor REDIS_URL is set.
+	Revoked *revocation.List
 }
 
 // AppOptions are the parts of an App that are not configuration.
@@ -169,7 +172,7 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		UpstreamTLS:           o.UpstreamTLS,
 		Revocations:           revocations,
 	})
-	a.Revocations = poller
+	a.Revocations, a.Revoked = poller, revoked
 	registerRevokedClosed(m, p.RevokedClosed)
 	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "pinaka_tunnel_directions_parked",

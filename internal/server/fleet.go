@@ -10,6 +10,7 @@ import (
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
 	"github.com/pinaka-proxy/pinaka/internal/proxy"
 	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
+	"github.com/pinaka-proxy/pinaka/internal/revocation"
 )
 
 // newLimits builds the per-token request bucket and tunnel cap: this
@@ -52,10 +53,31 @@ func (a *App) startFleet() (stop func()) {
 	return func() { cancel(); <-done; _ = a.Fleet.Close() }
 }
 
-// revokedThroughRedis receives token ids another node published as revoked.
-// The revocation list (REVOCATION_URL) is being built separately; when it
-// is merged, this hands the ids to it so they are refused (and their
-// tunnels closed) on this node too. Until then they are only logged.
-func (a *App) revokedThroughRedis(tokenIDs []string) {
-	a.log.Info("token ids revoked through Redis", "count", len(tokenIDs), "token_ids", tokenIDs)
+// revokedThroughRedis puts the revocations published through Redis in
+// force on this node at once (revocation.List.Push: the OnRevoke
+// subscribers close the tokens' tunnels and requests), ahead of the next
+// poll of REVOCATION_URL, which settles them.
+func (a *App) revokedThroughRedis(msgs []fleet.RevocationMessage) {
+	if a.Revoked == nil {
+		return
+	}
+	ps := make([]revocation.Push, len(msgs))
+	var revoked, removed []string
+	for i, m := range msgs {
+		ps[i] = revocation.Push{TokenID: m.TokenID, Until: m.Until, Remove: m.Remove}
+		if m.Remove {
+			removed = append(removed, m.TokenID)
+		} else {
+			revoked = append(revoked, m.TokenID)
+		}
+	}
+	refused := a.Revoked.PushRefused()
+	a.Revoked.Push(ps)
+	// At most one batch (256 ids of at most 50 bytes) per line.
+	a.log.Info("token ids revoked through Redis", "count", len(revoked), "token_ids", revoked,
+		"withdrawn", removed)
+	if n := a.Revoked.PushRefused() - refused; n > 0 {
+		a.log.Error("token ids revoked through Redis refused: this node already holds the most pushed ids; they apply at the next poll of REVOCATION_URL",
+			"refused", n, "max", revocation.MaxPushed)
+	}
 }

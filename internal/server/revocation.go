@@ -19,12 +19,20 @@ import (
 // node ran before it had any).
 const revocationStartTimeout = 5 * time.Second
 
-// newRevocations builds the revocation list and its poller from cfg (nil,
-// nil when REVOCATION_URL is off), loads the list saved under STATE_DIR
-// and fetches once.
+// newRevocations builds the revocation list and its poller from cfg,
+// loads the list saved under STATE_DIR and fetches once. With REDIS_URL
+// and no REVOCATION_URL there is a list without a poller, fed by Redis
+// alone; with neither, no list.
 func newRevocations(cfg *config.Config, log *slog.Logger, m *metrics.Metrics) (*revocation.List, *revocation.Poller, error) {
 	if cfg.RevocationURL == "" {
-		return nil, nil, nil
+		if cfg.RedisURL == "" {
+			return nil, nil, nil
+		}
+		log.Warn("REDIS_URL without REVOCATION_URL: revocations arrive only through Redis pub/sub; " +
+			"a node that is started or disconnected when one is published never learns of it")
+		list := revocation.NewList()
+		registerListMetrics(m, list)
+		return list, nil, nil
 	}
 	// The list comes from the backend: the node's certificate and
 	// BACKEND_CA_PATH apply (nil without them: the poller's own client).
@@ -45,15 +53,29 @@ func newRevocations(cfg *config.Config, log *slog.Logger, m *metrics.Metrics) (*
 	ctx, cancel := context.WithTimeout(context.Background(), revocationStartTimeout)
 	defer cancel()
 	_ = poller.Poll(ctx) // a failure is logged and counted by Poll
+	registerListMetrics(m, list)
 	registerRevocationMetrics(m, poller)
 	return list, poller, nil
 }
 
-func registerRevocationMetrics(m *metrics.Metrics, p *revocation.Poller) {
+func registerListMetrics(m *metrics.Metrics, l *revocation.List) {
 	m.Registry.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "pinaka_revoked_tokens", Help: "Revoked token ids in force on this node.",
-		}, func() float64 { return float64(p.List().Len()) }),
+			Name: "pinaka_revoked_tokens", Help: "Revoked token ids in force on this node (polled and pushed).",
+		}, func() float64 { return float64(l.Len()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "pinaka_revocation_pushed",
+			Help: "Token ids revoked through Redis and not yet settled by a poll of REVOCATION_URL (without one: all of them).",
+		}, func() float64 { return float64(l.Pushed()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "pinaka_revocation_push_refused_total",
+			Help: "Token ids revoked through Redis and refused because the node already held the most pushed ids (revocation.MaxPushed).",
+		}, func() float64 { return float64(l.PushRefused()) }),
+	)
+}
+
+func registerRevocationMetrics(m *metrics.Metrics, p *revocation.Poller) {
+	m.Registry.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "pinaka_revocation_list_age_seconds",
 			Help: "Seconds since REVOCATION_URL last confirmed the list in force (200 or 304); for a list loaded from STATE_DIR, since it was saved; with none yet, since start.",
