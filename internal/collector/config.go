@@ -38,6 +38,10 @@ type Config struct {
 	// cmd/pinaka sets it; it is not read from the environment.
 	Reload <-chan os.Signal
 	tls    *serverTLS // loaded by LoadConfig, else by Run
+
+	// RetentionDays (RECORDS_RETENTION_DAYS) drops the day partitions of
+	// records older than this many days; 0 keeps everything.
+	RetentionDays int
 }
 
 // LoadConfig reads the collector's variables. Every problem is reported,
@@ -78,6 +82,9 @@ func LoadConfig(lookup config.Lookup) (Config, error) {
 		}
 	}
 	if err := c.loadTLS(get); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.loadRetention(get); err != nil {
 		errs = append(errs, err)
 	}
 	if err := c.validate(); err != nil {
@@ -134,5 +141,24 @@ func (c *Config) loadTLS(get func(name, def string) string) error {
 		return err
 	}
 	c.tls = t
+	return nil
+}
+
+// maxRetentionDays bounds RECORDS_RETENTION_DAYS (about 270 years): a
+// larger value is a typo, not a policy.
+const maxRetentionDays = 100000
+
+// loadRetention reads RECORDS_RETENTION_DAYS: unset, empty or 0 keeps
+// every record.
+func (c *Config) loadRetention(get func(name, def string) string) error {
+	v := get("RECORDS_RETENTION_DAYS", "")
+	if v == "" {
+		return nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 || n > maxRetentionDays {
+		return fmt.Errorf("RECORDS_RETENTION_DAYS must be a whole number of days from 0 (keep everything) to %d, got %q", maxRetentionDays, v)
+	}
+	c.RetentionDays = n
 	return nil
 }

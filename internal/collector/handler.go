@@ -44,6 +44,9 @@ type handler struct {
 	limits   *columnLimits
 
 	revCache revocationCache
+
+	// parts is the view of the records table's partitions (partition.go).
+	parts *partitions
 }
 
 // NewHandler serves POST accesslog.BatchPath, GET revocation.Path and GET
@@ -56,7 +59,12 @@ func NewHandler(pool *pgxpool.Pool, apiKey string, log *slog.Logger) http.Handle
 // newHandler is NewHandler with the collector's TLS (nil: plain HTTP) and
 // metrics, which it also serves at GET /metrics.
 func newHandler(pool *pgxpool.Pool, apiKey string, log *slog.Logger, t *serverTLS, m *collectorMetrics) http.Handler {
-	h := &handler{pool: pool, apiKey: []byte(apiKey), log: log, tls: t, m: m}
+	return newHandlerParts(pool, apiKey, log, t, m, newPartitions(pool, 0, nil))
+}
+
+// newHandlerParts is newHandler with the partitions' view (retention, clock).
+func newHandlerParts(pool *pgxpool.Pool, apiKey string, log *slog.Logger, t *serverTLS, m *collectorMetrics, parts *partitions) http.Handler {
+	h := &handler{pool: pool, apiKey: []byte(apiKey), log: log, tls: t, m: m, parts: parts}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+accesslog.BatchPath, h.batch)
 	mux.HandleFunc("GET "+revocation.Path, h.revocations)
@@ -141,8 +149,8 @@ func (h *handler) batch(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusServiceUnavailable, answer{Status: "error", Reason: "storage unavailable", BatchID: b.id.String()})
 		return
 	}
-	good, bad := b.sort(limits)
-	stored, err := store(r.Context(), h.pool, b, good, bad)
+	good, bad := b.sort(limits, h.parts.window)
+	stored, err := h.parts.store(r.Context(), b, good, bad)
 	if err != nil {
 		h.log.Error("storing batch", "batch_id", b.id, "records", len(b.logs), "error", err)
 		reply(w, http.StatusServiceUnavailable, answer{Status: "error", Reason: "storage unavailable", BatchID: b.id.String()})
@@ -237,9 +245,16 @@ func decode(body io.Reader) (*batch, error) {
 }
 
 // sort validates every record: good rows to store, bad ones to keep aside.
-func (b *batch) sort(limits *columnLimits) (good []row, bad []rejected) {
+// window (nil: none) says why a valid record's timestamp cannot be stored
+// now ("" if it can).
+func (b *batch) sort(limits *columnLimits, window func(time.Time) string) (good []row, bad []rejected) {
 	for i, raw := range b.logs {
 		r, why := limits.validate(raw)
+		if why == nil && window != nil {
+			if w := window(r[0].(time.Time)); w != "" {
+				why = []string{w}
+			}
+		}
 		if why != nil {
 			bad = append(bad, rejected{position: i, reason: strings.Join(why, "; "), raw: printable(string(raw))})
 			continue
