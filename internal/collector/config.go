@@ -42,6 +42,16 @@ type Config struct {
 	// RetentionDays (RECORDS_RETENTION_DAYS) drops the day partitions of
 	// records older than this many days; 0 keeps everything.
 	RetentionDays int
+	// Writers (COLLECTOR_WRITERS) is how many transactions store batches
+	// at once (writers.go); 0 means DefaultWriters.
+	Writers int
+}
+
+func (c Config) writers() int {
+	if c.Writers <= 0 {
+		return DefaultWriters
+	}
+	return c.Writers
 }
 
 // LoadConfig reads the collector's variables. Every problem is reported,
@@ -84,7 +94,7 @@ func LoadConfig(lookup config.Lookup) (Config, error) {
 	if err := c.loadTLS(get); err != nil {
 		errs = append(errs, err)
 	}
-	if err := c.loadRetention(get); err != nil {
+	if err := c.loadScale(get); err != nil {
 		errs = append(errs, err)
 	}
 	if err := c.validate(); err != nil {
@@ -148,17 +158,23 @@ func (c *Config) loadTLS(get func(name, def string) string) error {
 // larger value is a typo, not a policy.
 const maxRetentionDays = 100000
 
-// loadRetention reads RECORDS_RETENTION_DAYS: unset, empty or 0 keeps
-// every record.
-func (c *Config) loadRetention(get func(name, def string) string) error {
-	v := get("RECORDS_RETENTION_DAYS", "")
-	if v == "" {
-		return nil
+// loadScale reads the collector-at-scale variables: RECORDS_RETENTION_DAYS
+// (unset, empty or 0 keeps every record) and COLLECTOR_WRITERS.
+func (c *Config) loadScale(get func(name, def string) string) error {
+	var errs []error
+	if v := get("RECORDS_RETENTION_DAYS", ""); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > maxRetentionDays {
+			errs = append(errs, fmt.Errorf("RECORDS_RETENTION_DAYS must be a whole number of days from 0 (keep everything) to %d, got %q", maxRetentionDays, v))
+		}
+		c.RetentionDays = n
 	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n < 0 || n > maxRetentionDays {
-		return fmt.Errorf("RECORDS_RETENTION_DAYS must be a whole number of days from 0 (keep everything) to %d, got %q", maxRetentionDays, v)
+	if v := get("COLLECTOR_WRITERS", ""); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > maxWriters {
+			errs = append(errs, fmt.Errorf("COLLECTOR_WRITERS must be a whole number from 1 to %d, got %q", maxWriters, v))
+		}
+		c.Writers = n
 	}
-	c.RetentionDays = n
-	return nil
+	return errors.Join(errs...)
 }

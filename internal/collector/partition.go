@@ -351,6 +351,10 @@ type partitions struct {
 
 	mu    sync.Mutex
 	spans []span // nil: not read yet, or stale
+	// plan is the binary COPY plan (ingest.go), read once planLoaded is
+	// false.
+	plan       *copyPlan
+	planLoaded bool
 }
 
 func newPartitions(pool *pgxpool.Pool, retentionDays int, now func() time.Time) *partitions {
@@ -428,6 +432,7 @@ func (p *partitions) ensure(ctx context.Context, days []time.Time) error {
 func (p *partitions) forget() {
 	p.mu.Lock()
 	p.spans = nil
+	p.planLoaded = false
 	p.mu.Unlock()
 }
 

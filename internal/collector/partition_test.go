@@ -142,7 +142,7 @@ func TestRetentionDropsADay(t *testing.T) {
 	setClock := func(t time.Time) { clockNanos.Store(t.UnixNano()) }
 	setClock(time.Now())
 	parts := newPartitions(pool, 3, func() time.Time { return time.Unix(0, clockNanos.Load()) })
-	srv := httptest.NewServer(newHandlerParts(pool, testKey, testLog(), nil, newCollectorMetrics(), parts))
+	srv := httptest.NewServer(newHandlerParts(pool, testKey, testLog(), nil, newCollectorMetrics(), parts, nil))
 	defer srv.Close()
 
 	// Records of five days ago, posted while they were young (the clock
@@ -269,7 +269,7 @@ func TestMigratesUnpartitionedTableInPlace(t *testing.T) {
 			t.Fatal(err)
 		}
 		good, bad := d.sort(lim, nil)
-		if ok, err := store(ctx, pool, d, good, bad); err != nil || !ok {
+		if ok, err := store(ctx, pool, d, good, bad, nil); err != nil || !ok {
 			t.Fatalf("storing into the version 3 table: %v %v", ok, err)
 		}
 	}

@@ -47,6 +47,10 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, ln net.Listener) e
 	m := newCollectorMetrics()
 	cfg.tls.setMetrics(m)
 	parts := newPartitions(pool, cfg.RetentionDays, nil)
+	// The writers outlive the HTTP server's graceful shutdown, which waits
+	// for the requests they serve.
+	wctx, stopWriters := context.WithCancel(context.Background())
+	defer stopWriters()
 	switch {
 	case cfg.APIKey == "" && cfg.tls.requireNode():
 		log.Info("accepting batches from node certificates alone (no COLLECTOR_API_KEY)")
@@ -54,7 +58,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, ln net.Listener) e
 		log.Warn("COLLECTOR_INSECURE_NO_AUTH: accepting batches without an API key")
 	}
 	srv := &http.Server{
-		Handler:           newHandlerParts(pool, cfg.APIKey, log, cfg.tls, m, parts),
+		Handler:           newHandlerParts(pool, cfg.APIKey, log, cfg.tls, m, parts, startWriters(wctx, parts, cfg.writers(), log)),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       2 * time.Minute,
 		WriteTimeout:      2 * time.Minute,
