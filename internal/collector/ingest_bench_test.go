@@ -113,7 +113,7 @@ func (t batchTemplate) body(id string) []byte {
 
 // BenchmarkCollectorIngest measures records stored per second: senders
 // (BENCH_COLLECTOR_SENDERS, 8) POST batches of BENCH_COLLECTOR_BATCH (100)
-// records, each with a new batch_id, to a real collector on the local
+// records (collector writers: BENCH_COLLECTOR_WRITERS, DefaultWriters), each with a new batch_id, to a real collector on the local
 // PostgreSQL, over HTTP on loopback; an operation is one batch, answered
 // "stored". `make bench-collector` runs it; see docs/PERFORMANCE.md.
 func BenchmarkCollectorIngest(b *testing.B) {
@@ -123,7 +123,7 @@ func BenchmarkCollectorIngest(b *testing.B) {
 	if v := os.Getenv("BENCH_COLLECTOR_DSN_PARAMS"); v != "" {
 		dsn += "&" + v
 	}
-	url := startCollector(b, dsn, Config{}) + accesslog.BatchPath
+	url := startCollector(b, dsn, Config{Writers: envInt(b, "BENCH_COLLECTOR_WRITERS", DefaultWriters)}) + accesslog.BatchPath
 	tmpl := newBatchTemplate(size, time.Now())
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: senders}}
 	defer client.CloseIdleConnections()
