@@ -6,7 +6,7 @@ export GOTOOLCHAIN ?= go1.27.3
 GOBIN   := $(shell $(GO) env GOPATH)/bin
 export PATH := $(PATH):$(GOBIN)
 
-.PHONY: all build run test deps lint unit fuzz e2e h2spec bench clean
+.PHONY: all build run test deps lint unit fuzz e2e h2spec bench bench-collector clean
 
 all: build
 
@@ -56,6 +56,13 @@ e2e:
 
 bench:
 	./bench/run.sh
+
+# Collector ingest: records stored per second, 8 senders of 100-record
+# batches against a real collector on the local PostgreSQL
+# (PINAKA_TEST_DATABASE_URL). docs/PERFORMANCE.md, "Collector ingest".
+BENCH_COLLECTOR_BATCHES ?= 5000
+bench-collector:
+	$(GO) test -run '^$$' -bench '^BenchmarkCollectorIngest$$' -benchtime $(BENCH_COLLECTOR_BATCHES)x -count 3 ./internal/collector/
 
 clean:
 	rm -rf bin

@@ -38,6 +38,20 @@ type Config struct {
 	// cmd/pinaka sets it; it is not read from the environment.
 	Reload <-chan os.Signal
 	tls    *serverTLS // loaded by LoadConfig, else by Run
+
+	// RetentionDays (RECORDS_RETENTION_DAYS) drops the day partitions of
+	// records older than this many days; 0 keeps everything.
+	RetentionDays int
+	// Writers (COLLECTOR_WRITERS) is how many transactions store batches
+	// at once (writers.go); 0 means DefaultWriters.
+	Writers int
+}
+
+func (c Config) writers() int {
+	if c.Writers <= 0 {
+		return DefaultWriters
+	}
+	return c.Writers
 }
 
 // LoadConfig reads the collector's variables. Every problem is reported,
@@ -78,6 +92,9 @@ func LoadConfig(lookup config.Lookup) (Config, error) {
 		}
 	}
 	if err := c.loadTLS(get); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.loadScale(get); err != nil {
 		errs = append(errs, err)
 	}
 	if err := c.validate(); err != nil {
@@ -135,4 +152,29 @@ func (c *Config) loadTLS(get func(name, def string) string) error {
 	}
 	c.tls = t
 	return nil
+}
+
+// maxRetentionDays bounds RECORDS_RETENTION_DAYS (about 270 years): a
+// larger value is a typo, not a policy.
+const maxRetentionDays = 100000
+
+// loadScale reads the collector-at-scale variables: RECORDS_RETENTION_DAYS
+// (unset, empty or 0 keeps every record) and COLLECTOR_WRITERS.
+func (c *Config) loadScale(get func(name, def string) string) error {
+	var errs []error
+	if v := get("RECORDS_RETENTION_DAYS", ""); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > maxRetentionDays {
+			errs = append(errs, fmt.Errorf("RECORDS_RETENTION_DAYS must be a whole number of days from 0 (keep everything) to %d, got %q", maxRetentionDays, v))
+		}
+		c.RetentionDays = n
+	}
+	if v := get("COLLECTOR_WRITERS", ""); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > maxWriters {
+			errs = append(errs, fmt.Errorf("COLLECTOR_WRITERS must be a whole number from 1 to %d, got %q", maxWriters, v))
+		}
+		c.Writers = n
+	}
+	return errors.Join(errs...)
 }

@@ -44,6 +44,12 @@ type handler struct {
 	limits   *columnLimits
 
 	revCache revocationCache
+
+	// parts is the view of the records table's partitions (partition.go).
+	parts *partitions
+	// writers, when not nil, store batches in groups (writers.go); else
+	// each request stores its batch in a transaction of its own.
+	writers *writers
 }
 
 // NewHandler serves POST accesslog.BatchPath, GET revocation.Path and GET
@@ -56,7 +62,13 @@ func NewHandler(pool *pgxpool.Pool, apiKey string, log *slog.Logger) http.Handle
 // newHandler is NewHandler with the collector's TLS (nil: plain HTTP) and
 // metrics, which it also serves at GET /metrics.
 func newHandler(pool *pgxpool.Pool, apiKey string, log *slog.Logger, t *serverTLS, m *collectorMetrics) http.Handler {
-	h := &handler{pool: pool, apiKey: []byte(apiKey), log: log, tls: t, m: m}
+	return newHandlerParts(pool, apiKey, log, t, m, newPartitions(pool, 0, nil), nil)
+}
+
+// newHandlerParts is newHandler with the partitions' view (retention,
+// clock) and the writers (nil: none).
+func newHandlerParts(pool *pgxpool.Pool, apiKey string, log *slog.Logger, t *serverTLS, m *collectorMetrics, parts *partitions, w *writers) http.Handler {
+	h := &handler{pool: pool, apiKey: []byte(apiKey), log: log, tls: t, m: m, parts: parts, writers: w}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+accesslog.BatchPath, h.batch)
 	mux.HandleFunc("GET "+revocation.Path, h.revocations)
@@ -141,8 +153,13 @@ func (h *handler) batch(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusServiceUnavailable, answer{Status: "error", Reason: "storage unavailable", BatchID: b.id.String()})
 		return
 	}
-	good, bad := b.sort(limits)
-	stored, err := store(r.Context(), h.pool, b, good, bad)
+	good, bad := b.sort(limits, h.parts.window)
+	var stored bool
+	if h.writers != nil {
+		stored, err = h.writers.store(r.Context(), b, good, bad)
+	} else {
+		stored, err = h.parts.store(r.Context(), b, good, bad)
+	}
 	if err != nil {
 		h.log.Error("storing batch", "batch_id", b.id, "records", len(b.logs), "error", err)
 		reply(w, http.StatusServiceUnavailable, answer{Status: "error", Reason: "storage unavailable", BatchID: b.id.String()})
@@ -237,9 +254,16 @@ func decode(body io.Reader) (*batch, error) {
 }
 
 // sort validates every record: good rows to store, bad ones to keep aside.
-func (b *batch) sort(limits *columnLimits) (good []row, bad []rejected) {
+// window (nil: none) says why a valid record's timestamp cannot be stored
+// now ("" if it can).
+func (b *batch) sort(limits *columnLimits, window func(time.Time) string) (good []row, bad []rejected) {
 	for i, raw := range b.logs {
 		r, why := limits.validate(raw)
+		if why == nil && window != nil {
+			if w := window(r[0].(time.Time)); w != "" {
+				why = []string{w}
+			}
+		}
 		if why != nil {
 			bad = append(bad, rejected{position: i, reason: strings.Join(why, "; "), raw: printable(string(raw))})
 			continue
@@ -254,7 +278,9 @@ func (b *batch) sort(limits *columnLimits) (good []row, bad []rejected) {
 // first) nothing is written and stored is false. The rejected records are
 // written in the same transaction, so a retried batch stores neither its
 // good nor its rejected records twice.
-func store(ctx context.Context, pool *pgxpool.Pool, b *batch, good []row, bad []rejected) (stored bool, err error) {
+//
+// plan (nil: pgx's encoding) writes the records in binary COPY (ingest.go).
+func store(ctx context.Context, pool *pgxpool.Pool, b *batch, good []row, bad []rejected, plan *copyPlan) (stored bool, err error) {
 	pgID := pgtype.UUID{Bytes: b.id, Valid: true}
 	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
 		tag, err := tx.Exec(ctx, `INSERT INTO forward_proxy_batches (batch_id, probe_node, region, record_count, rejected_count)
@@ -267,10 +293,7 @@ func store(ctx context.Context, pool *pgxpool.Pool, b *batch, good []row, bad []
 			return nil
 		}
 		stored = true
-		n, err := tx.CopyFrom(ctx, pgx.Identifier{"forward_proxy_request_logs"}, storedColumns(),
-			pgx.CopyFromSlice(len(good), func(i int) ([]any, error) {
-				return append([]any{pgID}, good[i]...), nil
-			}))
+		n, err := copyRecords(ctx, tx, plan, pgID, good)
 		if err != nil {
 			return fmt.Errorf("copying %d records of batch %s: %w", len(good), b.id, err)
 		}

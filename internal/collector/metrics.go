@@ -23,6 +23,9 @@ type collectorMetrics struct {
 	batchesRefused    *prometheus.CounterVec
 	handshakeFailures prometheus.Counter
 	tlsReloadFailures prometheus.Counter
+	// maintenanceFailures counts partition maintenance rounds that failed
+	// (partition.go).
+	maintenanceFailures prometheus.Counter
 }
 
 func newCollectorMetrics() *collectorMetrics {
@@ -41,6 +44,11 @@ func newCollectorMetrics() *collectorMetrics {
 			Help: "SIGHUP reloads that refused a certificate, key or client CA bundle (the one in use was kept).",
 		}),
 	}
+	m.maintenanceFailures = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "pinaka_collector_partition_maintenance_failures_total",
+		Help: "Rounds of partition maintenance (creating the partitions ahead, RECORDS_RETENTION_DAYS) that failed; retried every hour.",
+	})
+	m.reg.MustRegister(m.maintenanceFailures)
 	for _, r := range []string{refusedUnauthorized, refusedNodeMismatch, refusedInvalid} {
 		m.batchesRefused.WithLabelValues(r)
 	}

@@ -46,6 +46,11 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, ln net.Listener) e
 	}
 	m := newCollectorMetrics()
 	cfg.tls.setMetrics(m)
+	parts := newPartitions(pool, cfg.RetentionDays, nil)
+	// The writers outlive the HTTP server's graceful shutdown, which waits
+	// for the requests they serve.
+	wctx, stopWriters := context.WithCancel(context.Background())
+	defer stopWriters()
 	switch {
 	case cfg.APIKey == "" && cfg.tls.requireNode():
 		log.Info("accepting batches from node certificates alone (no COLLECTOR_API_KEY)")
@@ -53,7 +58,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, ln net.Listener) e
 		log.Warn("COLLECTOR_INSECURE_NO_AUTH: accepting batches without an API key")
 	}
 	srv := &http.Server{
-		Handler:           newHandler(pool, cfg.APIKey, log, cfg.tls, m),
+		Handler:           newHandlerParts(pool, cfg.APIKey, log, cfg.tls, m, parts, startWriters(wctx, parts, cfg.writers(), log)),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       2 * time.Minute,
 		WriteTimeout:      2 * time.Minute,
@@ -64,6 +69,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, ln net.Listener) e
 	pctx, stopPruner := context.WithCancel(ctx)
 	defer stopPruner()
 	go runPruner(pctx, pool, log)
+	go runMaintenance(pctx, parts, log, m.maintenanceFailures)
 	errc := make(chan error, 1)
 	if cfg.tls != nil {
 		srv.TLSConfig = cfg.tls.config()

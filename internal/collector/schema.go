@@ -3,6 +3,7 @@ package collector
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -15,8 +16,9 @@ import (
 // forward_proxy_batches.rejected_count and
 // forward_proxy_request_logs.suppressed; 3 the revocation tables
 // (revocationSchema); 4 the timing columns of forward_proxy_request_logs
-// (timingSchema).
-const SchemaVersion = 4
+// (timingSchema); 5 forward_proxy_request_logs partitioned by day
+// (migratePartitioned).
+const SchemaVersion = 5
 
 // tokenIDType is the token_id column: as long as the longest token_id the
 // proxy accepts (SPEC §5 says VARCHAR(50)).
@@ -138,6 +140,9 @@ func Migrate(ctx context.Context, pool *pgxpool.Pool) error {
 			if _, err := tx.Exec(ctx, s); err != nil {
 				return fmt.Errorf("running %q: %w", firstLine(s), err)
 			}
+		}
+		if err := migratePartitioned(ctx, tx, time.Now()); err != nil {
+			return err
 		}
 		if _, err := tx.Exec(ctx, `INSERT INTO forward_proxy_schema_version (version) VALUES ($1) ON CONFLICT DO NOTHING`, SchemaVersion); err != nil {
 			return fmt.Errorf("recording schema version: %w", err)

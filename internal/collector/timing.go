@@ -31,9 +31,12 @@ func timingSchema() []string {
 		stmts = append(stmts, fmt.Sprintf(`ALTER TABLE forward_proxy_request_logs ADD COLUMN IF NOT EXISTS %s %s`,
 			pgx.Identifier{c.name}.Sanitize(), c.typ))
 	}
-	// Finding a record from the id a user quotes.
-	return append(stmts, `CREATE INDEX IF NOT EXISTS forward_proxy_request_logs_request_id_idx ON forward_proxy_request_logs (request_id)`)
+	return append(stmts, timingIndex)
 }
+
+// timingIndex finds a record from the id a user quotes. migratePartitioned
+// builds it again on the partitioned table, like the indexes of schema.go.
+const timingIndex = `CREATE INDEX IF NOT EXISTS forward_proxy_request_logs_request_id_idx ON forward_proxy_request_logs (request_id)`
 
 // timingFields are the record's timing fields on the wire: absent or null
 // is NULL in the table.

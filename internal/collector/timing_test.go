@@ -114,7 +114,7 @@ func TestMigrateFromVersion3(t *testing.T) {
 		stmts = append(stmts, `ALTER TABLE forward_proxy_request_logs DROP COLUMN `+c.name)
 	}
 	stmts = append(stmts,
-		`DELETE FROM forward_proxy_schema_version WHERE version = 4`,
+		`DELETE FROM forward_proxy_schema_version WHERE version >= 4`,
 		`INSERT INTO forward_proxy_batches (batch_id, probe_node, region, record_count) VALUES ('`+old+`', 'n', 'r', 1)`,
 		`INSERT INTO forward_proxy_request_logs (batch_id, "timestamp", token_id) VALUES ('`+old+`', now(), 'v3')`)
 	for _, q := range stmts {
@@ -128,8 +128,8 @@ func TestMigrateFromVersion3(t *testing.T) {
 	if n := count(t, pool, `SELECT count(*) FROM forward_proxy_request_logs WHERE token_id = 'v3' AND request_id IS NULL AND ttfb_ms IS NULL`); n != 1 {
 		t.Errorf("old row: %d with NULL timings, want 1", n)
 	}
-	if n := count(t, pool, `SELECT count(*) FROM forward_proxy_schema_version WHERE version = 4`); n != 1 {
-		t.Errorf("schema version 4 not recorded")
+	if n := count(t, pool, `SELECT count(*) FROM forward_proxy_schema_version WHERE version = $1`, SchemaVersion); n != 1 {
+		t.Errorf("schema version %d not recorded", SchemaVersion)
 	}
 	srv := httptest.NewServer(NewHandler(pool, testKey, testLog()))
 	defer srv.Close()

@@ -22,7 +22,7 @@ const DefaultAdminURL = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=dis
 // NewDB creates a database for one test and drops it afterwards. An
 // unreachable server fails the test: a skipped database test would be a
 // check that cannot fail. PINAKA_SKIP_PG=1 skips explicitly.
-func NewDB(t *testing.T) (pool *pgxpool.Pool, dsn string) {
+func NewDB(t testing.TB) (pool *pgxpool.Pool, dsn string) {
 	t.Helper()
 	if os.Getenv("PINAKA_SKIP_PG") == "1" {
 		t.Skip("PINAKA_SKIP_PG=1")
