@@ -45,7 +45,7 @@ type h3Listener struct {
 	tr    *quic.Transport
 	ln    *quic.Listener
 	srv   *http3.Server
-	conns atomic.Int64 // QUIC connections open, capped at MAX_CONNECTIONS
+	conns atomic.Int64  // QUIC connections open, capped at MAX_CONNECTIONS
 	done  chan struct{} // closed when shutdown has seen every connection end
 	once  sync.Once
 }
