@@ -630,7 +630,6 @@ func LoadClientTrust(caPath, crlPath string) (*auth.ClientTrust, error) {
 	return auth.NewClientTrust(cas, crls), nil
 }
 
-
 // loadHTTP3 reads HTTP3_ENABLED. HTTP/3 is off by default: few clients
 // speak HTTP/3 to a proxy yet, and it opens a UDP port that firewalls must
 // allow on purpose.
