@@ -18,6 +18,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/pinaka-proxy/pinaka/internal/httpx"
+	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
 )
 
 // HTTP/3 is quic-go's http3 engine in front of the same proxy handler as
@@ -68,7 +69,7 @@ func (s *Server) listenH3() error {
 		ConnContext: func(ctx context.Context, _ *quic.ClientInfo) (context.Context, error) {
 			if h.conns.Add(1) > int64(s.cfg.MaxConnections) {
 				h.conns.Add(-1)
-				s.metrics.ConnectionsRefused.WithLabelValues("max_connections").Inc()
+				s.metrics.ConnectionsRefused.WithLabelValues(ratelimit.RefusedNode).Inc()
 				return nil, errors.New("too many QUIC connections")
 			}
 			s.metrics.ActiveConnections.Inc()
