@@ -435,3 +435,48 @@ func TestTunnelThroughputHTTP3vsHTTP2(t *testing.T) {
 		t.Logf("HTTP/1.1 tunnel download: %s", rate(start, n))
 	}
 }
+
+// TestHTTP3WebSocket: RFC 9220 extended CONNECT bootstraps a WebSocket to a
+// wss:// origin through the same path as HTTP/2's RFC 8441.
+func TestHTTP3WebSocket(t *testing.T) {
+	e := startProxy(t, map[string]string{"HTTP3_ENABLED": "true"})
+	o := newWSOrigin(t, true)
+	cc, _ := h3Conn(t, e.h3Addr(), e.roots)
+	select {
+	case <-cc.ReceivedSettings():
+	case <-time.After(10 * time.Second):
+		t.Fatal("no SETTINGS from the proxy")
+	}
+	if !cc.Settings().EnableExtendedConnect {
+		t.Fatal("the proxy does not advertise extended CONNECT")
+	}
+	str, err := cc.OpenRequestStream(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, _ := http.NewRequest(http.MethodConnect, "https://"+o.hostPort()+"/echo", nil)
+	req.Proto = "websocket"
+	req.Header.Set("Sec-Websocket-Version", "13")
+	req.Header.Set("Proxy-Authorization", e.bearer())
+	if err := str.SendRequestHeader(req); err != nil {
+		t.Fatal(err)
+	}
+	res, err := str.ReadResponse()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("extended CONNECT websocket over HTTP/3: %s", res.Status)
+	}
+	wsEcho(t, str, str)
+	if err := wsWriteFrame(str, 0x8, []byte{0x03, 0xe8}); err != nil {
+		t.Fatal(err)
+	}
+	_ = str.Close()
+	_, _ = io.Copy(io.Discard, str)
+	target := "wss://" + o.hostPort() + "/echo"
+	r := e.waitRecord(func(r accesslog.Record) bool { return r.TargetURL == target })
+	if r.Protocol != "HTTP/3" || r.StatusCode != 200 || r.RequestSize == 0 || r.ResponseSize == 0 {
+		t.Fatalf("record: %+v", r)
+	}
+}
