@@ -480,3 +480,49 @@ func TestHTTP3WebSocket(t *testing.T) {
 		t.Fatalf("record: %+v", r)
 	}
 }
+
+// TestHTTP3ConnectionCap: QUIC connections beyond MAX_CONNECTIONS are
+// refused at the handshake, and a closed one frees its place.
+func TestHTTP3ConnectionCap(t *testing.T) {
+	e := startProxy(t, map[string]string{"HTTP3_ENABLED": "true", "MAX_CONNECTIONS": "1"})
+	dial := func() (*quic.Conn, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return quic.DialAddr(ctx, e.h3Addr(),
+			&tls.Config{RootCAs: e.roots, ServerName: "127.0.0.1", NextProtos: []string{http3.NextProtoH3}}, nil)
+	}
+	first, err := dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if second, err := dial(); err == nil {
+		second.CloseWithError(0, "")
+		t.Fatal("a second QUIC connection was accepted with MAX_CONNECTIONS=1")
+	}
+	_ = first.CloseWithError(0, "")
+	for i := 0; ; i++ {
+		c, err := dial()
+		if err == nil {
+			c.CloseWithError(0, "")
+			break
+		}
+		if i == 50 {
+			t.Fatalf("the closed connection's place was not freed: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	res, err := http.Get("http://" + e.app.Server.AdminAddr().String() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	body := string(b)
+	// At least the second connection (retries of the third may be refused
+	// too until the server has seen the first one close).
+	const series = `pinaka_connections_refused_total{reason="max_connections"} `
+	i := strings.Index(body, series)
+	if i < 0 || strings.HasPrefix(body[i+len(series):], "0\n") {
+		t.Fatalf("refusal not counted:\n%s", body)
+	}
+}
