@@ -115,13 +115,23 @@ func (s *Server) quicConfig() *quic.Config {
 	return &quic.Config{
 		HandshakeIdleTimeout: handshake,
 		// A connection that has sent nothing for this long is gone. Idle
-		// tunnels stay because both ends send keep-alives (h3KeepAlive);
-		// an idle connection without requests is closed by the HTTP/3
-		// layer after IDLE_TIMEOUT.
+		// tunnels of a live client stay because the node sends keep-alives
+		// (h3KeepAlive) that the client acknowledges; a connection without
+		// requests is closed by the HTTP/3 layer after IDLE_TIMEOUT.
 		MaxIdleTimeout:        max(s.cfg.IdleTimeout, 30*time.Second),
 		KeepAlivePeriod:       h3KeepAlive,
 		MaxIncomingStreams:    int64(s.cfg.MaxConcurrentStreams),
 		MaxIncomingUniStreams: h3MaxUniStreams,
+		// Receive windows (what a client can make the node buffer before
+		// the relay reads it): quic-go's defaults, stated. Windows start
+		// small and grow only while the relay drains them quickly, so a
+		// client facing a slow origin holds 512 KiB per stream and 768 KiB
+		// per connection; a fast tunnel grows to 6 MiB, which a single
+		// tunnel needs to fill a fast long path.
+		InitialStreamReceiveWindow:     512 << 10,
+		MaxStreamReceiveWindow:         6 << 20,
+		InitialConnectionReceiveWindow: 768 << 10,
+		MaxConnectionReceiveWindow:     15 << 20,
 		// No 0-RTT: early data can be replayed, and a replayed POST or
 		// CONNECT through a proxy is not harmless.
 		Allow0RTT: false,
