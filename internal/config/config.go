@@ -132,6 +132,10 @@ type Config struct {
 	// Dev is true for `pinaka serve --dev`: the certificate and secret are
 	// generated in memory instead of read from files.
 	Dev bool
+
+	// HTTP/3: a QUIC listener on UDP PROXY_BIND:PROXY_PORT beside the TLS
+	// one (see loadHTTP3).
+	HTTP3Enabled bool
 }
 
 // ListenAddr is the proxy listener's host:port.
@@ -310,6 +314,7 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	}
 	c.ShutdownTimeout = p.duration("SHUTDOWN_TIMEOUT", 30*time.Second)
 	loadClientCerts(&p, c)
+	loadHTTP3(&p, c)
 
 	if len(p.errs) > 0 {
 		return nil, errors.Join(p.errs...)
@@ -623,4 +628,11 @@ func LoadClientTrust(caPath, crlPath string) (*auth.ClientTrust, error) {
 		}
 	}
 	return auth.NewClientTrust(cas, crls), nil
+}
+
+// loadHTTP3 reads HTTP3_ENABLED. HTTP/3 is off by default: few clients
+// speak HTTP/3 to a proxy yet, and it opens a UDP port that firewalls must
+// allow on purpose.
+func loadHTTP3(p *parser, c *Config) {
+	c.HTTP3Enabled = p.bool("HTTP3_ENABLED", false)
 }

@@ -224,6 +224,9 @@ func addVia(h http.Header, r *http.Request) {
 	if r != nil && r.ProtoMajor == 2 {
 		v = "2 pinaka"
 	}
+	if r != nil && r.ProtoMajor == 3 {
+		v = "3 pinaka"
+	}
 	if prior := h.Get("Via"); prior != "" {
 		v = prior + ", " + v
 	}

@@ -548,6 +548,9 @@ func clientIP(r *http.Request) string {
 }
 
 func protocolName(r *http.Request) string {
+	if r.ProtoMajor == 3 {
+		return "HTTP/3"
+	}
 	if r.ProtoMajor == 2 {
 		return "HTTP/2"
 	}

@@ -47,6 +47,8 @@ type Server struct {
 	// clientCerts, when set, asks clients for certificates
 	// (CLIENT_CERT_MODE optional or require).
 	clientCerts *clientCerts
+	// h3 is the HTTP/3 listener (HTTP3_ENABLED), nil when off.
+	h3 *h3Listener
 }
 
 // New prepares a Server; Listen opens its sockets.
@@ -164,6 +166,16 @@ func (s *Server) Listen() error {
 		}
 		s.adminLn = aln
 	}
+	if s.cfg.HTTP3Enabled {
+		if err := s.listenH3(); err != nil {
+			s.tlsLn.Close()
+			s.stalls.close()
+			if s.adminLn != nil {
+				s.adminLn.Close()
+			}
+			return err
+		}
+	}
 	return nil
 }
 
@@ -213,6 +225,13 @@ func (s *Server) Serve() {
 			s.log.Error("proxy listener stopped", "err", err)
 		}
 	}()
+	if s.h3 != nil {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.h3.serve(s.log)
+		}()
+	}
 	if s.adminLn != nil {
 		s.wg.Add(1)
 		go func() {
@@ -247,9 +266,12 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		shutErr = errors.Join(s.proxySrv.Shutdown(ctx), s.h2.Shutdown(ctx))
+		shutErr = errors.Join(s.proxySrv.Shutdown(ctx), s.h2.Shutdown(ctx), s.shutdownH3(ctx))
 	}()
 	drainErr := s.proxy.Drain(ctx, s.closeProxyConns)
+	if s.h3 != nil {
+		s.h3.drained(ctx)
+	}
 	<-done
 	if shutErr != nil { // Drain closed the connections already if it hit its deadline
 		s.closeProxyConns()
@@ -269,6 +291,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 func (s *Server) closeProxyConns() {
 	s.proxySrv.Close()
 	s.h2.Close()
+	if s.h3 != nil {
+		s.h3.close()
+	}
 }
 
 func shutErrIfNotDeadline(err error) error {
