@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/pinaka-proxy/pinaka/internal/atomicfile"
 	"github.com/pinaka-proxy/pinaka/internal/metrics"
 )
 
@@ -140,8 +141,8 @@ func (s *spool) put(b *batch) error {
 		return err
 	}
 	name := b.id + spoolExt
-	if err := writeFileAtomic(s.dir, name, b.body); err != nil {
-		if !errors.Is(err, errDirSync) {
+	if err := atomicfile.Write(s.dir, name, b.body); err != nil {
+		if !errors.Is(err, atomicfile.ErrDirSync) {
 			s.release(n)
 			return err
 		}
@@ -311,58 +312,8 @@ func appendSync(path string, data []byte) error {
 	}
 	// The first append creates the file; its directory entry must be
 	// durable too.
-	if err := syncDir(filepath.Dir(path)); err != nil {
+	if err := atomicfile.SyncDir(filepath.Dir(path)); err != nil {
 		return fmt.Errorf("syncing dead-letter directory: %w", err)
-	}
-	return nil
-}
-
-// writeFileAtomic writes dir/name so that after a crash it either holds all
-// of data or does not exist.
-func writeFileAtomic(dir, name string, data []byte) error {
-	f, err := os.CreateTemp(dir, name+".*.tmp")
-	if err != nil {
-		return fmt.Errorf("creating spool file: %w", err)
-	}
-	tmp := f.Name()
-	fail := func(err error) error {
-		f.Close()
-		os.Remove(tmp)
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		return fail(fmt.Errorf("writing spool file: %w", err))
-	}
-	if err := f.Sync(); err != nil {
-		return fail(fmt.Errorf("syncing spool file: %w", err))
-	}
-	if err := f.Close(); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("closing spool file: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("renaming spool file: %w", err)
-	}
-	if err := syncDir(dir); err != nil {
-		return fmt.Errorf("%w: %w", errDirSync, err)
-	}
-	return nil
-}
-
-// errDirSync marks a write whose data is in place but whose directory
-// entry was not fsynced.
-var errDirSync = errors.New("syncing spool directory")
-
-// syncDir makes a rename in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("opening spool directory: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("syncing spool directory: %w", err)
 	}
 	return nil
 }

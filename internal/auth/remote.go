@@ -3,7 +3,6 @@ package auth
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,6 +12,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/atomicfile"
 )
 
 // UnknownKidRefreshEvery bounds the refreshes that tokens with an unknown
@@ -213,28 +214,10 @@ func (r *RemoteKeys) accept(raw []byte, ks *KeySet) {
 	r.o.Apply(ks)
 	r.o.Log.Info("JWKS_URL key set loaded", "kids", ks.IDs())
 	if path := r.savePath(); path != "" {
-		if err := writeFileAtomic(path, raw); err != nil {
+		if err := atomicfile.Write(filepath.Dir(path), filepath.Base(path), raw); err != nil {
 			r.o.Log.Warn("saving the key set under STATE_DIR failed", "err", err)
 		}
 	}
-}
-
-// writeFileAtomic writes through a temporary file and a rename, so a crash
-// never leaves a half-written key set for the next start.
-func writeFileAtomic(path string, b []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".jwks-*")
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	err = errors.Join(err, f.Sync(), f.Close())
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-	}
-	return err
 }
 
 // MergeKeySets joins sets in order; a kid already taken by an earlier set

@@ -136,13 +136,7 @@ func (e *env) metric(name string, labels ...string) float64 {
 	next:
 		for _, m := range mf.GetMetric() {
 			for i := 0; i+1 < len(labels); i += 2 {
-				found := false
-				for _, lp := range m.GetLabel() {
-					if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
-						found = true
-					}
-				}
-				if !found {
+				if !hasLabel(m, labels[i], labels[i+1]) {
 					continue next
 				}
 			}

@@ -58,33 +58,6 @@ func (s *listServer) set(ids ...string) {
 	s.version++
 }
 
-func (e *env) gauge(name string, labels ...string) float64 {
-	e.t.Helper()
-	mfs, err := e.app.Metrics.Registry.Gather()
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	metrics:
-		for _, m := range mf.GetMetric() {
-			for i := 0; i+1 < len(labels); i += 2 {
-				if !hasLabel(m, labels[i], labels[i+1]) {
-					continue metrics
-				}
-			}
-			if m.Gauge != nil {
-				return m.Gauge.GetValue()
-			}
-			return m.Counter.GetValue()
-		}
-	}
-	e.t.Fatalf("metric %s %v not found", name, labels)
-	return 0
-}
-
 func hasLabel(m *dto.Metric, name, value string) bool {
 	for _, l := range m.GetLabel() {
 		if l.GetName() == name && l.GetValue() == value {
@@ -252,13 +225,13 @@ func TestRevocationClosesWhatTheTokenHasOpen(t *testing.T) {
 	if tunnels < 3 || requests < 1 {
 		t.Errorf("closed by revocation: %d tunnels, %d requests; want 3 and 1", tunnels, requests)
 	}
-	if got := e.gauge("pinaka_revoked_tokens"); got != 1 {
+	if got := e.metric("pinaka_revoked_tokens"); got != 1 {
 		t.Errorf("pinaka_revoked_tokens %v", got)
 	}
-	if got := e.gauge("pinaka_revocation_closed_total", "kind", "tunnel"); got != float64(tunnels) {
+	if got := e.metric("pinaka_revocation_closed_total", "kind", "tunnel"); got != float64(tunnels) {
 		t.Errorf("pinaka_revocation_closed_total{kind=tunnel} %v, want %d", got, tunnels)
 	}
-	if got := e.gauge("pinaka_auth_failures_total", "reason", "revoked"); got < 2 {
+	if got := e.metric("pinaka_auth_failures_total", "reason", "revoked"); got < 2 {
 		t.Errorf("pinaka_auth_failures_total{reason=revoked} %v, want 2", got)
 	}
 

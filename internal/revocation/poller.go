@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/atomicfile"
 )
 
 // SavedFile is the name of the last good list under STATE_DIR.
@@ -208,7 +210,7 @@ func (p *Poller) Poll(ctx context.Context) error {
 	if path != "" {
 		b, err := json.Marshal(saved{ETag: etag, Document: *doc})
 		if err == nil {
-			err = writeFileAtomic(path, b)
+			err = atomicfile.Write(filepath.Dir(path), filepath.Base(path), b)
 		}
 		if err != nil {
 			p.o.Log.Warn("saving the revocation list under STATE_DIR failed", "err", err)
@@ -333,22 +335,4 @@ func (p *Poller) logRecovery() {
 		p.o.Log.Info("REVOCATION_URL fetch works again", "failures_not_logged", p.unlogged)
 	}
 	p.failing, p.unlogged = false, 0
-}
-
-// writeFileAtomic writes through a temporary file and a rename, so a crash
-// never leaves a half-written list for the next start.
-func writeFileAtomic(path string, b []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".revocations-*")
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	err = errors.Join(err, f.Sync(), f.Close())
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-	}
-	return err
 }
