@@ -23,6 +23,7 @@ import (
 	"github.com/pinaka-proxy/pinaka/internal/proxy"
 	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
 	"github.com/pinaka-proxy/pinaka/internal/revocation"
+	"github.com/pinaka-proxy/pinaka/internal/tracing"
 )
 
 // App is one wired Pinaka process: listeners, proxy, egress, limits and
@@ -56,6 +57,8 @@ type App struct {
 	// Revocations polls REVOCATION_URL; nil when it is off.
 	Revocations     *revocation.Poller
 	stopRevocations context.CancelFunc
+	// Tracing exports request spans; nil when tracing is off.
+	Tracing *tracing.Tracer
 }
 
 // AppOptions are the parts of an App that are not configuration.
@@ -146,6 +149,11 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		return nil, err
 	}
 	a.Fleet = fl
+	tracer, ptracer, err := newTracer(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	a.Tracing = tracer
 	p := proxy.New(proxy.Options{
 		Auth:                  verifier,
 		Policy:                policy,
@@ -168,6 +176,7 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		BodyIdleTimeout:       cfg.RequestBodyIdleTimeout,
 		UpstreamTLS:           o.UpstreamTLS,
 		Revocations:           revocations,
+		Tracer:                ptracer,
 	})
 	a.Revocations = poller
 	registerRevokedClosed(m, p.RevokedClosed)
@@ -278,6 +287,9 @@ func (a *App) Shutdown(ctx context.Context) error {
 	}
 	if ferr := a.Shipper.Close(fctx); ferr != nil {
 		err = errors.Join(err, fmt.Errorf("flushing records: %w", ferr))
+	}
+	if terr := a.Tracing.Shutdown(fctx); terr != nil {
+		err = errors.Join(err, fmt.Errorf("flushing traces: %w", terr))
 	}
 	return err
 }
