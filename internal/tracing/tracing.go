@@ -68,6 +68,7 @@ func New(ctx context.Context, cfg config.Tracing, log *slog.Logger) (*Tracer, er
 		resource.WithFromEnv(),
 	)
 	if err != nil {
+		_ = exp.Shutdown(ctx)
 		return nil, fmt.Errorf("tracing: OTEL_RESOURCE_ATTRIBUTES or OTEL_SERVICE_NAME: %w", err)
 	}
 	// The sampler comes from OTEL_TRACES_SAMPLER (default
