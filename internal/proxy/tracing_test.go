@@ -388,3 +388,26 @@ func TestTracingOff(t *testing.T) {
 		t.Errorf("%d exports with tracing off", rcv.posts)
 	}
 }
+
+// An RFC 8441 WebSocket to a wss origin with TRACE_PROPAGATE: the upstream
+// handshake carries our root's traceparent; the tree has connect, tls and
+// upstream response.
+func TestTracingWebSocketPropagate(t *testing.T) {
+	rcv := newOTLPReceiver(t)
+	e := startProxy(t, rcv.env(t, map[string]string{"TRACE_PROPAGATE": "true"}))
+	o := newWSOrigin(t, true)
+	resp, pw := extendedConnect(t, e.h2Raw(), "https", o.hostPort(), "/echo", "websocket", e.bearer(), http.Header{"Sec-Websocket-Version": {"13"}})
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	hs := <-o.handshakes
+	pw.Close()
+	tr := rcv.waitTree(t, resp.Header.Get(accesslog.RequestIDHeader), 4)
+	checkTree(t, "websocket", tr, e.token, "auth", "connect", "tls", "upstream response")
+	if want := fmt.Sprintf("00-%x-%x-01", tr.root.TraceId, tr.root.SpanId); hs.Get("Traceparent") != want {
+		t.Errorf("handshake traceparent %q, want %q", hs.Get("Traceparent"), want)
+	}
+	if attr(tr.root, "pinaka.kind") != "websocket" {
+		t.Errorf("kind %q", attr(tr.root, "pinaka.kind"))
+	}
+}
