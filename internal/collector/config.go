@@ -169,6 +169,7 @@ func (c *Config) loadScale(get func(name, def string) string) error {
 		}
 		c.RetentionDays = n
 	}
+	c.Writers = DefaultWriters
 	if v := get("COLLECTOR_WRITERS", ""); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 || n > maxWriters {

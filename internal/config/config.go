@@ -121,6 +121,9 @@ type Config struct {
 	AdminAddr       string
 	ShutdownTimeout time.Duration
 
+	// Tracing: OTEL_* and TRACE_PROPAGATE (tracing.go).
+	Tracing Tracing
+
 	// Client certificates as credentials: ClientTrust is what
 	// CLIENT_CA_PATH and CLIENT_CRL_PATH held at Load (nil without a CA);
 	// SIGHUP reloads both.
@@ -315,6 +318,7 @@ func Load(lookup Lookup, dev bool) (*Config, error) {
 	c.ShutdownTimeout = p.duration("SHUTDOWN_TIMEOUT", 30*time.Second)
 	loadClientCerts(&p, c)
 	loadHTTP3(&p, c)
+	c.Tracing = p.parseTracing()
 
 	if len(p.errs) > 0 {
 		return nil, errors.Join(p.errs...)

@@ -46,6 +46,8 @@ func (p *Proxy) newForwarder() http.Handler {
 			// it again where the policy is visible.
 			out.Header.Del("Proxy-Authorization")
 			addVia(out.Header, in)
+			q, _ := in.Context().Value(requestKey{}).(*request)
+			injectSpan(q, out.Header)
 			if p.opt.AddForwardedFor {
 				pr.SetXForwarded()
 				out.Header.Del("X-Forwarded-Host")

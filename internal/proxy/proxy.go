@@ -66,6 +66,8 @@ type Options struct {
 	// Revocations, when set, refuses revoked tokens and closes what they
 	// have open when they are revoked (see revoke.go).
 	Revocations Revocations
+	// Tracer, when set, makes a span of each request (tracer.go).
+	Tracer Tracer
 
 	HTTPProxyEnabled      bool
 	ProbeNode             string
@@ -185,6 +187,10 @@ type request struct {
 	timing  *timing.Trace
 	kind    requestKind
 	upgrade bool // a forwarded HTTP/1.1 Upgrade
+	// span is the request's trace span, nil without a tracer; auth is the
+	// authorization step's time, taken only for it.
+	span RequestSpan
+	auth timing.Span
 }
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -192,6 +198,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer done()
 	q := &request{start: time.Now(), slot: slot}
 	ctx = p.startTiming(ctx, w, q)
+	ctx = p.startSpan(ctx, r, q)
 	// One request clone carries both the drain context and the request's
 	// state (the forwarder's error handler finds it there).
 	r = r.WithContext(context.WithValue(ctx, requestKey{}, q))
@@ -219,7 +226,17 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.serveSelf(w, r, q)
 		return
 	}
-	if !p.authorize(w, r, q) {
+	if q.span != nil {
+		q.auth.Start = time.Now()
+	}
+	ok := p.authorize(w, r, q)
+	if q.span != nil {
+		q.auth.End = time.Now()
+		if !ok {
+			q.auth.Err = errAuthRefused
+		}
+	}
+	if !ok {
 		return
 	}
 	switch kind {
@@ -317,6 +334,7 @@ func (p *Proxy) finish(q *request) {
 		}
 	}
 	q.rec.Success = q.rec.Error == "" && q.rec.StatusCode < 400
+	p.endSpan(q)
 	p.opt.Metrics.Requests.WithLabelValues(q.rec.Protocol, metrics.MethodLabel(q.rec.Method), metrics.StatusLabel(q.rec.StatusCode)).Inc()
 	if !q.authenticated && p.opt.Refusals != nil {
 		ip, _ := netip.ParseAddr(q.rec.ClientIP)

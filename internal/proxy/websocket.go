@@ -177,6 +177,8 @@ func websocketHandshake(conn net.Conn, r *http.Request, t egress.Target, tr *tim
 		h.Set("Sec-WebSocket-Version", "13")
 	}
 	addVia(h, r)
+	q, _ := r.Context().Value(requestKey{}).(*request)
+	injectSpan(q, h)
 
 	_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
 	defer conn.SetDeadline(time.Time{})

@@ -23,6 +23,7 @@ import (
 	"github.com/pinaka-proxy/pinaka/internal/proxy"
 	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
 	"github.com/pinaka-proxy/pinaka/internal/revocation"
+	"github.com/pinaka-proxy/pinaka/internal/tracing"
 )
 
 // App is one wired Pinaka process: listeners, proxy, egress, limits and
@@ -59,6 +60,8 @@ type App struct {
 	// Revoked is the revocation list in force (polled and pushed through
 	// Redis); nil when neither REVOCATION_URL nor REDIS_URL is set.
 	Revoked *revocation.List
+	// Tracing exports request spans; nil when tracing is off.
+	Tracing *tracing.Tracer
 }
 
 // AppOptions are the parts of an App that are not configuration.
@@ -149,6 +152,11 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		return nil, err
 	}
 	a.Fleet = fl
+	tracer, ptracer, err := newTracer(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	a.Tracing = tracer
 	p := proxy.New(proxy.Options{
 		Auth:                  verifier,
 		Policy:                policy,
@@ -171,6 +179,7 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		BodyIdleTimeout:       cfg.RequestBodyIdleTimeout,
 		UpstreamTLS:           o.UpstreamTLS,
 		Revocations:           revocations,
+		Tracer:                ptracer,
 	})
 	a.Revocations, a.Revoked = poller, revoked
 	registerRevokedClosed(m, p.RevokedClosed)
@@ -281,6 +290,9 @@ func (a *App) Shutdown(ctx context.Context) error {
 	}
 	if ferr := a.Shipper.Close(fctx); ferr != nil {
 		err = errors.Join(err, fmt.Errorf("flushing records: %w", ferr))
+	}
+	if terr := a.Tracing.Shutdown(fctx); terr != nil {
+		err = errors.Join(err, fmt.Errorf("flushing traces: %w", terr))
 	}
 	return err
 }
