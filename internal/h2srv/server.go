@@ -141,6 +141,7 @@ func (s *Server) ServeConn(tc *tls.Conn) {
 		return
 	}
 	s.conns[c] = struct{}{}
+	s.workers.conns.Add(1)
 	s.mu.Unlock()
 	defer s.forget(c)
 	c.serve()
@@ -150,6 +151,7 @@ func (s *Server) forget(c *conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.conns, c)
+	s.workers.connEnded()
 	if s.draining && len(s.conns) == 0 {
 		select {
 		case <-s.drained:

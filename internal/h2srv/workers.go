@@ -1,6 +1,7 @@
 package h2srv
 
 import (
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -17,13 +18,36 @@ const (
 	workerIdle     = time.Second
 )
 
-// workers hands streams' handlers to waiting goroutines.
+// workers hands streams' handlers to waiting goroutines. Without a
+// connection there is no stream to wait for: a worker then exits as soon
+// as its handler returns, and release sends the waiting ones away.
 type workers struct {
-	work chan func() // unbuffered: a send succeeds only if a worker waits
-	idle atomic.Int32
+	work  chan func() // unbuffered: a send succeeds only if a worker waits
+	idle  atomic.Int32
+	conns atomic.Int32 // the server's connections
+
+	mu   sync.Mutex
+	quit chan struct{} // closed by release
 }
 
-func newWorkers() *workers { return &workers{work: make(chan func())} }
+func newWorkers() *workers { return &workers{work: make(chan func()), quit: make(chan struct{})} }
+
+// connEnded is told when a connection of the server ends.
+func (w *workers) connEnded() {
+	if w.conns.Add(-1) > 0 {
+		return
+	}
+	w.mu.Lock()
+	close(w.quit)
+	w.quit = make(chan struct{})
+	w.mu.Unlock()
+}
+
+func (w *workers) quitting() <-chan struct{} {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.quit
+}
 
 // run runs f on a waiting goroutine, or a new one.
 func (w *workers) run(f func()) {
@@ -38,6 +62,10 @@ func (w *workers) loop(f func()) {
 	var t *time.Timer
 	for {
 		f()
+		if w.conns.Load() == 0 {
+			return
+		}
+		quit := w.quitting()
 		if w.idle.Add(1) > maxIdleWorkers {
 			w.idle.Add(-1)
 			return
@@ -53,6 +81,10 @@ func (w *workers) loop(f func()) {
 			t.Stop()
 		case <-t.C:
 			w.idle.Add(-1)
+			return
+		case <-quit:
+			w.idle.Add(-1)
+			t.Stop()
 			return
 		}
 	}
