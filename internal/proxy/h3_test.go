@@ -80,25 +80,11 @@ func h3Connect(t *testing.T, cc *http3.ClientConn, target, authHeader string) (*
 // closes: a tunnel passes that on only if half-closes cross it both ways.
 func halfCloseEcho(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				_, _ = io.Copy(c, c)
-				_, _ = c.Write([]byte("done"))
-			}()
-		}
-	}()
-	return ln.Addr().String()
+	return testutil.ServeTCP(t, func(c net.Conn) {
+		defer c.Close()
+		_, _ = io.Copy(c, c)
+		_, _ = c.Write([]byte("done"))
+	})
 }
 
 func TestHTTP3ConnectTunnel(t *testing.T) {
