@@ -102,7 +102,11 @@ func TestJWKSURLRotationOutageAndRestart(t *testing.T) {
 	srv.serve(t, 200, k.ed.Public())
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go r.Run(ctx)
+	ran := make(chan struct{})
+	go func() {
+		defer close(ran)
+		r.Run(ctx)
+	}()
 	if _, err := v.Verify(tokB); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("unknown kid verified before the refresh: %v", err)
 	}
@@ -119,7 +123,10 @@ func TestJWKSURLRotationOutageAndRestart(t *testing.T) {
 	if _, err := v.Verify(tokA); !errors.Is(err, ErrInvalid) {
 		t.Errorf("removed kid still verifies after the refresh: %v", err)
 	}
+	// Run's refresh puts the set in force, then saves it: the restart
+	// below reads what it saved only once Run is done.
 	cancel()
+	<-ran
 
 	// Server failing or serving garbage: the last good set stays.
 	for _, bad := range []func(){

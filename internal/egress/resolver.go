@@ -51,9 +51,10 @@ type cacheEntry struct {
 // lookupResult is one real lookup's outcome. A temporary failure (timeout,
 // SERVFAIL) is not cached, so the next request tries again.
 type lookupResult struct {
-	addrs []netip.Addr
-	ttl   time.Duration
-	err   *net.DNSError
+	addrs  []netip.Addr
+	ttl    time.Duration
+	err    *net.DNSError
+	cached bool // from the cache after all (see lookupHost)
 }
 
 // NewResolver returns a resolver using servers (host:port) or, when there
@@ -119,6 +120,11 @@ func (r *Resolver) lookupHost(ctx context.Context, host string) (_ []netip.Addr,
 	// runs on its own deadline; each caller still stops waiting when its own
 	// context ends.
 	ch := r.group.DoChan(name, func() (any, error) {
+		// A flight that ended between this caller's cache miss and here
+		// has filled the cache: no second query for the same name.
+		if e, ok := r.cache.Get(name); ok && r.now().Before(e.expires) {
+			return lookupResult{addrs: e.addrs, err: e.err, cached: true}, nil
+		}
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.timeout)
 		defer cancel()
 		res := r.lookup(lctx, name)
@@ -131,9 +137,9 @@ func (r *Resolver) lookupHost(ctx context.Context, host string) (_ []netip.Addr,
 	case out := <-ch:
 		res := out.Val.(lookupResult)
 		if res.err != nil {
-			return nil, false, res.err
+			return nil, res.cached, res.err
 		}
-		return append([]netip.Addr(nil), res.addrs...), false, nil
+		return append([]netip.Addr(nil), res.addrs...), res.cached, nil
 	}
 }
 
