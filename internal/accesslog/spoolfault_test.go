@@ -62,8 +62,10 @@ func TestHangingBackendSpoolsAfterFirstAttempt(t *testing.T) {
 		t.Fatalf("spool holds %v, want one batch", files)
 	}
 	id := strings.TrimSuffix(filepath.Base(files[0]), spoolExt)
-	if got := toFloat(o.Metrics.ShipAttemptsTimedOut); got != 1 {
-		t.Errorf("ShipAttemptsTimedOut = %v, want 1", got)
+	// At least the first attempt; on a loaded machine a redelivery may
+	// already have run into the 100 ms timeout too.
+	if got := toFloat(o.Metrics.ShipAttemptsTimedOut); got < 1 {
+		t.Errorf("ShipAttemptsTimedOut = %v, want at least 1", got)
 	}
 	if got := toFloat(o.Metrics.ShipMemoryAge); got != 0 {
 		t.Errorf("ShipMemoryAge = %v with the only batch on disk, want 0", got)
