@@ -321,6 +321,9 @@ func (c *conn) endReading(err error) {
 // the socket closes: closing with unread bytes makes the kernel send a
 // reset, which can destroy the GOAWAY (and ACKs) still on their way.
 func (c *conn) linger() {
+	// The reader is done: a deadline left in the past by frameSource's
+	// probe must not cut the linger short.
+	c.src.probing = false
 	c.src.setDeadline(time.Now().Add(time.Second))
 	_, _ = io.CopyN(io.Discard, c.nc, 1<<20)
 }
