@@ -20,14 +20,14 @@ const (
 
 // workers hands streams' handlers to waiting goroutines. Without a
 // connection there is no stream to wait for: a worker then exits as soon
-// as its handler returns, and release sends the waiting ones away.
+// as its handler returns, and connEnded sends the waiting ones away.
 type workers struct {
 	work  chan func() // unbuffered: a send succeeds only if a worker waits
 	idle  atomic.Int32
 	conns atomic.Int32 // the server's connections
 
 	mu   sync.Mutex
-	quit chan struct{} // closed by release
+	quit chan struct{} // closed by connEnded when the last connection ends
 }
 
 func newWorkers() *workers { return &workers{work: make(chan func()), quit: make(chan struct{})} }
