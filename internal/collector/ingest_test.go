@@ -135,19 +135,7 @@ func TestCopyFallsBackForOtherTypes(t *testing.T) {
 }
 
 func TestLoadConfigWriters(t *testing.T) {
-	env := func(v string) func(string) (string, bool) {
-		return func(k string) (string, bool) {
-			switch k {
-			case "DATABASE_URL":
-				return "postgres://u@127.0.0.1/db", true
-			case "COLLECTOR_API_KEY":
-				return "k", true
-			case "COLLECTOR_WRITERS":
-				return v, v != "unset"
-			}
-			return "", false
-		}
-	}
+	env := func(v string) func(string) (string, bool) { return configWith("COLLECTOR_WRITERS", v) }
 	for v, want := range map[string]int{"unset": DefaultWriters, "1": 1, "8": 8} {
 		c, err := LoadConfig(env(v))
 		if err != nil || c.writers() != want {
@@ -158,5 +146,21 @@ func TestLoadConfigWriters(t *testing.T) {
 		if _, err := LoadConfig(env(v)); err == nil || !strings.Contains(err.Error(), "COLLECTOR_WRITERS") {
 			t.Errorf("COLLECTOR_WRITERS=%q: %v, want an error naming it", v, err)
 		}
+	}
+}
+
+// configWith is a collector environment with a database and an API key,
+// and name set to v ("unset": not set).
+func configWith(name, v string) func(string) (string, bool) {
+	return func(k string) (string, bool) {
+		switch k {
+		case "DATABASE_URL":
+			return "postgres://u@127.0.0.1/db", true
+		case "COLLECTOR_API_KEY":
+			return "k", true
+		case name:
+			return v, v != "unset"
+		}
+		return "", false
 	}
 }

@@ -448,19 +448,7 @@ func TestTwoCollectorsStoreEachBatchOnce(t *testing.T) {
 }
 
 func TestLoadConfigRetention(t *testing.T) {
-	env := func(v string) func(string) (string, bool) {
-		return func(k string) (string, bool) {
-			switch k {
-			case "DATABASE_URL":
-				return "postgres://u@127.0.0.1/db", true
-			case "COLLECTOR_API_KEY":
-				return "k", true
-			case "RECORDS_RETENTION_DAYS":
-				return v, v != "unset"
-			}
-			return "", false
-		}
-	}
+	env := func(v string) func(string) (string, bool) { return configWith("RECORDS_RETENTION_DAYS", v) }
 	for v, want := range map[string]int{"unset": 0, "": 0, "0": 0, "30": 30, " 7 ": 7} {
 		c, err := LoadConfig(env(v))
 		if err != nil || c.RetentionDays != want {
