@@ -260,7 +260,7 @@ func (b *batch) sort(limits *columnLimits, window func(time.Time) string) (good 
 	for i, raw := range b.logs {
 		r, why := limits.validate(raw)
 		if why == nil && window != nil {
-			if w := window(r[0].(time.Time)); w != "" {
+			if w := window(r.ts); w != "" {
 				why = []string{w}
 			}
 		}
