@@ -111,6 +111,8 @@ func (r *row) values() []any {
 type columnLimits struct {
 	maxChars map[string]int   // VARCHAR(n) and CHAR(n) columns: n characters
 	maxInt   map[string]int64 // SMALLINT, INTEGER and BIGINT columns: their largest value
+	// fields are the same limits for onePass's rows (onepass.go).
+	fields fieldLimits
 }
 
 // loadLimits reads the column types of forward_proxy_request_logs.
@@ -145,6 +147,7 @@ func loadLimits(ctx context.Context, pool *pgxpool.Pool) (*columnLimits, error) 
 	if len(l.maxInt) == 0 {
 		return nil, errors.New("table forward_proxy_request_logs not found (has Migrate run?)")
 	}
+	l.fields = newFieldLimits(l)
 	return l, nil
 }
 
