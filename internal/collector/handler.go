@@ -230,11 +230,15 @@ func decode(body io.Reader) (*batch, error) {
 	return parseBatch(data)
 }
 
+// preallocBody bounds what readBody allocates on the word of a
+// Content-Length before the bytes arrive; larger bodies grow as they come.
+const preallocBody = 1 << 20
+
 // readBody reads a request body, of size bytes if known (-1 if not).
 func readBody(body io.Reader, size int64) ([]byte, error) {
 	var data []byte
 	var err error
-	if size >= 0 && size <= MaxBodyBytes {
+	if size >= 0 && size <= preallocBody {
 		// One allocation of the right size, not ReadAll's doublings. A
 		// body shorter than its Content-Length is the same error as
 		// ReadAll's.

@@ -248,3 +248,28 @@ func FuzzOnePass(f *testing.F) {
 		bothWays(t, body, nil)
 	})
 }
+
+// readBody reads a body of its Content-Length in one go; a shorter one is
+// an error, as io.ReadAll's on a cut request; an unknown or large length
+// reads what comes.
+func TestReadBody(t *testing.T) {
+	for _, tc := range []struct {
+		body string
+		size int64
+		err  bool
+	}{
+		{"abc", 3, false},
+		{"", 0, false},
+		{"abc", -1, false},
+		{"abc", preallocBody + 1, false},
+		{"abc", 5, true},
+	} {
+		got, err := readBody(strings.NewReader(tc.body), tc.size)
+		if (err != nil) != tc.err || (err == nil && string(got) != tc.body) {
+			t.Errorf("readBody(%q, %d) = %q, %v", tc.body, tc.size, got, err)
+		}
+		if err != nil && !strings.Contains(err.Error(), "unexpected EOF") {
+			t.Errorf("readBody(%q, %d): error %v, want unexpected EOF", tc.body, tc.size, err)
+		}
+	}
+}
