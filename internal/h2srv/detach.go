@@ -99,7 +99,7 @@ func (h *streamHandle) Source(src httpx.Source) bool {
 	if s.writeErr != nil || s.endWanted || s.reset || s.source != nil {
 		return false
 	}
-	s.source = src
+	s.source, s.sourceWaiting = src, false
 	s.c.activateLocked(s)
 	return true
 }
@@ -113,10 +113,20 @@ func (s *stream) returnSourceLocked() {
 		return
 	}
 	if src := s.source; src != nil {
-		s.source = nil
+		s.source, s.sourceWaiting = nil, false
 		go src.Returned()
 	}
 }
 
 // sourceActive: the writer may read the stream's source now.
-func (s *stream) sourceActive() bool { return s.source != nil }
+func (s *stream) sourceActive() bool { return s.source != nil && !s.sourceWaiting }
+
+// sourceReady is a source's WaitReadable callback: it has something again.
+func (c *conn) sourceReady(s *stream, src httpx.Source) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.source == src && s.sourceWaiting {
+		s.sourceWaiting = false
+		c.activateLocked(s)
+	}
+}

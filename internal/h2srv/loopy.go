@@ -250,9 +250,9 @@ func (c *conn) appendStreamLocked(b []byte, s *stream) []byte {
 // appendSourceLocked reads s's source straight into up to streamQuantum
 // DATA frames at the end of b, with one readv(2) whose buffers skip the
 // frame headers, so a download costs one read and one write per turn and
-// no copy between them. A source that has nothing, ended or failed goes
-// back to its owner, whose relay waits for the origin (in Go's poller, or
-// parked) and finishes the tunnel as it would have without a source.
+// no copy between them. A source with nothing waits for its ready callback;
+// one that ended or failed goes back to its owner, whose relay reads the
+// end again and finishes the tunnel as without a source.
 func (c *conn) appendSourceLocked(b []byte, s *stream) []byte {
 	win := min(s.sendWindow, c.sendWindow)
 	if win <= 0 {
@@ -304,8 +304,14 @@ func (c *conn) appendSourceLocked(b []byte, s *stream) []byte {
 		c.budget.earn(got)
 		s.blocked = false
 	}
-	if err != nil || got == 0 {
+	switch {
+	case err != nil:
 		s.returnSourceLocked()
+	case got == 0:
+		s.sourceWaiting = true
+		if !src.WaitReadable(func() { c.sourceReady(s, src) }) {
+			s.returnSourceLocked()
+		}
 	}
 	return b
 }

@@ -60,6 +60,7 @@ type stream struct {
 	smallBuf      *[]byte      // small's buffer, from smallBufs
 	pending       []byte       // a large write, handed over without a copy
 	source        httpx.Source // read by the writer itself (httpx.Sourcer)
+	sourceWaiting bool         // source had nothing; its ready callback reactivates it
 	sourceReading bool         // the writer reads source, without the lock
 	sourceReturn  bool         // give source back when that read is over
 	endWanted     bool         // END_STREAM after what is queued

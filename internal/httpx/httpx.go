@@ -103,16 +103,20 @@ type Sourcer interface {
 	Source(src Source) bool
 }
 
-// Source is a tunnel's origin as an engine's writer reads it.
+// Source is a tunnel's origin as an engine's writer reads it. The engine
+// calls it under its own lock: nothing here may block.
 type Source interface {
 	// ReadSource reads into bufs, in order, without blocking: (0, nil)
 	// means nothing has arrived; io.EOF that the origin is done sending.
-	// The engine calls it on its writer goroutine only.
 	ReadSource(bufs [][]byte) (int, error)
-	// Returned gives the source back: ReadSource found nothing, the end or
-	// an error, or the stream was reset or closed. It is called once per
-	// Source, on a goroutine of its own; the engine does not read the
-	// source after it. The owner waits for the origin itself from there.
+	// WaitReadable arranges for ready to run once, on another goroutine,
+	// when ReadSource would find something (or the origin fails). false:
+	// it could not, and ready will not run.
+	WaitReadable(ready func()) bool
+	// Returned gives the source back: the engine read EOF or an error,
+	// WaitReadable refused, or the stream was reset or closed. It is called
+	// once, on a goroutine of its own; the engine does not read the source
+	// after it. The owner's relay takes over from there.
 	Returned()
 }
 

@@ -239,12 +239,12 @@ type direction struct {
 	// sinking: src hands its data to d.sink while d is parked, and d parks
 	// as soon as src has nothing to read (see httpx.Sinker).
 	sinking bool
-	// sourcing: once a download runs in bulk (full large reads), d hands
-	// itself to dst as its source (httpx.Sourcer) and its goroutine ends;
-	// dst's writer reads src until it has nothing, then d runs again.
-	// srcErr is what the writer's last read failed with.
+	// sourcing: d hands itself to dst as its source (httpx.Sourcer) and
+	// its goroutine ends; it runs again when dst gives it back, and from
+	// then on relays itself. onReady is the source's WaitReadable callback
+	// while the parker holds d for it; guarded by the parker's mutex.
 	sourcing bool
-	srcErr   error
+	onReady  func()
 }
 
 // start runs the tunnel in goroutines of its own; onDone is called, from
@@ -266,7 +266,8 @@ func newTunnel(pk *parker, client, upstream endpoint, idle time.Duration, onByte
 		t.up.sinking, t.up.canPark = true, false
 		client.sinker.SetSink(t.up.sink)
 	}
-	t.down.sourcing = client.sourcer != nil && upstream.plain != nil && sourceSupported
+	// A source waits on the parker when the origin has nothing.
+	t.down.sourcing = client.sourcer != nil && upstream.plain != nil && parking && sourceSupported
 	t.watch = newIdleWatch(idle, func() { t.idled.Store(true); t.abortIdle() })
 	return t
 }
@@ -449,6 +450,12 @@ func (d *direction) copy() error {
 		if d.sinking && d.parkOnStream() {
 			return errSinkParked
 		}
+		if d.sourcing {
+			if d.dst.sourcer.Source(d) {
+				return errSourced
+			}
+			d.sourcing = false
+		}
 		if d.canPark {
 			if now := time.Now(); lease.Sub(now) < parkAfter/2 {
 				lease = now.Add(parkAfter)
@@ -484,20 +491,6 @@ func (d *direction) copy() error {
 		case large == nil && nr == len(buf):
 			large, pool = largeBufs.get(), &largeBufs
 			buf = *large
-		case large != nil && nr == len(buf) && d.sourcing:
-			// A bulk download into an HTTP/2 stream whose writer reads
-			// the origin itself: it does until the origin has nothing,
-			// and gives d back. The quiet-time lease would fail its reads.
-			if !lease.IsZero() {
-				if err := d.src.setReadDeadline(time.Time{}); err != nil {
-					return err
-				}
-				lease = time.Time{}
-			}
-			if d.dst.sourcer.Source(d) {
-				return errSourced
-			}
-			d.sourcing = false
 		case large != nil && pool == &largeBufs && nr == len(buf) && d.dst.stream != nil:
 			// A bulk download into an HTTP/2 stream: each Write is a
 			// hand-off to the engine's writer and back, so fewer, larger

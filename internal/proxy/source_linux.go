@@ -19,19 +19,17 @@ func (d *direction) ReadSource(bufs [][]byte) (int, error) {
 	var rerr error
 	err := d.src.plain.Read(func(fd uintptr) bool {
 		n, rerr = unix.Readv(int(fd), bufs)
-		return true // never wait for the socket: the relay does that
+		return true // never wait for the socket: WaitReadable does that
 	})
 	switch {
 	case err != nil:
-		rerr = err
+		return 0, err
 	case errors.Is(rerr, unix.EAGAIN):
 		return 0, nil
-	case rerr == nil && n <= 0:
-		return 0, io.EOF
-	}
-	if rerr != nil {
-		d.srcErr = rerr // a reset is reported once: keep it for finish
+	case rerr != nil:
 		return 0, rerr
+	case n <= 0:
+		return 0, io.EOF
 	}
 	d.t.watch.touch()
 	d.moved.Add(int64(n))
@@ -39,14 +37,18 @@ func (d *direction) ReadSource(bufs [][]byte) (int, error) {
 	return n, nil
 }
 
-// Returned implements httpx.Source: the writer found nothing to read, the
-// end or a failure, or the stream can no longer send. d relays itself
-// again: it waits for the origin, reads the end, or fails as it would have
-// without a source.
+// WaitReadable implements httpx.Source: the parker holds d, as it holds a
+// quiet direction, and runs ready instead of d when the socket is readable.
+func (d *direction) WaitReadable(ready func()) bool {
+	return d.t.parker.parkReady(d, ready) == nil
+}
+
+// Returned implements httpx.Source: the stream is done with d (the origin
+// ended or failed, or the stream can no longer send). d relays itself from
+// now on, and finds the end, or the failure, as it would have without a
+// source.
 func (d *direction) Returned() {
-	if err := d.srcErr; err != nil {
-		d.finish(err)
-		return
-	}
+	d.t.parker.unpark(d)
+	d.sourcing = false
 	d.run()
 }
