@@ -245,6 +245,7 @@ type direction struct {
 	// while the parker holds d for it; guarded by the parker's mutex.
 	sourcing bool
 	onReady  func()
+	srcErr   error // what the writer's last read of the source failed with
 }
 
 // start runs the tunnel in goroutines of its own; onDone is called, from

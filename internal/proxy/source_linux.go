@@ -23,13 +23,15 @@ func (d *direction) ReadSource(bufs [][]byte) (int, error) {
 	})
 	switch {
 	case err != nil:
-		return 0, err
+		rerr = err
 	case errors.Is(rerr, unix.EAGAIN):
 		return 0, nil
-	case rerr != nil:
-		return 0, rerr
-	case n <= 0:
+	case rerr == nil && n <= 0:
 		return 0, io.EOF
+	}
+	if rerr != nil {
+		d.srcErr = rerr // a reset is reported once: keep it for finish
+		return 0, rerr
 	}
 	d.t.watch.touch()
 	d.moved.Add(int64(n))
@@ -50,5 +52,9 @@ func (d *direction) WaitReadable(ready func()) bool {
 func (d *direction) Returned() {
 	d.t.parker.unpark(d)
 	d.sourcing = false
+	if err := d.srcErr; err != nil {
+		d.finish(err)
+		return
+	}
 	d.run()
 }
