@@ -162,10 +162,10 @@ func adminMetric(t *testing.T, admin, series string) float64 {
 // for the flood.
 func TestQUICFloodStaysWithinLimits(t *testing.T) {
 	const (
-		maxConns      = 400
-		maxUnval      = maxConns / 4 // h3MaxUnvalidated
-		garbage       = 5000
-		handshakes    = 1000
+		maxConns   = 400
+		maxUnval   = maxConns / 4 // h3MaxUnvalidated
+		garbage    = 5000
+		handshakes = 1000
 		// Longer than quic-go's default (5 s), to see that it is ours
 		// that applies.
 		handshakeTime = 8 * time.Second

@@ -234,4 +234,3 @@ func TestHTTP3PerAddressCaps(t *testing.T) {
 		t.Fatalf("refusal seen as %v, want a QUIC close", err)
 	}
 }
-
