@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -80,10 +81,14 @@ type bench struct {
 	origin *origin
 	proxy  *proxyClient // nil: direct baseline
 	h2     bool
+	h3     bool // HTTP/3 (h3.go)
 }
 
 // applies reports whether workload w means something for this bench.
 func (b *bench) applies(w string) bool {
+	if b.h3 {
+		return slices.Contains(h3Workloads, w)
+	}
 	switch w {
 	case wSetupWarm:
 		return b.h2
@@ -149,6 +154,9 @@ func (b *bench) stream(ctx context.Context, cc *http2.ClientConn, addr string) (
 // end to end inside each tunnel so that the baseline (direct TLS to the same
 // origin) does the same cryptographic work.
 func (b *bench) throughput(ctx context.Context, dir byte, n int) (Result, error) {
+	if b.h3 {
+		return b.h3Throughput(ctx, dir, n)
+	}
 	res := Result{N: n, Unit: "MB/s"}
 	var cc *http2.ClientConn
 	if b.h2 {
