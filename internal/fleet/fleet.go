@@ -79,10 +79,13 @@ type Fleet struct {
 	downSince atomic.Int64 // unix nanoseconds
 	kick      chan struct{}
 
-	batch   *batcher
-	limiter *Limiter
-	tunnels *Tunnels
-	revs    *Revocations
+	// batch carries the decisions; releases the tunnels' ZREMs, in a lane
+	// of their own so that a closing tunnel never holds up a decision
+	// (a client closing one tunnel and opening the next at once).
+	batch, releases *batcher
+	limiter         *Limiter
+	tunnels         *Tunnels
+	revs            *Revocations
 
 	closeOnce sync.Once
 }
@@ -156,6 +159,7 @@ func New(o Options) (*Fleet, error) {
 	f := &Fleet{o: o, client: client, log: o.Log, m: newMetrics(o.Registry), kick: make(chan struct{}, 1)}
 	f.m.up.Set(1)
 	f.batch = newBatcher(client, o.Timeout, f.down.Load)
+	f.releases = newBatcher(client, o.Timeout, f.down.Load)
 	f.limiter = newLimiter(f)
 	f.tunnels = newTunnels(f)
 	f.revs = NewRevocations(client, o.Prefix, o.Log, f.m)

@@ -244,15 +244,15 @@ func (t *Tunnels) track(l *lease, localRelease func()) func() {
 	}
 }
 
-// unlease removes l's lease from Redis, in a pipeline with the concurrent
-// requests' calls.
+// unlease removes l's lease from Redis, in a pipeline with the other
+// tunnels' releases.
 func (t *Tunnels) unlease(l *lease) {
 	f := t.f
-	c := f.batch.command("zrem", l.key, l.member)
-	f.batch.do(c)
+	c := f.releases.command("zrem", l.key, l.member)
+	f.releases.do(c)
 	err := c.cmd.Err()
 	f.m.releaseSeconds.Observe(time.Since(c.start).Seconds())
-	f.batch.put(c)
+	f.releases.put(c)
 	if err != nil {
 		f.failed("tunnel_release", err)
 	}
