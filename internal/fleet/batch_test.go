@@ -267,3 +267,29 @@ func TestClientProtocol(t *testing.T) {
 		c.Close()
 	}
 }
+
+// A tunnel's release in flight does not hold up the next decision: they
+// go in separate lanes, each sent at once.
+func TestReleaseDoesNotHoldUpDecisions(t *testing.T) {
+	r := testutil.StartRedis(t)
+	n := newNode(t, r.URL(), Options{Timeout: 30 * time.Second})
+	release, ok := n.Tunnels().Acquire("tok")
+	if !ok {
+		t.Fatal("refused with Redis up")
+	}
+	r.Pause()
+	t.Cleanup(r.Resume)
+	released := make(chan struct{})
+	go func() { release(); close(released) }()
+	waitFor(t, "the release in flight", func() bool { busy, _ := n.releases.state(); return busy })
+	decided := decide(n.Limiter(), "tok", 1)
+	waitFor(t, "the decision in flight", func() bool { busy, _ := n.batch.state(); return busy })
+	if _, q := n.batch.state(); q != 0 {
+		t.Errorf("the decision queued behind the release")
+	}
+	r.Resume()
+	<-released
+	if collect(t, decided, 1) != 1 {
+		t.Error("refused")
+	}
+}
