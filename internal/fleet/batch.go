@@ -17,6 +17,7 @@ const maxQueued = 512
 var (
 	errQueueFull = errors.New("more than 512 Redis calls waiting")
 	errLocal     = errors.New("deciding locally: Redis failed during the wait")
+	errPanic     = errors.New("the Redis client panicked")
 )
 
 // batcher sends the Redis calls of concurrent requests as one pipeline: the
@@ -127,9 +128,24 @@ func (b *batcher) do(c *call) {
 }
 
 // send runs batch (batch[0] is the caller's own call), then passes the
-// calls queued meanwhile to the first of them and wakes the others.
+// calls queued meanwhile to the first of them and wakes the others. It
+// does so even if the client panics (net/http recovers a handler's panic
+// and serves on): a batcher left busy would queue every later call.
 func (b *batcher) send(batch []*call) {
+	done := false
+	defer func() {
+		if !done {
+			for _, c := range batch {
+				c.cmd.SetErr(errPanic)
+			}
+		}
+		b.handoff(batch)
+	}()
 	b.exec(batch)
+	done = true
+}
+
+func (b *batcher) handoff(batch []*call) {
 	b.mu.Lock()
 	next := b.queue
 	b.queue = nil
