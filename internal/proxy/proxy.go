@@ -60,17 +60,17 @@ type TunnelAdmitter interface {
 // Options configure a Proxy. Auth, Dialer, Policy and Metrics are required;
 // the limiters may be nil (no limit).
 type Options struct {
-	Auth    *auth.Verifier
-	Policy  *egress.Policy
-	Dialer  *egress.Dialer
-	Limiter RateLimiter
-	Tunnels SlotLimiter
+	Auth         *auth.Verifier
+	Policy       *egress.Policy
+	Dialer       *egress.Dialer
+	Limiter      RateLimiter
+	Tunnels      SlotLimiter
+	Forwards     SlotLimiter // concurrent forwarded requests per token
+	AuthThrottle *ratelimit.AuthThrottle
 	// TunnelAdmission, when set, decides a CONNECT's (and an extended
 	// CONNECT's) rate limit and tunnel slot together, in place of Limiter
 	// and Tunnels; it stands for both, so set it only with both.
 	TunnelAdmission TunnelAdmitter
-	Forwards        SlotLimiter // concurrent forwarded requests per token
-	AuthThrottle    *ratelimit.AuthThrottle
 	// Refusals bounds the records and log lines of refusals without valid
 	// credentials per client address; nil writes them all.
 	Refusals *ratelimit.RefusalSampler
