@@ -188,6 +188,64 @@ func TestFleetTunnelCapAndDeadNodeLeases(t *testing.T) {
 	}
 }
 
+// A CONNECT costs one Redis script call (its rate limit and tunnel lease
+// together) and one ZREM when it ends; a CONNECT refused after that call
+// (a denied target) gives its lease back.
+func TestFleetConnectIsOneRedisCall(t *testing.T) {
+	r := testutil.StartRedis(t)
+	node := startFleet(t, 1, r.URL(), "MAX_TUNNELS_PER_TOKEN=1")[0]
+	echo := echoOrigin(t)
+	tok := fleetToken(t, "one")
+	c := redis.NewClient(&redis.Options{Addr: r.Addr})
+	defer c.Close()
+	ctx := context.Background()
+	leases := func() int64 { return c.ZCard(ctx, "pinaka:tunnels:one").Val() }
+	calls := func(cmd string) string {
+		for _, l := range strings.Split(c.Info(ctx, "commandstats").Val(), "\r\n") {
+			if v, ok := strings.CutPrefix(l, "cmdstat_"+cmd+":calls="); ok {
+				return strings.SplitN(v, ",", 2)[0]
+			}
+		}
+		return "0"
+	}
+
+	// The first CONNECT loads the script; the figures are the next one's.
+	s, conn := openTunnel(t, node.Addr, echo, tok)
+	if s != 200 {
+		t.Fatalf("CONNECT: %d", s)
+	}
+	conn.Close()
+	waitFor(t, "the lease released", func() bool { return leases() == 0 })
+	c.ConfigResetStat(ctx)
+	if s, conn = openTunnel(t, node.Addr, echo, tok); s != 200 {
+		t.Fatalf("CONNECT: %d", s)
+	}
+	if n, e := calls("evalsha"), calls("eval"); n != "1" || e != "0" {
+		t.Errorf("one CONNECT made %s EVALSHA and %s EVAL, want one call", n, e)
+	}
+	if leases() != 1 {
+		t.Errorf("%d leases with one tunnel open", leases())
+	}
+	conn.Close()
+	waitFor(t, "the lease released", func() bool { return leases() == 0 })
+	if n := calls("zrem"); n != "1" {
+		t.Errorf("closing the tunnel made %s ZREM, want 1", n)
+	}
+
+	// A denied target is refused after the lease was taken: the lease is
+	// given back, so the token's one slot is free for the next tunnel.
+	if s, _ := openTunnel(t, node.Addr, "10.1.2.3:443", tok); s != 403 {
+		t.Fatalf("CONNECT to a private address: %d, want 403", s)
+	}
+	waitFor(t, "the refused CONNECT's lease released", func() bool { return leases() == 0 })
+	if s, _ := openTunnel(t, node.Addr, echo, tok); s != 200 {
+		t.Errorf("the slot was not freed by the refused CONNECT: %d", s)
+	}
+	if f := scrape(t, node.admin)[`pinaka_redis_fallback_total{op="tunnel"}`]; f != 0 {
+		t.Errorf("%v tunnel fallbacks with Redis up", f)
+	}
+}
+
 // runServe runs `pinaka serve` with env until it logs that it listens (then
 // stops it and returns -1) or exits (its exit code), with its output.
 func runServe(t *testing.T, env ...string) (code int, out string) {

@@ -79,9 +79,13 @@ type Fleet struct {
 	downSince atomic.Int64 // unix nanoseconds
 	kick      chan struct{}
 
-	limiter *Limiter
-	tunnels *Tunnels
-	revs    *Revocations
+	// batch carries the decisions; releases the tunnels' ZREMs, in a lane
+	// of their own so that a closing tunnel never holds up a decision
+	// (a client closing one tunnel and opening the next at once).
+	batch, releases *batcher
+	limiter         *Limiter
+	tunnels         *Tunnels
+	revs            *Revocations
 
 	closeOnce sync.Once
 }
@@ -102,7 +106,9 @@ func ParseURL(s string) (*redis.Options, error) {
 
 // NewClient returns a client for REDIS_URL shaped for decisions on the
 // request path: no retries (the fallback is the retry), deadlines taken
-// from each call's context, no per-connection identity round trips.
+// from each call's context, no per-connection identity round trips, and
+// RESP2 unless the URL asks for a protocol (?protocol=3): fleet mode needs
+// no push notifications, and RESP2 spares every reply the check for them.
 func NewClient(redisURL string) (*redis.Client, error) {
 	opt, err := ParseURL(redisURL)
 	if err != nil {
@@ -113,6 +119,9 @@ func NewClient(redisURL string) (*redis.Client, error) {
 	opt.DialerRetries = 1
 	opt.DisableIdentity = true
 	opt.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
+	if opt.Protocol == 0 {
+		opt.Protocol = 2
+	}
 	return redis.NewClient(opt), nil
 }
 
@@ -149,6 +158,8 @@ func New(o Options) (*Fleet, error) {
 	redis.SetLogger(debugLogger{o.Log})
 	f := &Fleet{o: o, client: client, log: o.Log, m: newMetrics(o.Registry), kick: make(chan struct{}, 1)}
 	f.m.up.Set(1)
+	f.batch = newBatcher(client, o.Timeout, f.down.Load)
+	f.releases = newBatcher(client, o.Timeout, f.down.Load)
 	f.limiter = newLimiter(f)
 	f.tunnels = newTunnels(f)
 	f.revs = NewRevocations(client, o.Prefix, o.Log, f.m)
@@ -174,6 +185,13 @@ func (f *Fleet) Limiter() *Limiter { return f.limiter }
 
 // Tunnels is the fleet-wide tunnel cap (proxy.SlotLimiter).
 func (f *Fleet) Tunnels() *Tunnels { return f.tunnels }
+
+// AdmitTunnel takes a CONNECT's rate-limit decision and its tunnel slot in
+// one Redis round trip (proxy.TunnelAdmitter): Limiter().Allow then
+// Tunnels().Acquire, as one script.
+func (f *Fleet) AdmitTunnel(tokenID string) (ok bool, retryAfter time.Duration, release func(), slotOK bool) {
+	return f.tunnels.Admit(f.limiter, tokenID)
+}
 
 // Revocations publishes and receives revoked token ids.
 func (f *Fleet) Revocations() *Revocations { return f.revs }
@@ -206,6 +224,11 @@ func (f *Fleet) Close() error {
 // local decisions. Only the first failure of an outage is logged: a dead
 // Redis must not write one line per request.
 func (f *Fleet) failed(op string, err error) {
+	if errors.Is(err, errLocal) {
+		// Not sent: an earlier call's failure switched the node to local
+		// decisions while this one waited for its turn.
+		return
+	}
 	f.m.errors.WithLabelValues(op).Inc()
 	if f.down.CompareAndSwap(false, true) {
 		f.downSince.Store(time.Now().UnixNano())
@@ -261,17 +284,6 @@ func (f *Fleet) probe(ctx context.Context) {
 	}
 }
 
-// call runs one Redis call under the decision deadline and records its
-// latency under obs.
-func (f *Fleet) call(obs prometheus.Observer, fn func(ctx context.Context) error) error {
-	ctx, cancel := context.WithTimeout(context.Background(), f.o.Timeout)
-	start := time.Now()
-	err := fn(ctx)
-	obs.Observe(time.Since(start).Seconds())
-	cancel()
-	return err
-}
-
 // localShare is a fleet-wide limit divided by FLEET_SIZE, at least 1: what
 // one node may allow on its own without the fleet exceeding the limit.
 func localShare(limit, fleetSize int) int { return max(1, limit/fleetSize) }
@@ -292,9 +304,9 @@ type fleetMetrics struct {
 	leases   prometheus.Gauge
 	revoked  *prometheus.CounterVec // result: accepted, invalid
 
-	fallbackRate, fallbackTunnel prometheus.Counter
-	rateSeconds, acquireSeconds  prometheus.Observer
-	releaseSeconds, renewSeconds prometheus.Observer
+	fallbackRate, fallbackTunnel              prometheus.Counter
+	rateSeconds, acquireSeconds, admitSeconds prometheus.Observer
+	releaseSeconds, renewSeconds              prometheus.Observer
 }
 
 func newMetrics(reg prometheus.Registerer) *fleetMetrics {
@@ -306,10 +318,10 @@ func newMetrics(reg prometheus.Registerer) *fleetMetrics {
 			Name: "pinaka_redis_fallback_total", Help: "Decisions taken on this node's local state because Redis was unreachable or slow, by op: rate_limit, tunnel.",
 		}, []string{"op"}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "pinaka_redis_errors_total", Help: "Redis calls that failed or exceeded REDIS_TIMEOUT, by op: rate_limit, tunnel_acquire, tunnel_release, lease_renew, ping.",
+			Name: "pinaka_redis_errors_total", Help: "Redis calls that failed or exceeded REDIS_TIMEOUT, by op: rate_limit, tunnel_admit, tunnel_acquire, tunnel_release, lease_renew, ping.",
 		}, []string{"op"}),
 		seconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "pinaka_redis_call_seconds", Help: "Latency of Redis calls, by op: rate_limit, tunnel_acquire, tunnel_release, lease_renew.",
+			Name: "pinaka_redis_call_seconds", Help: "Latency of Redis calls, by op: rate_limit, tunnel_admit (a CONNECT's rate limit and tunnel lease in one call), tunnel_acquire, tunnel_release, lease_renew.",
 			Buckets: prometheus.ExponentialBuckets(0.00005, 2, 14),
 		}, []string{"op"}),
 		leases: prometheus.NewGauge(prometheus.GaugeOpts{
@@ -322,13 +334,14 @@ func newMetrics(reg prometheus.Registerer) *fleetMetrics {
 	for _, op := range []string{"rate_limit", "tunnel"} {
 		m.fallback.WithLabelValues(op)
 	}
-	for _, op := range []string{"rate_limit", "tunnel_acquire", "tunnel_release", "lease_renew", "ping"} {
+	for _, op := range []string{"rate_limit", "tunnel_admit", "tunnel_acquire", "tunnel_release", "lease_renew", "ping"} {
 		m.errors.WithLabelValues(op)
 	}
 	m.fallbackRate = m.fallback.WithLabelValues("rate_limit")
 	m.fallbackTunnel = m.fallback.WithLabelValues("tunnel")
 	m.rateSeconds = m.seconds.WithLabelValues("rate_limit")
 	m.acquireSeconds = m.seconds.WithLabelValues("tunnel_acquire")
+	m.admitSeconds = m.seconds.WithLabelValues("tunnel_admit")
 	m.releaseSeconds = m.seconds.WithLabelValues("tunnel_release")
 	m.renewSeconds = m.seconds.WithLabelValues("lease_renew")
 	m.revoked.WithLabelValues("accepted")

@@ -465,11 +465,13 @@ func BenchmarkAllow(b *testing.B) {
 		l := f.Limiter()
 		l.Allow("bench-token") // loads the script
 		b.ReportAllocs()
+		cpu := startCPU(b, r)
 		for b.Loop() {
 			if ok, _ := l.Allow("bench-token"); !ok {
 				b.Fatal("refused")
 			}
 		}
+		cpu.report(b)
 		if !f.Up() {
 			b.Fatal("fell back during the benchmark")
 		}
@@ -501,12 +503,14 @@ func BenchmarkAllow(b *testing.B) {
 		l := f.Limiter()
 		l.Allow("bench-token")
 		b.ReportAllocs()
+		cpu := startCPU(b, r)
 		b.SetParallelism(16) // requests in flight at once, as on a busy node
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
 				l.Allow("bench-token")
 			}
 		})
+		cpu.report(b)
 		if !f.Up() {
 			b.Fatal("fell back during the benchmark")
 		}

@@ -1,35 +1,49 @@
 package fleet
 
 import (
-	"context"
 	"strconv"
 	"time"
-
-	"github.com/redis/go-redis/v9"
 
 	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
 )
 
-// gcraScript takes one unit from a token's bucket, as GCRA: the bucket is
+// The scripts are built from the fragments below, so that the CONNECT's
+// combined script (admitScript) takes its unit exactly as gcraScript does
+// and its lease exactly as acquireScript does.
+
+// nowLua reads Redis's clock in microseconds: node clocks never enter a
+// decision.
+const nowLua = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+`
+
+// takeUnitLua takes one unit of a token's bucket, as GCRA: the bucket is
 // one number, the theoretical arrival time (TAT) of the next unit, in
-// microseconds of Redis's clock, so node clocks never enter a decision.
-// A bucket of capacity B refilling one unit every I microseconds admits a
-// request at now when TAT + I - B*I <= now. A refused request changes
-// nothing (as in ratelimit.Limiter). The key expires when TAT is reached,
-// which is exactly when the bucket is full again and the key says nothing.
+// microseconds. A bucket of capacity B refilling one unit every I
+// microseconds admits a request at now when TAT + I - B*I <= now. A refused
+// request changes nothing (as in ratelimit.Limiter) and the script returns
+// the microseconds until one unit is free. The key expires when TAT is
+// reached, which is exactly when the bucket is full again and the key says
+// nothing.
+//
+// Needs the locals now, bucket (key), interval (I), burst (B).
+const takeUnitLua = `
+local tat = tonumber(redis.call('GET', bucket)) or now
+if tat < now then tat = now end
+local new_tat = tat + interval
+local wait = new_tat - burst * interval - now
+if wait > 0 then return math.max(1, math.ceil(wait)) end
+redis.call('SET', bucket, string.format('%.3f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
+`
+
+// gcraScript takes one unit of a token's shared bucket.
 //
 // KEYS[1] the bucket; ARGV[1] I (microseconds per unit); ARGV[2] B.
 // Returns 0 when allowed, else the microseconds until one unit is free.
-const gcraScript = `
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local new_tat = tat + interval
-local wait = new_tat - tonumber(ARGV[2]) * interval - now
-if wait > 0 then return math.max(1, math.ceil(wait)) end
-redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
+const gcraScript = nowLua + `
+local bucket, interval, burst = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+` + takeUnitLua + `
 return 0
 `
 
@@ -40,9 +54,10 @@ return 0
 type Limiter struct {
 	f      *Fleet
 	local  *ratelimit.Limiter
-	script *redis.Script
+	script *script
 	prefix string
-	args   []any // interval, burst: the same for every call
+	// interval and burst are ARGV of every call.
+	interval, burst string
 }
 
 func newLimiter(f *Fleet) *Limiter {
@@ -52,25 +67,26 @@ func newLimiter(f *Fleet) *Limiter {
 		f: f,
 		local: ratelimit.New(localShare(o.RequestsPerMinute, o.FleetSize),
 			localShare(o.Burst, o.FleetSize), o.MaxTokens),
-		script: redis.NewScript(gcraScript),
-		prefix: o.Prefix + "rl:",
-		args:   []any{strconv.FormatFloat(interval, 'f', -1, 64), strconv.Itoa(o.Burst)},
+		script:   newScript(gcraScript),
+		prefix:   o.Prefix + "rl:",
+		interval: strconv.FormatFloat(interval, 'f', -1, 64),
+		burst:    strconv.Itoa(o.Burst),
 	}
 }
 
-// Allow consumes one unit of tokenID's shared bucket (proxy.RateLimiter).
+// Allow consumes one unit of tokenID's shared bucket (proxy.RateLimiter):
+// one script call, in a pipeline with the concurrent requests' calls.
 func (l *Limiter) Allow(tokenID string) (ok bool, retryAfter time.Duration) {
 	f := l.f
 	if f.down.Load() {
 		f.m.fallbackRate.Inc()
 		return l.local.Allow(tokenID)
 	}
-	// Inline rather than through f.call: this runs on every request.
-	ctx, cancel := context.WithTimeout(context.Background(), f.o.Timeout)
-	start := time.Now()
-	wait, err := l.script.Run(ctx, f.client, []string{l.prefix + tokenID}, l.args...).Int64()
-	f.m.rateSeconds.Observe(time.Since(start).Seconds())
-	cancel()
+	c := f.batch.script(l.script, []any{nil, nil, 1, l.prefix + tokenID, l.interval, l.burst})
+	f.batch.do(c)
+	wait, err := c.cmd.Int64()
+	f.m.rateSeconds.Observe(time.Since(c.start).Seconds())
+	f.batch.put(c)
 	if err != nil {
 		f.failed("rate_limit", err)
 		f.m.fallbackRate.Inc()

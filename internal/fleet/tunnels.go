@@ -14,24 +14,48 @@ import (
 	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
 )
 
-// acquireScript takes a tunnel lease. A token's leases are one sorted set:
+// takeLeaseLua takes a tunnel lease. A token's leases are one sorted set:
 // member = node:instance:sequence, score = the lease's expiry in
 // milliseconds of Redis's clock. Expired members (their node died or lost
 // Redis for longer than the TTL) are dropped before counting, so a dead
 // node's tunnels free themselves within one TTL. The key's own TTL is
 // pushed to the latest lease's expiry: a token without live leases leaves
-// nothing behind.
+// nothing behind. At the cap the script returns -1.
+//
+// Needs the locals now (microseconds), leases (key), cap, ttl (ms), member.
+const takeLeaseLua = `
+local ms = math.floor(now / 1000)
+redis.call('ZREMRANGEBYSCORE', leases, '-inf', ms)
+if redis.call('ZCARD', leases) >= cap then return -1 end
+redis.call('ZADD', leases, ms + ttl, member)
+redis.call('PEXPIRE', leases, ttl)
+`
+
+// acquireScript takes a tunnel lease.
 //
 // KEYS[1] the token's leases; ARGV[1] cap, ARGV[2] TTL ms, ARGV[3] member.
-// Returns 1 when the lease was taken, 0 when the token is at its cap.
-const acquireScript = `
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
+// Returns 0 when the lease was taken, -1 when the token is at its cap.
+const acquireScript = nowLua + `
+local leases, cap, ttl, member = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+` + takeLeaseLua + `
+return 0
+`
+
+// admitScript is a CONNECT's two decisions in one round trip: one unit of
+// the token's bucket (as gcraScript), then, if the unit was granted, a
+// tunnel lease (as acquireScript). A refused unit takes no lease; a lease
+// refused at the cap still consumes the unit, as the two separate calls do.
+//
+// KEYS[1] the bucket, KEYS[2] the token's leases; ARGV[1] I, ARGV[2] B (as
+// gcraScript), ARGV[3] cap, ARGV[4] TTL ms, ARGV[5] member.
+// Returns 0 when both were granted, -1 when the token is at its tunnel
+// cap, else the microseconds until one unit of the bucket is free.
+const admitScript = nowLua + `
+local bucket, interval, burst = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+` + takeUnitLua + `
+local leases, cap, ttl, member = KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+` + takeLeaseLua + `
+return 0
 `
 
 // renewScript extends a node's leases of one token to now + TTL, adding
@@ -63,7 +87,8 @@ type Tunnels struct {
 	fallbackMax int
 	ttl         time.Duration
 	prefix      string
-	acquire     *redis.Script
+	acquire     *script
+	admit       *script
 	renew       *redis.Script
 	maxArg      string
 	ttlArg      string
@@ -95,7 +120,8 @@ func newTunnels(f *Fleet) *Tunnels {
 		fallbackMax:  localShare(o.MaxTunnelsPerToken, o.FleetSize),
 		ttl:          o.LeaseTTL,
 		prefix:       o.Prefix + "tunnels:",
-		acquire:      redis.NewScript(acquireScript),
+		acquire:      newScript(acquireScript),
+		admit:        newScript(admitScript),
 		renew:        redis.NewScript(renewScript),
 		maxArg:       strconv.Itoa(o.MaxTunnelsPerToken),
 		ttlArg:       strconv.FormatInt(o.LeaseTTL.Milliseconds(), 10),
@@ -109,21 +135,67 @@ func newTunnels(f *Fleet) *Tunnels {
 // (proxy.SlotLimiter). release is never nil and releases once.
 func (t *Tunnels) Acquire(tokenID string) (release func(), ok bool) {
 	f := t.f
-	l := &lease{key: t.prefix + tokenID, member: t.memberPrefix + strconv.FormatUint(t.seq.Add(1), 10)}
+	l := t.newLease(tokenID)
 	if f.down.Load() {
 		return t.acquireLocal(tokenID, l)
 	}
-	var got int64
-	err := f.call(f.m.acquireSeconds, func(ctx context.Context) error {
-		var err error
-		got, err = t.acquire.Run(ctx, f.client, []string{l.key}, t.maxArg, t.ttlArg, l.member).Int64()
-		return err
-	})
+	c := f.batch.script(t.acquire, []any{nil, nil, 1, l.key, t.maxArg, t.ttlArg, l.member})
+	f.batch.do(c)
+	got, err := c.cmd.Int64()
+	f.m.acquireSeconds.Observe(time.Since(c.start).Seconds())
+	f.batch.put(c)
 	if err != nil {
 		f.failed("tunnel_acquire", err)
 		return t.acquireLocal(tokenID, l)
 	}
-	if got == 0 {
+	return t.granted(tokenID, l, got == 0)
+}
+
+// Admit is a CONNECT's rate-limit decision and tunnel slot in one script
+// call (proxy.TunnelAdmitter): Limiter.Allow followed by Acquire, in one
+// round trip instead of two. slotOK is meaningful only when ok; release is
+// never nil and releases once.
+func (t *Tunnels) Admit(lim *Limiter, tokenID string) (ok bool, retryAfter time.Duration, release func(), slotOK bool) {
+	f := t.f
+	if f.down.Load() {
+		f.m.fallbackRate.Inc()
+		if ok, retryAfter = lim.local.Allow(tokenID); !ok {
+			return false, retryAfter, noop, false
+		}
+		release, slotOK = t.acquireLocal(tokenID, t.newLease(tokenID))
+		return true, 0, release, slotOK
+	}
+	l := t.newLease(tokenID)
+	c := f.batch.script(t.admit, []any{nil, nil, 2, lim.prefix + tokenID, l.key,
+		lim.interval, lim.burst, t.maxArg, t.ttlArg, l.member})
+	f.batch.do(c)
+	got, err := c.cmd.Int64()
+	f.m.admitSeconds.Observe(time.Since(c.start).Seconds())
+	f.batch.put(c)
+	if err != nil {
+		f.failed("tunnel_admit", err)
+		f.m.fallbackRate.Inc()
+		if ok, retryAfter = lim.local.Allow(tokenID); !ok {
+			return false, retryAfter, noop, false
+		}
+		release, slotOK = t.acquireLocal(tokenID, l)
+		return true, 0, release, slotOK
+	}
+	if got > 0 {
+		return false, time.Duration(got) * time.Microsecond, noop, false
+	}
+	release, slotOK = t.granted(tokenID, l, got == 0)
+	return true, 0, release, slotOK
+}
+
+func (t *Tunnels) newLease(tokenID string) *lease {
+	return &lease{key: t.prefix + tokenID, member: t.memberPrefix + strconv.FormatUint(t.seq.Add(1), 10)}
+}
+
+// granted completes a lease Redis answered for: taken, it is also counted
+// on this node and tracked for renewal.
+func (t *Tunnels) granted(tokenID string, l *lease, taken bool) (func(), bool) {
+	if !taken {
 		return noop, false
 	}
 	localRelease, ok := t.local.Acquire(tokenID)
@@ -172,12 +244,15 @@ func (t *Tunnels) track(l *lease, localRelease func()) func() {
 	}
 }
 
-// unlease removes l's lease from Redis.
+// unlease removes l's lease from Redis, in a pipeline with the other
+// tunnels' releases.
 func (t *Tunnels) unlease(l *lease) {
 	f := t.f
-	err := f.call(f.m.releaseSeconds, func(ctx context.Context) error {
-		return f.client.ZRem(ctx, l.key, l.member).Err()
-	})
+	c := f.releases.command("zrem", l.key, l.member)
+	f.releases.do(c)
+	err := c.cmd.Err()
+	f.m.releaseSeconds.Observe(time.Since(c.start).Seconds())
+	f.releases.put(c)
 	if err != nil {
 		f.failed("tunnel_release", err)
 	}

@@ -58,9 +58,20 @@ func (p *Proxy) checkTarget(w http.ResponseWriter, q *request, authority string,
 	return t, true
 }
 
-// acquireTunnel enforces MAX_TUNNELS_PER_TOKEN.
+// acquireTunnel enforces MAX_TUNNELS_PER_TOKEN, or answers with the slot
+// that authorize already decided (Options.TunnelAdmission).
 func (p *Proxy) acquireTunnel(w http.ResponseWriter, q *request) (release func(), ok bool) {
-	return p.acquireSlot(w, q, p.opt.Tunnels, "tunnel_limit", "too many concurrent tunnels for this token")
+	const code, reason = "tunnel_limit", "too many concurrent tunnels for this token"
+	if q.admitted {
+		release, q.release = q.release, nil
+		if !q.slotOK {
+			w.Header().Set("Retry-After", "1")
+			p.fail(w, q, http.StatusTooManyRequests, code, reason)
+			return release, false
+		}
+		return release, true
+	}
+	return p.acquireSlot(w, q, p.opt.Tunnels, code, reason)
 }
 
 // acquireForward enforces MAX_FORWARDS_PER_TOKEN.

@@ -47,6 +47,16 @@ type SlotLimiter interface {
 	Acquire(tokenID string) (release func(), ok bool)
 }
 
+// TunnelAdmitter takes a tunnel's rate-limit decision and its tunnel slot
+// in one step: what Limiter.Allow then Tunnels.Acquire decide, with the
+// same outcomes (a refused rate limit takes no slot; a slot refused at the
+// cap still consumed the unit). fleet.Fleet does it in one Redis round trip
+// instead of two. slotOK is meaningful only when ok; release is never nil
+// and releases once.
+type TunnelAdmitter interface {
+	AdmitTunnel(tokenID string) (ok bool, retryAfter time.Duration, release func(), slotOK bool)
+}
+
 // Options configure a Proxy. Auth, Dialer, Policy and Metrics are required;
 // the limiters may be nil (no limit).
 type Options struct {
@@ -57,6 +67,10 @@ type Options struct {
 	Tunnels      SlotLimiter
 	Forwards     SlotLimiter // concurrent forwarded requests per token
 	AuthThrottle *ratelimit.AuthThrottle
+	// TunnelAdmission, when set, decides a CONNECT's (and an extended
+	// CONNECT's) rate limit and tunnel slot together, in place of Limiter
+	// and Tunnels; it stands for both, so set it only with both.
+	TunnelAdmission TunnelAdmitter
 	// Refusals bounds the records and log lines of refusals without valid
 	// credentials per client address; nil writes them all.
 	Refusals *ratelimit.RefusalSampler
@@ -191,6 +205,13 @@ type request struct {
 	// authorization step's time, taken only for it.
 	span RequestSpan
 	auth timing.Span
+	// admitted: the tunnel's slot was decided with its rate limit
+	// (Options.TunnelAdmission): slotOK says whether it was granted, and
+	// release, until acquireTunnel takes it, frees it when the request ends
+	// before its tunnel (a refused target).
+	admitted bool
+	slotOK   bool
+	release  func()
 }
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -214,6 +235,9 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		RequestID: q.rec.RequestID, // given by startTiming
 	}
 	defer func() {
+		if q.release != nil {
+			q.release()
+		}
 		if !q.detached {
 			p.finish(q)
 		}
@@ -302,6 +326,18 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 	}
 	q.authenticated = true
 	ratelimit.MarkAuthenticated(r.Context())
+	if p.opt.TunnelAdmission != nil && (q.kind == kindConnect || q.kind == kindExtendedConnect) {
+		ok, wait, release, slotOK := p.opt.TunnelAdmission.AdmitTunnel(id.TokenID)
+		if !ok {
+			q.rec.RateLimited = true
+			p.opt.Metrics.RateLimited.Inc()
+			w.Header().Set("Retry-After", strconv.Itoa(int((wait+time.Second-1)/time.Second)))
+			p.fail(w, q, http.StatusTooManyRequests, "rate_limited", "rate limit exceeded")
+			return false
+		}
+		q.admitted, q.slotOK, q.release = true, slotOK, release
+		return true
+	}
 	if p.opt.Limiter != nil {
 		if ok, wait := p.opt.Limiter.Allow(id.TokenID); !ok {
 			q.rec.RateLimited = true

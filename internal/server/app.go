@@ -152,6 +152,11 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		return nil, err
 	}
 	a.Fleet = fl
+	var admission proxy.TunnelAdmitter
+	if fl != nil {
+		// A CONNECT's rate limit and tunnel lease in one Redis round trip.
+		admission = fl
+	}
 	tracer, ptracer, err := newTracer(cfg, log)
 	if err != nil {
 		return nil, err
@@ -163,6 +168,7 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		Dialer:                dialer,
 		Limiter:               limiter,
 		Tunnels:               tunnels,
+		TunnelAdmission:       admission,
 		Forwards:              ratelimit.NewTunnelLimiter(cfg.MaxForwardsPerToken),
 		AuthThrottle:          ratelimit.NewAuthThrottle(cfg.AuthFailuresPerMinute, 100000),
 		Refusals:              ratelimit.NewRefusalSampler(cfg.UnauthenticatedRecordsPerMinute, 100000),
