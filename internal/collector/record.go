@@ -41,6 +41,7 @@ type record struct {
 	// client IP that this record stands for (absent: 0).
 	Suppressed int64 `json:"suppressed"`
 	timingFields
+	udpFields
 }
 
 // row is a valid record in logColumns order, ready for COPY.
@@ -164,13 +165,14 @@ func (l *columnLimits) validate(raw json.RawMessage) (row, []string) {
 	}
 
 	timing := r.timingFields.check(l, rule)
+	udp := r.udpFields.check(l, rule)
 
 	if len(why) > 0 {
 		return nil, why
 	}
 	return append(row{ts, r.TokenID, r.UserID, r.TokenType, r.Region, r.ProbeNode, r.ClientIP, r.Protocol, r.Method,
 		r.TargetURL, r.StatusCode, r.RequestSize, r.ResponseSize, r.DurationMS, r.Success, r.RateLimited, r.Error,
-		r.Suppressed}, timing...), nil
+		r.Suppressed}, append(timing, udp...)...), nil
 }
 
 // decodeReason says why a record did not decode into record.
