@@ -118,3 +118,8 @@ type Datagrams interface {
 type DatagramSettings interface {
 	ClientDatagrams(ctx context.Context) bool
 }
+
+// ErrDatagramTooLarge is wrapped by a SendDatagram error when the datagram
+// does not fit in one QUIC DATAGRAM frame on the connection's path: the
+// datagram is lost, the stream is fine.
+var ErrDatagramTooLarge = errors.New("datagram too large for the connection")

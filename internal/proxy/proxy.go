@@ -56,6 +56,7 @@ type Options struct {
 	Limiter      RateLimiter
 	Tunnels      SlotLimiter
 	Forwards     SlotLimiter // concurrent forwarded requests per token
+	UDPFlows     SlotLimiter // concurrent CONNECT-UDP flows per token
 	AuthThrottle *ratelimit.AuthThrottle
 	// Refusals bounds the records and log lines of refusals without valid
 	// credentials per client address; nil writes them all.
@@ -77,6 +78,7 @@ type Options struct {
 	TunnelIdleTimeout     time.Duration // close tunnels idle this long
 	UpstreamHeaderTimeout time.Duration
 	BodyIdleTimeout       time.Duration // end a forwarded request whose client stops sending its body
+	UDPIdleTimeout        time.Duration // close CONNECT-UDP flows without a datagram this long
 	// UpstreamTLS verifies origins reached over TLS; nil means the system
 	// roots. Tests set their own CA here.
 	UpstreamTLS *tls.Config
@@ -92,6 +94,7 @@ type Proxy struct {
 	parker    *parker // idle tunnel directions (see parkAfter)
 	stopSweep func()  // ends the suppressed-refusal summaries
 	revoked   revokedCounts
+	udpm      udpCounters
 }
 
 // New returns a Proxy.
@@ -102,7 +105,7 @@ func New(o Options) *Proxy {
 	if o.Records == nil {
 		o.Records = discard{}
 	}
-	p := &Proxy{opt: o, log: o.Log, parker: newParker(o.Log)}
+	p := &Proxy{opt: o, log: o.Log, parker: newParker(o.Log), udpm: newUDPCounters(o.Metrics)}
 	p.transport = &http.Transport{
 		Proxy:                 nil, // never chain to an environment proxy
 		DialContext:           o.Dialer.DialContext,
@@ -191,6 +194,8 @@ type request struct {
 	// authorization step's time, taken only for it.
 	span RequestSpan
 	auth timing.Span
+	// udp: a CONNECT-UDP request (udp.go).
+	udp bool
 }
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -543,6 +548,11 @@ func (p *Proxy) targetURL(r *http.Request, kind requestKind) string {
 		scheme := "ws"
 		if httpx.Scheme(r) == "https" {
 			scheme = "wss"
+		}
+		if strings.EqualFold(httpx.Protocol(r), udpProtocol) {
+			// CONNECT-UDP asks the proxy itself; serveConnectUDP names
+			// the target once it has parsed it.
+			scheme = "https"
 		}
 		u := *r.URL
 		u.Scheme, u.Host = scheme, r.Host

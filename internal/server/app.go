@@ -79,6 +79,7 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 	if err != nil {
 		return nil, fmt.Errorf("building egress policy: %w", err)
 	}
+	policy.SetUDPPorts(cfg.AllowedUDPPorts)
 	resolver := egress.NewResolver(cfg.DNSServers, cfg.DNSTimeout, cfg.DNSCacheSize)
 	dialer := egress.NewDialer(egress.DialerOptions{
 		Policy: policy, Resolver: resolver, Timeout: cfg.UpstreamDialTimeout, Metrics: m,
@@ -164,6 +165,7 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		Limiter:               limiter,
 		Tunnels:               tunnels,
 		Forwards:              ratelimit.NewTunnelLimiter(cfg.MaxForwardsPerToken),
+		UDPFlows:              ratelimit.NewTunnelLimiter(cfg.MaxUDPFlowsPerToken),
 		AuthThrottle:          ratelimit.NewAuthThrottle(cfg.AuthFailuresPerMinute, 100000),
 		Refusals:              ratelimit.NewRefusalSampler(cfg.UnauthenticatedRecordsPerMinute, 100000),
 		Records:               shipper,
@@ -177,6 +179,7 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		TunnelIdleTimeout:     cfg.TunnelIdleTimeout,
 		UpstreamHeaderTimeout: cfg.UpstreamHeaderTimeout,
 		BodyIdleTimeout:       cfg.RequestBodyIdleTimeout,
+		UDPIdleTimeout:        cfg.UDPIdleTimeout,
 		UpstreamTLS:           o.UpstreamTLS,
 		Revocations:           revocations,
 		Tracer:                ptracer,
@@ -244,7 +247,8 @@ func (a *App) Start() error {
 	if err := a.Server.Listen(); err != nil {
 		return err
 	}
-	for _, addr := range []net.Addr{a.Server.ProxyAddr(), a.Server.AdminAddr()} {
+	// The QUIC listener's too: a CONNECT-UDP flow to it would loop.
+	for _, addr := range []net.Addr{a.Server.ProxyAddr(), a.Server.AdminAddr(), a.Server.H3Addr()} {
 		if addr == nil {
 			continue
 		}

@@ -93,7 +93,7 @@ func (s *Server) listenH3() error {
 		// HTTP Datagrams (RFC 9297, SETTINGS_H3_DATAGRAM) for CONNECT-UDP
 		// (RFC 9298); quicConfig enables the QUIC DATAGRAM frames under them.
 		EnableDatagrams: true,
-		Logger:         slog.New(s.log.Handler()).With("listener", "http3"),
+		Logger:          slog.New(s.log.Handler()).With("listener", "http3"),
 	}
 	s.h3 = h
 	return nil
@@ -234,10 +234,16 @@ func h3ForSelf(r *http.Request) bool {
 	return err == nil && lp == port && net.ParseIP(strings.Trim(host, "[]")).Equal(net.ParseIP(lh))
 }
 
-// h3Writer adds httpx.Detacher to quic-go's ResponseWriter, for tunnels.
+// h3Writer adds httpx.Detacher to quic-go's ResponseWriter, for tunnels,
+// and httpx.DatagramSettings, for CONNECT-UDP.
 type h3Writer struct {
 	http.ResponseWriter
 }
+
+var (
+	_ httpx.DatagramSettings = (*h3Writer)(nil)
+	_ httpx.Datagrams        = (*h3Stream)(nil)
+)
 
 // Unwrap lets http.ResponseController reach quic-go's writer.
 func (w *h3Writer) Unwrap() http.ResponseWriter { return w.ResponseWriter }
@@ -320,7 +326,13 @@ func (s *h3Stream) SetReadDeadline(t time.Time) error { return s.st.SetReadDeadl
 // SendDatagram and ReceiveDatagram make h3Stream an httpx.Datagrams:
 // quic-go adds and strips the quarter stream id (RFC 9297 §2.1), and
 // copies b before it returns.
-func (s *h3Stream) SendDatagram(b []byte) error { return s.st.SendDatagram(b) }
+func (s *h3Stream) SendDatagram(b []byte) error {
+	err := s.st.SendDatagram(b)
+	if _, ok := errors.AsType[*quic.DatagramTooLargeError](err); ok {
+		return fmt.Errorf("%w: %w", httpx.ErrDatagramTooLarge, err)
+	}
+	return err
+}
 
 func (s *h3Stream) ReceiveDatagram(ctx context.Context) ([]byte, error) {
 	return s.st.ReceiveDatagram(ctx)
