@@ -89,6 +89,8 @@ func (b *bench) applies(w string) bool {
 		return b.h2
 	case wMemory:
 		return b.proxy != nil
+	case wUDP:
+		return b.proxy == nil || b.proxy.tls != nil
 	}
 	return true
 }
@@ -115,6 +117,8 @@ func (b *bench) run(ctx context.Context, w string) Result {
 		r, err = b.forward(ctx)
 	case wMemory:
 		r, err = b.memory(ctx)
+	case wUDP:
+		r, err = b.udpDatagrams(ctx)
 	default:
 		err = fmt.Errorf("unknown workload %q", w)
 	}
