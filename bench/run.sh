@@ -2,11 +2,12 @@
 # bench/run.sh — what `make bench` runs.
 #
 # Measures, in one run on this machine: the direct baselines (TCP/TLS
-# straight to pinaka-bench's loopback origins), Pinaka (HTTP/1.1 and
-# HTTP/2), and where installed Squid (https_port) and nghttpx in front of
-# Squid. Each proxy is started fresh for each protocol run, so that the
-# memory workload (which runs first) sees an unused process. Writes
-# bench/results/latest.md and prints it.
+# straight to pinaka-bench's loopback origins), Pinaka (HTTP/1.1, HTTP/2,
+# and HTTP/3 with HTTP3_ENABLED for the tunnel throughput workloads), and
+# where installed Squid (https_port) and nghttpx in front of Squid. Each
+# proxy is started fresh for each protocol run, so that the memory workload
+# (which runs first) sees an unused process. Writes bench/results/latest.md
+# and prints it.
 #
 # Fleet mode: right after each Pinaka protocol run, the same proxy with
 # REDIS_URL pointing at a redis-server this script starts on a free port
@@ -161,17 +162,20 @@ else
 			redis_pid=""
 		fi
 	fi
-	for proto in h1 h2; do
-		flags=()
+	for proto in h1 h2 h3; do
+		flags=() extra=()
 		[[ $proto == h2 ]] && flags=(-proxy-h2)
-		if start_pinaka; then
+		# HTTP/3: QUIC on the UDP port of the same number; pinaka-bench runs
+		# the throughput workloads only.
+		[[ $proto == h3 ]] && flags=(-proxy-h3) extra=(HTTP3_ENABLED=true)
+		if start_pinaka "${extra[@]}"; then
 			run "pinaka-$proto" -label Pinaka -proxy "https://127.0.0.1:$p_pinaka" -insecure \
 				-bearer "$token" -pid "$pinaka_pid" "${flags[@]}"
 			stop "$pinaka_pid"
 		else
 			notes+=("Pinaka $proto: did not start")
 		fi
-		[[ -n $redis_pid ]] || continue
+		[[ -n $redis_pid && $proto != h3 ]] || continue
 		if start_pinaka REDIS_URL="redis://127.0.0.1:$p_redis/0" REDIS_TIMEOUT=1s FLEET_SIZE=1 \
 			ADMIN_ADDR="127.0.0.1:$p_admin"; then
 			run_workloads=(-workloads "$redis_workloads")
@@ -194,13 +198,14 @@ else
 		: # not asked for
 	elif start_pinaka HTTP3_ENABLED=true MAX_UDP_FLOWS_PER_TOKEN=1000000; then
 		run direct-udp -label direct -baseline=false -workloads udp
-		run pinaka-h3-udp -label Pinaka -proxy "https://127.0.0.1:$p_pinaka" -insecure \
+		run pinaka-h3-udp -label Pinaka -proxy "https://127.0.0.1:$p_pinaka" -proxy-h3 -insecure \
 			-bearer "$token" -pid "$pinaka_pid" -workloads udp
 		stop "$pinaka_pid"
 		notes+=("CONNECT-UDP (HTTP/3): Pinaka only; Squid and nghttpx offer no CONNECT-UDP")
 	else
 		notes+=("Pinaka CONNECT-UDP: did not start")
 	fi
+	notes+=("HTTP/3 rows: Pinaka only; Squid and nghttpx, as run here, have no HTTP/3 proxy listener")
 fi
 
 # --- Squid, and nghttpx in front of it ---------------------------------------

@@ -57,6 +57,7 @@ func benchMain(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	var (
 		proxyURL  = fs.String("proxy", "", "proxy URL, https://host:port or http://host:port; empty: measure the direct baseline only")
 		proxyH2   = fs.Bool("proxy-h2", false, "speak HTTP/2 to the proxy (ALPN h2; needs an https proxy)")
+		proxyH3   = fs.Bool("proxy-h3", false, "speak HTTP/3 to the proxy, over QUIC on the UDP port of the proxy URL (throughput workloads only)")
 		insecure  = fs.Bool("insecure", false, "do not verify the proxy's certificate")
 		bearer    = fs.String("bearer", "", "send Proxy-Authorization: Bearer TOKEN")
 		basic     = fs.String("basic", "", "send Proxy-Authorization: Basic with TOKEN as password")
@@ -115,20 +116,23 @@ func benchMain(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		if err != nil {
 			return err
 		}
-		if *proxyH2 && pc.tls == nil {
-			return errors.New("-proxy-h2 needs an https:// proxy")
+		if (*proxyH2 || *proxyH3) && pc.tls == nil {
+			return errors.New("-proxy-h2 and -proxy-h3 need an https:// proxy")
 		}
-		target = &bench{cfg: cfg, origin: o, proxy: pc, h2: *proxyH2}
+		if *proxyH2 && *proxyH3 {
+			return errors.New("-proxy-h2 and -proxy-h3 are exclusive")
+		}
+		target = &bench{cfg: cfg, origin: o, proxy: pc, h2: *proxyH2, h3: *proxyH3}
 		rep.Label, rep.Proxy, rep.Protocol = *proxyURL, *proxyURL, protoH1
-		if *proxyH2 {
+		switch {
+		case *proxyH2:
 			rep.Protocol = protoH2
+		case *proxyH3:
+			rep.Protocol = protoH3
 		}
 	}
 	if *label != "" {
 		rep.Label = *label
-	}
-	if target != direct && slices.Equal(names, []string{wUDP}) {
-		rep.Protocol = protoH3 // CONNECT-UDP is HTTP/3 whatever the flags
 	}
 
 	baselines := map[string]Result{}

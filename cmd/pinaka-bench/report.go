@@ -12,7 +12,7 @@ import (
 type Report struct {
 	Label    string   `json:"label"`
 	Proxy    string   `json:"proxy,omitempty"`
-	Protocol string   `json:"protocol"` // protoDirect, protoH1 or protoH2
+	Protocol string   `json:"protocol"` // protoDirect, protoH1, protoH2 or protoH3
 	Duration string   `json:"duration"` // per measurement
 	Results  []Result `json:"results"`
 }
@@ -116,6 +116,10 @@ var tableRows = []row{
 	{protoH2, wUp1, "HTTP/2 CONNECT, 1 tunnel, upload", target{minRatio, 0.40}},
 	{protoH2, wDownN, "HTTP/2 CONNECT, %d tunnels on one connection, download", target{minRatio, 0.40}},
 	{protoH2, wUpN, "HTTP/2 CONNECT, %d tunnels on one connection, upload", target{minRatio, 0.40}},
+	{protoH3, wDown1, "HTTP/3 CONNECT, 1 tunnel, download", target{}},
+	{protoH3, wUp1, "HTTP/3 CONNECT, 1 tunnel, upload", target{}},
+	{protoH3, wDownN, "HTTP/3 CONNECT, %d tunnels on one connection, download", target{}},
+	{protoH3, wUpN, "HTTP/3 CONNECT, %d tunnels on one connection, upload", target{}},
 	{protoH1, wSetup, "HTTP/1.1 tunnel setup, new TLS connection + CONNECT, %d workers", target{minSquidValue, 0}},
 	{protoH2, wSetup, "HTTP/2 tunnel setup, new TLS connection + CONNECT stream, %d workers", target{}},
 	{protoH2, wSetupWarm, "HTTP/2 tunnel setup, CONNECT streams on one warm connection, %d workers", target{minValue, 8000}},

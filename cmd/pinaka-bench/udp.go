@@ -15,7 +15,7 @@ import (
 	"github.com/quic-go/quic-go/http3"
 )
 
-// The CONNECT-UDP workload (RFC 9298, over HTTP/3): -tunnels flows on one
+// The CONNECT-UDP workload (RFC 9298, over HTTP/3, -proxy-h3): -tunnels flows on one
 // QUIC connection to the proxy, each to a UDP echo server of this process
 // on loopback, each keeping udpWindow datagrams of udpPayload bytes in
 // flight. The figure is the datagrams the proxy relayed per second, both
@@ -25,8 +25,6 @@ import (
 
 const (
 	wUDP = "udp"
-	// protoH3 is the protocol of a report of the CONNECT-UDP workload.
-	protoH3 = "HTTP/3"
 	// udpPayload is the size of each datagram: a QUIC packet's worth,
 	// what a browser's QUIC through the proxy sends, and still small
 	// enough for one QUIC datagram from the proxy to the client.

@@ -66,9 +66,12 @@ func TestUDPWorkload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &bench{cfg: smokeConfig(), proxy: pc}
+	b := &bench{cfg: smokeConfig(), proxy: pc, h3: true}
 	if !b.applies(wUDP) {
-		t.Fatal("udp does not apply to an https proxy")
+		t.Fatal("udp does not apply to an HTTP/3 proxy")
+	}
+	if (&bench{cfg: smokeConfig(), proxy: pc, h2: true}).applies(wUDP) {
+		t.Fatal("udp applies to an HTTP/2 proxy")
 	}
 	r = b.run(context.Background(), wUDP)
 	if r.Error != "" || r.Value <= 0 || r.Ops == 0 || r.Ops%2 != 0 || r.ProxyCPU == nil || *r.ProxyCPU <= 0 {
@@ -76,19 +79,19 @@ func TestUDPWorkload(t *testing.T) {
 	}
 
 	wrong, _ := newProxyClient("https://"+addr, true, authHeader("not-a-token", ""))
-	r = (&bench{cfg: smokeConfig(), proxy: wrong}).run(context.Background(), wUDP)
+	r = (&bench{cfg: smokeConfig(), proxy: wrong, h3: true}).run(context.Background(), wUDP)
 	if !strings.Contains(r.Error, "407") {
 		t.Fatalf("refused flow: error %q, want the 407", r.Error)
 	}
 
 	plain, _ := newProxyClient("http://"+addr, false, "")
 	if (&bench{cfg: smokeConfig(), proxy: plain}).applies(wUDP) {
-		t.Fatal("udp applies to an http:// proxy, which has no HTTP/3")
+		t.Fatal("udp applies to an HTTP/1.1 proxy")
 	}
 }
 
-// TestUDPWorkloadByNameOnly: "all" leaves udp out, naming it runs it, and
-// its report is HTTP/3's.
+// TestUDPWorkloadByNameOnly: "all" leaves udp out, naming it with
+// -proxy-h3 runs it, in an HTTP/3 report.
 func TestUDPWorkloadByNameOnly(t *testing.T) {
 	all, err := parseWorkloads("all")
 	if err != nil || len(all) == 0 {
@@ -104,7 +107,7 @@ func TestUDPWorkloadByNameOnly(t *testing.T) {
 	}
 	addr, token := startH3Pinaka(t)
 	var out strings.Builder
-	err = benchMain(context.Background(), []string{"-proxy", "https://" + addr, "-insecure", "-bearer", token, "-json",
+	err = benchMain(context.Background(), []string{"-proxy", "https://" + addr, "-proxy-h3", "-insecure", "-bearer", token, "-json",
 		"-workloads", "udp", "-duration", "100ms", "-tunnels", "2"}, &out, io.Discard)
 	if err != nil {
 		t.Fatalf("benchMain: %v\n%s", err, out.String())

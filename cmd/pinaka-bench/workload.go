@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -80,17 +81,21 @@ type bench struct {
 	origin *origin
 	proxy  *proxyClient // nil: direct baseline
 	h2     bool
+	h3     bool // HTTP/3 (h3.go)
 }
 
 // applies reports whether workload w means something for this bench.
 func (b *bench) applies(w string) bool {
+	if b.h3 {
+		return slices.Contains(h3Workloads, w) || w == wUDP
+	}
 	switch w {
 	case wSetupWarm:
 		return b.h2
 	case wMemory:
 		return b.proxy != nil
-	case wUDP:
-		return b.proxy == nil || b.proxy.tls != nil
+	case wUDP: // CONNECT-UDP: directly, or over HTTP/3 (-proxy-h3)
+		return b.proxy == nil
 	}
 	return true
 }
@@ -153,6 +158,9 @@ func (b *bench) stream(ctx context.Context, cc *http2.ClientConn, addr string) (
 // end to end inside each tunnel so that the baseline (direct TLS to the same
 // origin) does the same cryptographic work.
 func (b *bench) throughput(ctx context.Context, dir byte, n int) (Result, error) {
+	if b.h3 {
+		return b.h3Throughput(ctx, dir, n)
+	}
 	res := Result{N: n, Unit: "MB/s"}
 	var cc *http2.ClientConn
 	if b.h2 {

@@ -22,7 +22,7 @@ func (p *partitions) store(ctx context.Context, b *batch, good []row, bad []reje
 	var days []time.Time
 	seen := map[time.Time]bool{}
 	for _, r := range good {
-		d := dayOf(r[0].(time.Time))
+		d := dayOf(r.ts)
 		if !seen[d] {
 			seen[d] = true
 			days = append(days, d)
@@ -83,8 +83,8 @@ func copySegments(ctx context.Context, tx pgx.Tx, plan *copyPlan, segs []segment
 	cols := storedColumns()
 	var all [][]any
 	for _, s := range segs {
-		for _, r := range s.rows {
-			all = append(all, append([]any{s.id}, r...))
+		for i := range s.rows {
+			all = append(all, append([]any{s.id}, s.rows[i].values()...))
 		}
 	}
 	return tx.CopyFrom(ctx, pgx.Identifier{logsTable}, cols, pgx.CopyFromRows(all))
@@ -171,90 +171,112 @@ type segment struct {
 // encode is the COPY data of segs, or false if a value is not of a type
 // the plan writes (the caller falls back to pgx).
 func (p *copyPlan) encode(buf []byte, segs []segment) ([]byte, bool) {
+	if len(p.kinds) != len(logColumns)+len(timingColumns)+len(udpColumns) {
+		return nil, false
+	}
 	buf = append(buf[:0], copyHeader...)
 	for _, s := range segs {
-		for _, r := range s.rows {
-			if len(r)+1 != len(p.kinds) {
-				return nil, false
-			}
-			buf = binary.BigEndian.AppendUint16(buf, uint16(len(p.kinds)))
+		for i := range s.rows {
 			var ok bool
-			if buf, ok = appendValue(buf, p.kinds[0], s.id); !ok {
+			if buf, ok = p.appendRow(buf, s.id, &s.rows[i]); !ok {
 				return nil, false
-			}
-			for i, v := range r {
-				if buf, ok = appendValue(buf, p.kinds[i+1], v); !ok {
-					return nil, false
-				}
 			}
 		}
 	}
 	return binary.BigEndian.AppendUint16(buf, 0xffff), true
 }
 
-func appendValue(buf []byte, k pgKind, v any) ([]byte, bool) {
-	field := func(b []byte) []byte {
-		return append(binary.BigEndian.AppendUint32(buf, uint32(len(b))), b...)
+// appendRow writes one row, batch_id first, in storedColumns order.
+func (p *copyPlan) appendRow(buf []byte, id pgtype.UUID, r *row) ([]byte, bool) {
+	k := p.kinds
+	buf = binary.BigEndian.AppendUint16(buf, uint16(len(k)))
+	ok := true
+	app := func(b []byte, good bool) {
+		buf, ok = b, ok && good
 	}
-	if v == nil {
-		return binary.BigEndian.AppendUint32(buf, 0xffffffff), true
+	app(appendUUID(buf, k[0], id))
+	app(appendTimestamp(buf, k[1], r.ts))
+	for i, s := range [...]string{r.tokenID, r.userID, r.tokenType, r.region, r.probeNode, r.clientIP, r.protocol, r.method, r.targetURL} {
+		app(appendText(buf, k[2+i], s))
 	}
-	var n int64
-	switch x := v.(type) {
-	case *string: // the optional timing fields (timing.go)
-		if x == nil {
-			return binary.BigEndian.AppendUint32(buf, 0xffffffff), true
-		}
-		return appendValue(buf, k, *x)
-	case *float64:
-		if x == nil {
-			return binary.BigEndian.AppendUint32(buf, 0xffffffff), true
-		}
-		if k != kindFloat8 {
-			return nil, false
-		}
-		return binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint32(buf, 8), math.Float64bits(*x)), true
-	case pgtype.UUID:
-		switch {
-		case !x.Valid:
-			return binary.BigEndian.AppendUint32(buf, 0xffffffff), true
-		case k == kindUUID:
-			return field(x.Bytes[:]), true
-		case k == kindText:
-			return field([]byte(uuid.UUID(x.Bytes).String())), true
-		}
-		return nil, false
-	case string:
-		if k != kindText {
-			return nil, false
-		}
-		buf = binary.BigEndian.AppendUint32(buf, uint32(len(x)))
-		return append(buf, x...), true
-	case time.Time:
-		if k != kindTimestamp {
-			return nil, false
-		}
-		buf = binary.BigEndian.AppendUint32(buf, 8)
-		return binary.BigEndian.AppendUint64(buf, uint64(x.UnixMicro()-pgEpoch.UnixMicro())), true
-	case bool:
-		if k != kindBool {
-			return nil, false
-		}
-		b := byte(0)
-		if x {
-			b = 1
-		}
-		return append(binary.BigEndian.AppendUint32(buf, 1), b), true
-	case int64:
-		n = x
-	case int:
-		n = int64(x)
-	case int32:
-		n = int64(x)
-	default:
-		return nil, false
+	for i, n := range [...]int64{r.statusCode, r.requestSize, r.responseSize, r.durationMS} {
+		app(appendInt(buf, k[11+i], n))
 	}
-	// validate has checked that n fits the column.
+	app(appendBool(buf, k[15], r.success))
+	app(appendBool(buf, k[16], r.rateLimited))
+	app(appendText(buf, k[17], r.errText))
+	app(appendInt(buf, k[18], r.suppressed))
+	app(appendOptText(buf, k[19], r.requestID))
+	for i, f := range [...]optFloat{r.dnsMS, r.connectMS, r.tlsMS, r.ttfbMS} {
+		app(appendOptFloat(buf, k[20+i], f))
+	}
+	app(appendOptText(buf, k[24], r.upstreamAddr))
+	app(appendOptText(buf, k[25], r.closeReason))
+	for i, n := range [...]optInt{r.datagramsUp, r.datagramsDown, r.datagramsDropped} {
+		app(appendOptInt(buf, k[26+i], n))
+	}
+	return buf, ok
+}
+
+func appendNull(buf []byte) []byte { return binary.BigEndian.AppendUint32(buf, 0xffffffff) }
+
+func appendUUID(buf []byte, k pgKind, x pgtype.UUID) ([]byte, bool) {
+	switch {
+	case !x.Valid:
+		return appendNull(buf), true
+	case k == kindUUID:
+		return append(binary.BigEndian.AppendUint32(buf, 16), x.Bytes[:]...), true
+	case k == kindText:
+		return appendText(buf, k, uuid.UUID(x.Bytes).String())
+	}
+	return buf, false
+}
+
+func appendText(buf []byte, k pgKind, s string) ([]byte, bool) {
+	if k != kindText {
+		return buf, false
+	}
+	return append(binary.BigEndian.AppendUint32(buf, uint32(len(s))), s...), true
+}
+
+func appendOptText(buf []byte, k pgKind, o optString) ([]byte, bool) {
+	if !o.ok {
+		return appendNull(buf), true
+	}
+	return appendText(buf, k, o.s)
+}
+
+func appendTimestamp(buf []byte, k pgKind, t time.Time) ([]byte, bool) {
+	if k != kindTimestamp {
+		return buf, false
+	}
+	return binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint32(buf, 8), uint64(t.UnixMicro()-pgEpoch.UnixMicro())), true
+}
+
+func appendBool(buf []byte, k pgKind, v bool) ([]byte, bool) {
+	if k != kindBool {
+		return buf, false
+	}
+	b := byte(0)
+	if v {
+		b = 1
+	}
+	return append(binary.BigEndian.AppendUint32(buf, 1), b), true
+}
+
+func appendOptFloat(buf []byte, k pgKind, o optFloat) ([]byte, bool) {
+	switch {
+	case !o.ok:
+		return appendNull(buf), true
+	case k != kindFloat8:
+		return buf, false
+	}
+	return binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint32(buf, 8), math.Float64bits(o.f)), true
+}
+
+// appendInt writes n in the column's width; validate has checked that n
+// fits it.
+func appendInt(buf []byte, k pgKind, n int64) ([]byte, bool) {
 	switch k {
 	case kindInt2:
 		return binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint32(buf, 2), uint16(n)), true
@@ -263,5 +285,5 @@ func appendValue(buf []byte, k pgKind, v any) ([]byte, bool) {
 	case kindInt8:
 		return binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint32(buf, 8), uint64(n)), true
 	}
-	return nil, false
+	return buf, false
 }

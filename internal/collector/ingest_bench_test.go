@@ -129,6 +129,7 @@ func BenchmarkCollectorIngest(b *testing.B) {
 	defer client.CloseIdleConnections()
 
 	var next, failed atomic.Int64
+	commitsBefore := commits(b, pool)
 	pgBefore := backendCPU(b, pool)
 	procBefore := processCPU()
 	b.ResetTimer()
@@ -162,12 +163,30 @@ func BenchmarkCollectorIngest(b *testing.B) {
 	if n := failed.Load(); n > 0 {
 		b.Fatalf("%d of %d batches not stored", n, b.N)
 	}
+	// Batches per transaction: the writers' groups (writers.go), which
+	// PostgreSQL's CPU per record depends on.
+	if c := commits(b, pool) - commitsBefore; c > 0 {
+		b.ReportMetric(float64(b.N)/float64(c), "batches/commit")
+	}
 	records := float64(b.N * size)
 	b.ReportMetric(records/elapsed.Seconds(), "records/s")
 	// CPU per record is what the machine's load does not change much: the
 	// Go process (collector and senders) and the database's backends.
 	b.ReportMetric(float64(proc.Microseconds())/records, "go-cpu-µs/record")
 	b.ReportMetric(float64(pg.Microseconds())/records, "pg-cpu-µs/record")
+}
+
+// commits is how many transactions have committed in pool's database.
+// Backends report their counts when idle, at most a second late, so it
+// waits that long first.
+func commits(tb testing.TB, pool *pgxpool.Pool) int64 {
+	time.Sleep(1100 * time.Millisecond)
+	var n int64
+	if err := pool.QueryRow(context.Background(),
+		`SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()`).Scan(&n); err != nil {
+		tb.Fatal(err)
+	}
+	return n
 }
 
 // processCPU is the user and system CPU time this process has used.

@@ -44,8 +44,68 @@ type record struct {
 	udpFields
 }
 
-// row is a valid record in logColumns order, ready for COPY.
-type row []any
+// row is a valid record, ready for COPY: typed fields rather than a
+// []any, so that neither decoding nor encoding boxes a value (an
+// allocation each, 25 a record). appendTo writes it in storedColumns order.
+type row struct {
+	ts                                    time.Time
+	tokenID, userID, tokenType, region    string
+	probeNode, clientIP, protocol, method string
+	targetURL, errText                    string
+	statusCode, requestSize, responseSize int64
+	durationMS, suppressed                int64
+	success, rateLimited                  bool
+	requestID, upstreamAddr, closeReason  optString
+	dnsMS, connectMS, tlsMS, ttfbMS       optFloat
+	// CONNECT-UDP flows' counts (udp.go).
+	datagramsUp, datagramsDown, datagramsDropped optInt
+}
+
+// optString and optFloat are the nullable timing columns: ok false is NULL.
+type optString struct {
+	s  string
+	ok bool
+}
+
+type optFloat struct {
+	f  float64
+	ok bool
+}
+
+func optStr(p *string) optString {
+	if p == nil {
+		return optString{}
+	}
+	return optString{*p, true}
+}
+
+func optF(p *float64) optFloat {
+	if p == nil {
+		return optFloat{}
+	}
+	return optFloat{*p, true}
+}
+
+// values is the row in storedColumns order (after batch_id), for pgx's
+// CopyFrom: the path of a table whose types the binary plan does not know.
+func (r *row) values() []any {
+	opt := func(o optString) any {
+		if !o.ok {
+			return nil
+		}
+		return o.s
+	}
+	optf := func(o optFloat) any {
+		if !o.ok {
+			return nil
+		}
+		return o.f
+	}
+	return []any{r.ts, r.tokenID, r.userID, r.tokenType, r.region, r.probeNode, r.clientIP, r.protocol, r.method,
+		r.targetURL, r.statusCode, r.requestSize, r.responseSize, r.durationMS, r.success, r.rateLimited, r.errText,
+		r.suppressed, opt(r.requestID), optf(r.dnsMS), optf(r.connectMS), optf(r.tlsMS), optf(r.ttfbMS),
+		opt(r.upstreamAddr), opt(r.closeReason), r.datagramsUp.value(), r.datagramsDown.value(), r.datagramsDropped.value()}
+}
 
 // columnLimits is what the columns of forward_proxy_request_logs can hold,
 // read from the database rather than assumed: a table upgraded from an
@@ -54,6 +114,8 @@ type row []any
 type columnLimits struct {
 	maxChars map[string]int   // VARCHAR(n) and CHAR(n) columns: n characters
 	maxInt   map[string]int64 // SMALLINT, INTEGER and BIGINT columns: their largest value
+	// fields are the same limits for onePass's rows (onepass.go).
+	fields fieldLimits
 }
 
 // loadLimits reads the column types of forward_proxy_request_logs.
@@ -88,6 +150,7 @@ func loadLimits(ctx context.Context, pool *pgxpool.Pool) (*columnLimits, error) 
 	if len(l.maxInt) == 0 {
 		return nil, errors.New("table forward_proxy_request_logs not found (has Migrate run?)")
 	}
+	l.fields = newFieldLimits(l)
 	return l, nil
 }
 
@@ -98,7 +161,7 @@ func loadLimits(ctx context.Context, pool *pgxpool.Pool) (*columnLimits, error) 
 func (l *columnLimits) validate(raw json.RawMessage) (row, []string) {
 	var r record
 	if err := json.Unmarshal(raw, &r); err != nil {
-		return nil, []string{decodeReason(err)}
+		return row{}, []string{decodeReason(err)}
 	}
 	var why []string
 	rule := func(ok bool, format string, args ...any) {
@@ -164,15 +227,20 @@ func (l *columnLimits) validate(raw json.RawMessage) (row, []string) {
 		rule(f.v <= f.max, "%s %d is above %d", f.column, f.v, f.max)
 	}
 
-	timing := r.timingFields.check(l, rule)
-	udp := r.udpFields.check(l, rule)
+	r.timingFields.check(l, rule)
+	r.udpFields.check(l, rule)
 
 	if len(why) > 0 {
-		return nil, why
+		return row{}, why
 	}
-	return append(row{ts, r.TokenID, r.UserID, r.TokenType, r.Region, r.ProbeNode, r.ClientIP, r.Protocol, r.Method,
-		r.TargetURL, r.StatusCode, r.RequestSize, r.ResponseSize, r.DurationMS, r.Success, r.RateLimited, r.Error,
-		r.Suppressed}, append(timing, udp...)...), nil
+	t := &r.timingFields
+	return row{ts: ts, tokenID: r.TokenID, userID: r.UserID, tokenType: r.TokenType, region: r.Region,
+		probeNode: r.ProbeNode, clientIP: r.ClientIP, protocol: r.Protocol, method: r.Method, targetURL: r.TargetURL,
+		errText: r.Error, statusCode: r.StatusCode, requestSize: r.RequestSize, responseSize: r.ResponseSize,
+		durationMS: r.DurationMS, suppressed: r.Suppressed, success: r.Success, rateLimited: r.RateLimited,
+		requestID: optStr(t.RequestID), upstreamAddr: optStr(t.UpstreamAddr), closeReason: optStr(t.CloseReason),
+		dnsMS: optF(t.DNSMS), connectMS: optF(t.ConnectMS), tlsMS: optF(t.TLSMS), ttfbMS: optF(t.TTFBMS),
+		datagramsUp: optI(r.DatagramsUp), datagramsDown: optI(r.DatagramsDown), datagramsDropped: optI(r.DatagramsDropped)}, nil
 }
 
 // decodeReason says why a record did not decode into record.

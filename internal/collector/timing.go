@@ -54,9 +54,8 @@ type timingFields struct {
 // nonsense value is refused rather than stored.
 const maxTimingMS = 365 * 24 * 3600 * 1000.0
 
-// check adds the rules the timing fields break to rule, and returns them in
-// timingColumns order.
-func (f *timingFields) check(l *columnLimits, rule func(bool, string, ...any)) []any {
+// check adds the rules the timing fields break to rule.
+func (f *timingFields) check(l *columnLimits, rule func(bool, string, ...any)) {
 	for _, c := range []struct {
 		column string
 		v      *string
@@ -80,7 +79,6 @@ func (f *timingFields) check(l *columnLimits, rule func(bool, string, ...any)) [
 		rule(*c.v >= 0 && !math.IsNaN(*c.v), "%s is negative", c.column)
 		rule(*c.v <= maxTimingMS, "%s %g is above %g", c.column, *c.v, maxTimingMS)
 	}
-	return []any{f.RequestID, f.DNSMS, f.ConnectMS, f.TLSMS, f.TTFBMS, f.UpstreamAddr, f.CloseReason}
 }
 
 // storedColumns are the columns COPY writes, in row order.

@@ -1,6 +1,7 @@
 package collector
 
 import (
+	"encoding/binary"
 	"fmt"
 	"math"
 
@@ -36,26 +37,49 @@ type udpFields struct {
 	DatagramsDropped *int64 `json:"datagrams_dropped"`
 }
 
-// check adds the rules the counts break to rule, and returns them in
-// udpColumns order: nil (NULL) or an int64, which the binary COPY writes
-// as it writes the other integers.
-func (f *udpFields) check(l *columnLimits, rule func(bool, string, ...any)) []any {
-	out := make([]any, 0, len(udpColumns))
-	for _, c := range []struct {
-		column string
-		v      *int64
-	}{{"datagrams_up", f.DatagramsUp}, {"datagrams_down", f.DatagramsDown}, {"datagrams_dropped", f.DatagramsDropped}} {
-		if c.v == nil {
-			out = append(out, nil)
+// udpFieldNames are their wire names, in udpColumns order.
+var udpFieldNames = [...]string{"datagrams_up", "datagrams_down", "datagrams_dropped"}
+
+// check adds the rules the counts break to rule.
+func (f *udpFields) check(l *columnLimits, rule func(bool, string, ...any)) {
+	for i, v := range [...]*int64{f.DatagramsUp, f.DatagramsDown, f.DatagramsDropped} {
+		if v == nil {
 			continue
 		}
+		column := udpFieldNames[i]
 		limit := int64(math.MaxInt64)
-		if col, ok := l.maxInt[c.column]; ok {
+		if col, ok := l.maxInt[column]; ok {
 			limit = min(limit, col)
 		}
-		rule(*c.v >= 0, "%s is negative", c.column)
-		rule(*c.v <= limit, "%s %d is above %d", c.column, *c.v, limit)
-		out = append(out, *c.v)
+		rule(*v >= 0, "%s is negative", column)
+		rule(*v <= limit, "%s %d is above %d", column, *v, limit)
 	}
-	return out
+}
+
+// optInt is a nullable integer column: ok false is NULL.
+type optInt struct {
+	n  int64
+	ok bool
+}
+
+func optI(p *int64) optInt {
+	if p == nil {
+		return optInt{}
+	}
+	return optInt{*p, true}
+}
+
+// value is o for pgx's CopyFrom: nil or an int64.
+func (o optInt) value() any {
+	if !o.ok {
+		return nil
+	}
+	return o.n
+}
+
+func appendOptInt(buf []byte, k pgKind, o optInt) ([]byte, bool) {
+	if !o.ok {
+		return binary.BigEndian.AppendUint32(buf, 0xffffffff), true
+	}
+	return appendInt(buf, k, o.n)
 }

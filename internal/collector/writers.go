@@ -143,7 +143,7 @@ func (p *partitions) storeMany(ctx context.Context, group []*job) ([]bool, error
 	seen := map[time.Time]bool{}
 	for _, j := range group {
 		for _, r := range j.good {
-			if d := dayOf(r[0].(time.Time)); !seen[d] {
+			if d := dayOf(r.ts); !seen[d] {
 				seen[d] = true
 				days = append(days, d)
 			}

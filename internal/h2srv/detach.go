@@ -3,6 +3,8 @@ package h2srv
 import (
 	"errors"
 	"time"
+
+	"github.com/pinaka-proxy/pinaka/internal/httpx"
 )
 
 // streamHandle is a stream detached from its handler (httpx.Stream): a
@@ -86,4 +88,45 @@ func (h *streamHandle) ReadReady(f func()) bool {
 	}
 	s.readReady = f
 	return true
+}
+
+// Source implements httpx.Sourcer: from now on the writer reads src
+// whenever the stream has window, after what Write queued before.
+func (h *streamHandle) Source(src httpx.Source) bool {
+	s := h.s()
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	if s.writeErr != nil || s.endWanted || s.reset || s.source != nil {
+		return false
+	}
+	s.source, s.sourceWaiting = src, false
+	s.c.activateLocked(s)
+	return true
+}
+
+// returnSourceLocked gives the stream's source back to its owner, which
+// then reads it itself: the stream can no longer send, or the source is
+// done.
+func (s *stream) returnSourceLocked() {
+	if s.sourceReading {
+		s.sourceReturn = true // the writer returns it when its read is over
+		return
+	}
+	if src := s.source; src != nil {
+		s.source, s.sourceWaiting = nil, false
+		go src.Returned()
+	}
+}
+
+// sourceActive: the writer may read the stream's source now.
+func (s *stream) sourceActive() bool { return s.source != nil && !s.sourceWaiting }
+
+// sourceReady is a source's WaitReadable callback: it has something again.
+func (c *conn) sourceReady(s *stream, src httpx.Source) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.source == src && s.sourceWaiting {
+		s.sourceWaiting = false
+		c.activateLocked(s)
+	}
 }

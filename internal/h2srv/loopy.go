@@ -92,7 +92,7 @@ func (c *conn) activateLocked(s *stream) {
 		return
 	}
 	if !c.sendableLocked(s) {
-		if s.hasData() && s.headerWritten && !s.localClosed && !s.blocked {
+		if (s.hasData() || s.sourceActive()) && s.headerWritten && !s.localClosed && !s.blocked {
 			// Data but no window: the stall limit counts from now (tick).
 			s.blocked, s.blockedSince = true, time.Now()
 		}
@@ -114,7 +114,7 @@ func (c *conn) sendableLocked(s *stream) bool {
 		return true
 	case !s.headerWritten:
 		return false
-	case s.hasData():
+	case s.hasData() || s.sourceActive():
 		return s.sendWindow > 0 && c.sendWindow > 0
 	}
 	return s.endWanted
@@ -232,6 +232,9 @@ func (c *conn) appendStreamLocked(b []byte, s *stream) []byte {
 			return c.endedLocked(b, s)
 		}
 	}
+	if !s.hasData() && s.sourceActive() {
+		return c.appendSourceLocked(b, s)
+	}
 	if !s.hasData() && s.endWanted {
 		if s.trailers != nil {
 			b = c.appendHeadersLocked(b, s.id, headerOut{header: s.trailers}, true)
@@ -240,6 +243,75 @@ func (c *conn) appendStreamLocked(b []byte, s *stream) []byte {
 			b = appendData(b, s.id, true, nil)
 		}
 		return c.endedLocked(b, s)
+	}
+	return b
+}
+
+// appendSourceLocked reads s's source straight into up to streamQuantum
+// DATA frames at the end of b, with one readv(2) whose buffers skip the
+// frame headers, so a download costs one read and one write per turn and
+// no copy between them. A source with nothing waits for its ready callback;
+// one that ended or failed goes back to its owner, whose relay reads the
+// end again and finishes the tunnel as without a source.
+func (c *conn) appendSourceLocked(b []byte, s *stream) []byte {
+	win := min(s.sendWindow, c.sendWindow)
+	if win <= 0 {
+		if !s.blocked {
+			s.blocked, s.blockedSince = true, time.Now()
+		}
+		return b
+	}
+	maxData := int64(min(dataChunk, c.peerMaxFrame))
+	var iov [streamQuantum][]byte
+	n, pos, room := 0, len(b), int64(cap(b)-len(b))
+	for n < streamQuantum && win > 0 && room > frameHeaderLen {
+		size := min(maxData, win, room-frameHeaderLen)
+		iov[n] = b[pos+frameHeaderLen : pos+frameHeaderLen+int(size)]
+		pos += frameHeaderLen + int(size)
+		room -= frameHeaderLen + size
+		win -= size
+		n++
+	}
+	if n == 0 {
+		return b // no room left in this flush: the next one
+	}
+	// The read runs without the lock: the reader must not wait for it to
+	// take in the client's frames (a client sends a WINDOW_UPDATE per few
+	// KiB it reads). Only the writer fills frames, so b and s's turn are
+	// still ours; a reset meanwhile drops what was read.
+	src := s.source
+	s.sourceReading = true
+	c.mu.Unlock()
+	got, err := src.ReadSource(iov[:n])
+	c.mu.Lock()
+	s.sourceReading = false
+	if s.sourceReturn {
+		s.sourceReturn = false
+		s.returnSourceLocked()
+		return b
+	}
+	if got > 0 {
+		pos, left := len(b), got
+		for i := 0; left > 0; i++ {
+			l := min(len(iov[i]), left)
+			appendFrameHeader(b[pos:pos], l, http2.FrameData, 0, s.id)
+			pos += frameHeaderLen + l
+			left -= l
+		}
+		b = b[:pos]
+		s.sendWindow -= int64(got)
+		c.sendWindow -= int64(got)
+		c.budget.earn(got)
+		s.blocked = false
+	}
+	switch {
+	case err != nil:
+		s.returnSourceLocked()
+	case got == 0:
+		s.sourceWaiting = true
+		if !src.WaitReadable(func() { c.sourceReady(s, src) }) {
+			s.returnSourceLocked()
+		}
 	}
 	return b
 }

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/pinaka-proxy/pinaka/internal/httpx"
 )
 
 // stream is one request and its response. All fields are guarded by the
@@ -53,15 +55,19 @@ type stream struct {
 
 	// Send side.
 	sendWindow    int64
-	hdrs          []headerOut // HEADERS waiting for the writer (1xx, final)
-	small         []byte      // small writes, copied (see smallWrite)
-	smallBuf      *[]byte     // small's buffer, from smallBufs
-	pending       []byte      // a large write, handed over without a copy
-	endWanted     bool        // END_STREAM after what is queued
-	trailers      http.Header // sent with END_STREAM, if any
-	queued        bool        // in c.active
-	headerWritten bool        // the final HEADERS are written: DATA may follow
-	blocked       bool        // has data, no window
+	hdrs          []headerOut  // HEADERS waiting for the writer (1xx, final)
+	small         []byte       // small writes, copied (see smallWrite)
+	smallBuf      *[]byte      // small's buffer, from smallBufs
+	pending       []byte       // a large write, handed over without a copy
+	source        httpx.Source // read by the writer itself (httpx.Sourcer)
+	sourceWaiting bool         // source had nothing; its ready callback reactivates it
+	sourceReading bool         // the writer reads source, without the lock
+	sourceReturn  bool         // give source back when that read is over
+	endWanted     bool         // END_STREAM after what is queued
+	trailers      http.Header  // sent with END_STREAM, if any
+	queued        bool         // in c.active
+	headerWritten bool         // the final HEADERS are written: DATA may follow
+	blocked       bool         // has data, no window
 	blockedSince  time.Time
 	writeErr      error
 	writeTimer    *time.Timer
@@ -117,6 +123,7 @@ func (s *stream) runHandler(r *http.Request) {
 // response).
 func (s *stream) handlerDoneLocked() {
 	s.handlerDone = true
+	s.returnSourceLocked()
 	s.cancel(errHandlerDone)
 	s.discardLocked()
 	if s.readTimer != nil {
@@ -175,6 +182,7 @@ func (s *stream) resetLocked(cause error, sendRST bool) {
 	// how much of it was sent.
 	s.hdrs, s.trailers = nil, nil
 	s.freeSmallLocked()
+	s.returnSourceLocked()
 	s.cancel(cause)
 	s.discardLocked()
 	s.rcond.Broadcast()
@@ -194,6 +202,7 @@ func (s *stream) connGoneLocked(err error) {
 	if s.writeErr == nil {
 		s.writeErr = err
 	}
+	s.returnSourceLocked()
 	s.cancel(err)
 	s.rcond.Broadcast()
 	s.wcond.Broadcast()

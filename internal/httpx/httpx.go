@@ -89,6 +89,37 @@ type Sinker interface {
 	SetSink(write func(bufs [][]byte) (int, error))
 }
 
+// Sourcer is implemented by Streams whose engine's writer can read a
+// tunnel's download straight from the origin into its DATA frames. A bulk
+// download through a detached stream otherwise costs two goroutine
+// hand-offs per chunk (the relay reads, the writer frames and sends, the
+// relay waits for it); with a source the writer reads the origin socket
+// itself, without blocking, the way an HTTP/1.1 tunnel's single goroutine
+// reads and writes.
+type Sourcer interface {
+	// Source hands src to the engine, which reads it whenever the client
+	// grants window, until it gives it back with src.Returned. It reports
+	// false, taking nothing, when the stream can no longer send.
+	Source(src Source) bool
+}
+
+// Source is a tunnel's origin as an engine's writer reads it. The engine
+// calls it under its own lock: nothing here may block.
+type Source interface {
+	// ReadSource reads into bufs, in order, without blocking: (0, nil)
+	// means nothing has arrived; io.EOF that the origin is done sending.
+	ReadSource(bufs [][]byte) (int, error)
+	// WaitReadable arranges for ready to run once, on another goroutine,
+	// when ReadSource would find something (or the origin fails). false:
+	// it could not, and ready will not run.
+	WaitReadable(ready func()) bool
+	// Returned gives the source back: the engine read EOF or an error,
+	// WaitReadable refused, or the stream was reset or closed. It is called
+	// once, on a goroutine of its own; the engine does not read the source
+	// after it. The owner's relay takes over from there.
+	Returned()
+}
+
 // Detacher is implemented by ResponseWriters whose stream can outlive the
 // handler. Detach sends the response header already set with WriteHeader
 // and hands the stream over; the ResponseWriter is not used after it.

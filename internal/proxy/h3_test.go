@@ -467,8 +467,9 @@ func TestHTTP3WebSocket(t *testing.T) {
 	}
 }
 
-// TestHTTP3ConnectionCap: QUIC connections beyond MAX_CONNECTIONS are
-// refused at the handshake, and a closed one frees its place.
+// TestHTTP3ConnectionCap: QUIC and TCP connections share MAX_CONNECTIONS:
+// beyond it a QUIC connection is refused at its first packet and a TCP one
+// at accept, and a closed one frees its place.
 func TestHTTP3ConnectionCap(t *testing.T) {
 	e := startProxy(t, map[string]string{"HTTP3_ENABLED": "true", "MAX_CONNECTIONS": "1"})
 	dial := func() (*quic.Conn, error) {
@@ -484,6 +485,13 @@ func TestHTTP3ConnectionCap(t *testing.T) {
 	if second, err := dial(); err == nil {
 		second.CloseWithError(0, "")
 		t.Fatal("a second QUIC connection was accepted with MAX_CONNECTIONS=1")
+	}
+	if c, err := tls.Dial("tcp", e.addr, e.tlsConfig("h2")); err == nil {
+		_, err = c.Read(make([]byte, 1))
+		c.Close()
+		if err == nil {
+			t.Fatal("a TCP connection was accepted while a QUIC connection held MAX_CONNECTIONS=1")
+		}
 	}
 	_ = first.CloseWithError(0, "")
 	for i := 0; ; i++ {

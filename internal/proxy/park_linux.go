@@ -80,7 +80,12 @@ var errParkerClosed = errors.New("parker closed")
 // park registers d, whose source socket has been quiet, to run again when
 // the socket is readable. On error d was not registered and stays with the
 // caller.
-func (p *parker) park(d *direction) error {
+func (p *parker) park(d *direction) error { return p.parkReady(d, nil) }
+
+// parkReady registers d as park does; when ready is set, the parker runs
+// ready instead of d when the socket is readable (a source's WaitReadable:
+// the HTTP/2 writer reads the socket, d's goroutine is gone).
+func (p *parker) parkReady(d *direction, ready func()) error {
 	if err := p.start(); err != nil {
 		return err
 	}
@@ -104,6 +109,7 @@ func (p *parker) park(d *direction) error {
 		}
 		p.parked[int32(fd)] = d
 		d.parkedFD = int32(fd)
+		d.onReady = ready
 	})
 	if cerr != nil {
 		return cerr
@@ -122,10 +128,23 @@ func (p *parker) release(t *tunnel) (up, down bool) {
 		if d.parkedFD < 0 || p.parked[d.parkedFD] != d {
 			return false
 		}
+		// A source's stream holds it, not the parker: closing the tunnel
+		// closes the stream, which gives the source back to finish.
+		ready := d.onReady != nil
 		p.take(d.parkedFD)
-		return true
+		return !ready
 	}
 	return take(&t.up), take(&t.down)
+}
+
+// unpark takes d back if it is still parked for a source's ready
+// callback (its stream gave the source back meanwhile).
+func (p *parker) unpark(d *direction) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if d.parkedFD >= 0 && p.parked[d.parkedFD] == d {
+		p.take(d.parkedFD)
+	}
 }
 
 // take removes a parked direction. p.mu is held.
@@ -133,6 +152,7 @@ func (p *parker) take(fd int32) *direction {
 	d := p.parked[fd]
 	delete(p.parked, fd)
 	d.parkedFD = -1
+	d.onReady = nil
 	// Still open: a tunnel closes its sockets only after release.
 	_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
 	return d
@@ -145,6 +165,7 @@ func (p *parker) take(fd int32) *direction {
 func (p *parker) loop() {
 	events := make([]unix.EpollEvent, 128)
 	var wake []*direction
+	var ready []func()
 	for {
 		n, err := unix.EpollWait(p.epfd, events, -1)
 		if err == unix.EINTR {
@@ -164,8 +185,13 @@ func (p *parker) loop() {
 				p.shutdown()
 				return
 			}
-			if p.parked[ev.Fd] != nil {
-				wake = append(wake, p.take(ev.Fd))
+			if d := p.parked[ev.Fd]; d != nil {
+				if f := d.onReady; f != nil {
+					ready = append(ready, f)
+				} else {
+					wake = append(wake, d)
+				}
+				p.take(ev.Fd)
 			}
 		}
 		p.mu.Unlock()
@@ -174,6 +200,11 @@ func (p *parker) loop() {
 			wake[i] = nil
 		}
 		wake = wake[:0]
+		for i, f := range ready {
+			f() // a source's callback: it only marks its stream ready
+			ready[i] = nil
+		}
+		ready = ready[:0]
 	}
 }
 
@@ -184,14 +215,23 @@ func (p *parker) shutdown() {
 	p.mu.Lock()
 	p.closed = true
 	var wake []*direction
-	for fd := range p.parked {
-		wake = append(wake, p.take(fd))
+	var ready []func()
+	for fd, d := range p.parked {
+		if f := d.onReady; f != nil {
+			ready = append(ready, f) // the writer reads again, and gets the source back when WaitReadable refuses
+		} else {
+			wake = append(wake, d)
+		}
+		p.take(fd)
 	}
 	unix.Close(p.wakefd)
 	unix.Close(p.epfd)
 	p.mu.Unlock()
 	for _, d := range wake {
 		go d.run()
+	}
+	for _, f := range ready {
+		f()
 	}
 }
 

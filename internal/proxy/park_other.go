@@ -14,9 +14,11 @@ type parker struct {
 	streams atomic.Int64 // directions parked on an HTTP/2 stream
 }
 
-func newParker(*slog.Logger) *parker            { return &parker{} }
-func (*parker) start() error                    { return errors.ErrUnsupported }
-func (*parker) park(*direction) error           { return errors.ErrUnsupported }
-func (*parker) release(*tunnel) (up, down bool) { return false, false }
-func (*parker) close()                          {}
-func (p *parker) len() int                      { return int(p.streams.Load()) }
+func newParker(*slog.Logger) *parker               { return &parker{} }
+func (*parker) start() error                       { return errors.ErrUnsupported }
+func (*parker) park(*direction) error              { return errors.ErrUnsupported }
+func (*parker) parkReady(*direction, func()) error { return errors.ErrUnsupported }
+func (*parker) unpark(*direction)                  {}
+func (*parker) release(*tunnel) (up, down bool)    { return false, false }
+func (*parker) close()                             {}
+func (p *parker) len() int                         { return int(p.streams.Load()) }

@@ -78,10 +78,13 @@ type endpoint struct {
 	// one syscall (see BatchListener).
 	batch *batchConn
 	// sinker is set when r is a stream that can hand its DATA straight to
-	// a sink (httpx.Sinker); rawWrite when w is a plain TCP socket that a
-	// sink can write without blocking (sink_linux.go).
-	sinker   httpx.Sinker
-	rawWrite syscall.RawConn
+	// a sink (httpx.Sinker), sourcer when w is one whose writer can read
+	// its source itself (httpx.Sourcer); plain when r and w are a plain TCP
+	// socket that a sink can write and a source read without blocking
+	// (sink_linux.go, source_linux.go).
+	sinker  httpx.Sinker
+	sourcer httpx.Sourcer
+	plain   syscall.RawConn
 }
 
 // setReadDeadline sets the quiet-time lease of a direction that can park.
@@ -104,6 +107,7 @@ type readSocket struct {
 func streamEndpoint(st httpx.Stream) endpoint {
 	e := endpoint{r: st, w: st, closeWrite: st.CloseWrite, close: st.Close, abort: st.Abort, stream: st}
 	e.sinker, _ = st.(httpx.Sinker)
+	e.sourcer, _ = st.(httpx.Sourcer)
 	return e
 }
 
@@ -125,7 +129,7 @@ func connEndpoint(c net.Conn) endpoint {
 	if raw := RawSocket(c); raw != nil {
 		e.sock = &readSocket{setReadDeadline: c.SetReadDeadline, raw: raw}
 		if _, plain := c.(*net.TCPConn); plain {
-			e.rawWrite = raw // not through TLS or a wrapper that counts
+			e.plain = raw // not through TLS or a wrapper that counts
 		}
 	}
 	return e
@@ -235,6 +239,13 @@ type direction struct {
 	// sinking: src hands its data to d.sink while d is parked, and d parks
 	// as soon as src has nothing to read (see httpx.Sinker).
 	sinking bool
+	// sourcing: d hands itself to dst as its source (httpx.Sourcer) and
+	// its goroutine ends; it runs again when dst gives it back, and from
+	// then on relays itself. onReady is the source's WaitReadable callback
+	// while the parker holds d for it; guarded by the parker's mutex.
+	sourcing bool
+	onReady  func()
+	srcErr   error // what the writer's last read of the source failed with
 }
 
 // start runs the tunnel in goroutines of its own; onDone is called, from
@@ -252,10 +263,12 @@ func newTunnel(pk *parker, client, upstream endpoint, idle time.Duration, onByte
 	parking := pk.start() == nil
 	t.up.canPark = client.sock != nil && parking || client.stream != nil
 	t.down.canPark = upstream.sock != nil && parking
-	if client.sinker != nil && upstream.rawWrite != nil && sinkSupported {
+	if client.sinker != nil && upstream.plain != nil && sinkSupported {
 		t.up.sinking, t.up.canPark = true, false
 		client.sinker.SetSink(t.up.sink)
 	}
+	// A source waits on the parker when the origin has nothing.
+	t.down.sourcing = client.sourcer != nil && upstream.plain != nil && parking && sourceSupported
 	t.watch = newIdleWatch(idle, func() { t.idled.Store(true); t.abortIdle() })
 	return t
 }
@@ -374,6 +387,10 @@ var errParked = errors.New("parked")
 // the direction runs again when the sink cannot.
 var errSinkParked = errors.New("parked on a sink")
 
+// errSourced reports that a direction handed itself to its destination
+// stream as its source (httpx.Sourcer).
+var errSourced = errors.New("handed to the stream as its source")
+
 // parkOnStream registers d to run again when its stream is readable, or
 // reports false, registering nothing, when it is readable now.
 func (d *direction) parkOnStream() bool {
@@ -392,7 +409,7 @@ func (d *direction) parkOnStream() bool {
 func (d *direction) run() {
 	for {
 		err := d.copy()
-		if err == errSinkParked {
+		if err == errSinkParked || err == errSourced {
 			return
 		}
 		if err != errParked {
@@ -433,6 +450,12 @@ func (d *direction) copy() error {
 	for {
 		if d.sinking && d.parkOnStream() {
 			return errSinkParked
+		}
+		if d.sourcing {
+			if d.dst.sourcer.Source(d) {
+				return errSourced
+			}
+			d.sourcing = false
 		}
 		if d.canPark {
 			if now := time.Now(); lease.Sub(now) < parkAfter/2 {

@@ -56,121 +56,211 @@ const (
 //
 // It panics if lim.Max is less than 1.
 func LimitListener(l net.Listener, lim ListenerLimits) net.Listener {
-	mustPositive("LimitListener", "max", lim.Max)
-	ll := &limitListener{
-		Listener:  l,
-		lim:       lim,
-		slots:     make(chan struct{}, lim.Max),
-		onAccept:  orNoop(lim.OnAccept),
-		onClose:   orNoop(lim.OnClose),
-		onRefused: lim.OnRefused,
-	}
-	if ll.onRefused == nil {
-		ll.onRefused = func(string) {}
-	}
-	if lim.PerIP > 0 || lim.UnauthenticatedPerIP > 0 {
-		ll.perIP = make(map[netip.Addr]*ipConns)
-	}
-	return ll
+	return NewConnLimiter(lim).Listener(l)
 }
 
-type limitListener struct {
-	net.Listener
+// ConnLimiter is the connection caps of ListenerLimits, shared by every
+// listener of a node: TCP connections come through Listener, QUIC ones
+// take their place with Acquire and Slot.Admit. One MAX_CONNECTIONS then
+// bounds what the node holds, whichever protocol its clients use.
+type ConnLimiter struct {
 	lim       ListenerLimits
 	slots     chan struct{} // one element per open connection
 	onAccept  func()
 	onClose   func()
 	onRefused func(string)
 
-	// perIP holds an entry only for addresses with connections open, so
-	// its size is bounded by Max however many addresses connect.
+	// perIP holds an entry only for addresses with connections admitted
+	// and open, so its size is bounded by Max however many addresses
+	// connect.
 	mu    sync.Mutex
 	perIP map[netip.Addr]*ipConns
+}
+
+// NewConnLimiter returns a ConnLimiter enforcing lim. It panics if lim.Max is less
+// than 1.
+func NewConnLimiter(lim ListenerLimits) *ConnLimiter {
+	mustPositive("NewConnLimiter", "max", lim.Max)
+	l := &ConnLimiter{
+		lim:       lim,
+		slots:     make(chan struct{}, lim.Max),
+		onAccept:  orNoop(lim.OnAccept),
+		onClose:   orNoop(lim.OnClose),
+		onRefused: lim.OnRefused,
+	}
+	if l.onRefused == nil {
+		l.onRefused = func(string) {}
+	}
+	if lim.PerIP > 0 || lim.UnauthenticatedPerIP > 0 {
+		l.perIP = make(map[netip.Addr]*ipConns)
+	}
+	return l
+}
+
+// Listener wraps a TCP listener: each accepted connection takes a place
+// and is counted against its address at once (a TCP handshake proved the
+// address), or is closed.
+func (l *ConnLimiter) Listener(ln net.Listener) net.Listener {
+	return &limitListener{Listener: ln, l: l}
+}
+
+type limitListener struct {
+	net.Listener
+	l *ConnLimiter
 }
 
 type ipConns struct{ open, unauthenticated int }
 
 // Accept returns the next connection within the limits, closing any that
 // would exceed them.
-func (l *limitListener) Accept() (net.Conn, error) {
+func (ll *limitListener) Accept() (net.Conn, error) {
+	l := ll.l
 	for {
-		c, err := l.Listener.Accept()
+		c, err := ll.Listener.Accept()
 		if err != nil {
 			// Not wrapped: net/http inspects Accept errors for
 			// net.ErrClosed and temporary errors.
 			return nil, err
 		}
-		select {
-		case l.slots <- struct{}{}:
-		default:
-			l.onRefused(RefusedNode)
+		s, ok := l.Acquire()
+		if !ok {
 			c.Close()
 			continue
 		}
-		key, reason := l.admit(c)
-		if reason != "" {
-			<-l.slots
-			l.onRefused(reason)
-			c.Close()
-			continue
+		if ta, isTCP := c.RemoteAddr().(*net.TCPAddr); isTCP {
+			// Not a TCP connection (tests with pipes): no per-address cap.
+			if reason := s.Admit(ta.AddrPort().Addr()); reason != "" {
+				c.Close()
+				continue
+			}
 		}
-		l.onAccept()
-		return &limitConn{Conn: c, l: l, key: key}, nil
+		return &limitConn{Conn: c, slot: s}, nil
 	}
 }
 
-// admit counts c against its address, or says why it may not be admitted.
-func (l *limitListener) admit(c net.Conn) (netip.Addr, string) {
+// Acquire takes a place within Max, or refuses (counted as RefusedNode).
+// TCP connections get theirs from Listener; a QUIC connection takes one at
+// its first Initial packet, since its handshake holds state from then on.
+func (l *ConnLimiter) Acquire() (*Slot, bool) {
+	select {
+	case l.slots <- struct{}{}:
+	default:
+		l.onRefused(RefusedNode)
+		return nil, false
+	}
+	l.onAccept()
+	return &Slot{l: l}, true
+}
+
+// Crowded says which per-address cap addr is at (RefusedPerIP,
+// RefusedUnauthenticated), or "", without counting anything. A QUIC
+// listener asks before a handshake from a not yet validated address: the
+// counts hold only admitted (validated) connections, so a spoofed address
+// cannot raise them, and a client already at its cap costs no handshake.
+func (l *ConnLimiter) Crowded(addr netip.Addr) string {
 	if l.perIP == nil {
-		return netip.Addr{}, ""
+		return ""
 	}
-	ta, ok := c.RemoteAddr().(*net.TCPAddr)
-	if !ok {
-		return netip.Addr{}, "" // not a TCP connection (tests with pipes): no per-address cap
-	}
-	key := throttleKey(ta.AddrPort().Addr())
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	e := l.perIP[key]
-	if e == nil {
-		e = &ipConns{}
-	}
-	switch {
-	case l.lim.PerIP > 0 && e.open >= l.lim.PerIP:
-		return key, RefusedPerIP
-	case l.lim.UnauthenticatedPerIP > 0 && e.unauthenticated >= l.lim.UnauthenticatedPerIP:
-		return key, RefusedUnauthenticated
-	}
-	e.open++
-	e.unauthenticated++
-	l.perIP[key] = e
-	return key, ""
+	return l.crowded(l.perIP[throttleKey(addr)])
 }
 
-// transition moves c to state to (connAuthenticated or connClosed) once,
+func (l *ConnLimiter) crowded(e *ipConns) string {
+	switch {
+	case e == nil:
+		return ""
+	case l.lim.PerIP > 0 && e.open >= l.lim.PerIP:
+		return RefusedPerIP
+	case l.lim.UnauthenticatedPerIP > 0 && e.unauthenticated >= l.lim.UnauthenticatedPerIP:
+		return RefusedUnauthenticated
+	}
+	return ""
+}
+
+// Slot is one connection's place within a ConnLimiter's caps.
+type Slot struct {
+	l *ConnLimiter
+	// key is the address the connection counts against (invalid: none
+	// yet, or no per-address caps). Set once, by Admit, under l.mu.
+	key netip.Addr
+	// state: open and unauthenticated, authenticated, closed. It only
+	// moves forward (transition), and each count moves exactly once.
+	state atomic.Int32
+}
+
+// Admit counts the connection against addr's per-address caps, once addr
+// is known to be the client's (TCP: at accept; QUIC: when the handshake
+// completes, which validates the address). It returns "" when admitted;
+// otherwise the cap it exceeds, counted as refused, with the slot
+// released.
+func (s *Slot) Admit(addr netip.Addr) string {
+	l := s.l
+	if l.perIP == nil {
+		return ""
+	}
+	key := throttleKey(addr)
+	l.mu.Lock()
+	state := s.state.Load()
+	if state == connClosed || s.key.IsValid() {
+		l.mu.Unlock()
+		return "" // closed meanwhile, or admitted already: nothing to count
+	}
+	e := l.perIP[key]
+	if reason := l.crowded(e); reason != "" {
+		l.mu.Unlock()
+		l.onRefused(reason)
+		s.Release()
+		return reason
+	}
+	if e == nil {
+		e = &ipConns{}
+		l.perIP[key] = e
+	}
+	e.open++
+	if state == connUnauthenticated {
+		e.unauthenticated++
+	}
+	s.key = key
+	l.mu.Unlock()
+	return ""
+}
+
+// Release frees the place; only the first call counts.
+func (s *Slot) Release() {
+	if s.l.transition(s, connClosed) {
+		<-s.l.slots
+		s.l.onClose()
+	}
+}
+
+// transition moves s to state to (connAuthenticated or connClosed) once,
 // and moves its address's counts with it, under one lock: a connection
 // closing while it authenticates must not count twice or against a newer
-// connection from its address. It reports whether c was still open.
-func (l *limitListener) transition(c *limitConn, to int32) bool {
-	if l.perIP == nil || !c.key.IsValid() {
+// connection from its address. It reports whether s was still open.
+func (l *ConnLimiter) transition(s *Slot, to int32) bool {
+	if l.perIP == nil {
 		for {
-			from := c.state.Load()
+			from := s.state.Load()
 			if from == connClosed || from == to {
 				return false
 			}
-			if c.state.CompareAndSwap(from, to) {
+			if s.state.CompareAndSwap(from, to) {
 				return true
 			}
 		}
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	from := c.state.Load()
+	from := s.state.Load()
 	if from == connClosed || from == to {
 		return false
 	}
-	c.state.Store(to)
-	e := l.perIP[c.key]
+	s.state.Store(to)
+	if !s.key.IsValid() {
+		return true
+	}
+	e := l.perIP[s.key]
 	if e == nil {
 		return true
 	}
@@ -180,7 +270,7 @@ func (l *limitListener) transition(c *limitConn, to int32) bool {
 	if to == connClosed {
 		e.open--
 		if e.open <= 0 {
-			delete(l.perIP, c.key)
+			delete(l.perIP, s.key)
 		}
 	}
 	return true
@@ -191,12 +281,7 @@ func (l *limitListener) transition(c *limitConn, to int32) bool {
 // underlying connection (which reports it is already closed).
 type limitConn struct {
 	net.Conn
-	l *limitListener
-	// key is the address the connection counts against (invalid: none).
-	key netip.Addr
-	// state: open and unauthenticated, authenticated, closed. It only
-	// moves forward (transition), and each count moves exactly once.
-	state atomic.Int32
+	slot *Slot
 }
 
 const (
@@ -207,10 +292,7 @@ const (
 
 func (c *limitConn) Close() error {
 	err := c.Conn.Close()
-	if c.l.transition(c, connClosed) {
-		<-c.l.slots
-		c.l.onClose()
-	}
+	c.slot.Release()
 	return err
 }
 
@@ -236,7 +318,7 @@ type connKey struct{}
 func WithConn(ctx context.Context, c net.Conn) context.Context {
 	for c != nil {
 		if lc, ok := c.(*limitConn); ok {
-			return context.WithValue(ctx, connKey{}, lc)
+			return WithSlot(ctx, lc.slot)
 		}
 		nc, ok := c.(interface{ NetConn() net.Conn })
 		if !ok {
@@ -247,13 +329,20 @@ func WithConn(ctx context.Context, c net.Conn) context.Context {
 	return ctx
 }
 
+// WithSlot returns ctx carrying s, for MarkAuthenticated: the QUIC
+// listener's connections carry their slot this way.
+func WithSlot(ctx context.Context, s *Slot) context.Context {
+	return context.WithValue(ctx, connKey{}, s)
+}
+
 // MarkAuthenticated tells the listener that the connection carried by ctx
-// (see WithConn) has carried an authenticated request: it no longer counts
-// against its address's unauthenticated cap. It is cheap after the first
-// call and does nothing for a context without a connection.
+// (see WithConn, WithSlot) has carried an authenticated request: it no
+// longer counts against its address's unauthenticated cap. It is cheap
+// after the first call and does nothing for a context without a
+// connection.
 func MarkAuthenticated(ctx context.Context) {
-	if lc, ok := ctx.Value(connKey{}).(*limitConn); ok && lc.state.Load() == connUnauthenticated {
-		lc.l.transition(lc, connAuthenticated)
+	if s, ok := ctx.Value(connKey{}).(*Slot); ok && s.state.Load() == connUnauthenticated {
+		s.l.transition(s, connAuthenticated)
 	}
 }
 

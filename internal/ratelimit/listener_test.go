@@ -198,7 +198,7 @@ func TestLimitListenerConcurrentClose(t *testing.T) {
 	if got := cnt.closed.Load(); got != 1 {
 		t.Fatalf("onClose called %d times under concurrent Close, want 1", got)
 	}
-	if n := len(ln.(*limitListener).slots); n != 0 {
+	if n := len(ln.(*limitListener).l.slots); n != 0 {
 		t.Fatalf("%d slots in use after close, want 0", n)
 	}
 }
@@ -281,7 +281,7 @@ func TestLimitListenerTLSHTTPServer(t *testing.T) {
 	if a, c, r := cnt.accepted.Load(), cnt.closed.Load(), cnt.refused.Load(); a != 3 || c != 3 || r != 0 {
 		t.Fatalf("accepted/closed/refused = %d/%d/%d, want 3/3/0", a, c, r)
 	}
-	if n := len(limited.slots); n != 0 {
+	if n := len(limited.l.slots); n != 0 {
 		t.Fatalf("%d slots in use after the server closed, want 0", n)
 	}
 }
@@ -361,11 +361,85 @@ func TestLimitListenerPerIPCaps(t *testing.T) {
 	if refused[RefusedUnauthenticated] != 1 || refused[RefusedPerIP] != 1 || refused[RefusedNode] != 0 {
 		t.Fatalf("refusals = %v, want one per_ip_unauthenticated and one per_ip", refused)
 	}
-	limited := ln.(*limitListener)
+	limited := ln.(*limitListener).l
 	limited.mu.Lock()
 	e := *limited.perIP[netip.MustParseAddr("127.0.0.2")]
 	limited.mu.Unlock()
 	if e.open != 3 || e.unauthenticated != 2 {
 		t.Fatalf("127.0.0.2 holds %+v, want 3 open, 2 unauthenticated", e)
+	}
+}
+
+// TestConnLimiterSharedWithSlots: connections that take their place with
+// Acquire (QUIC) and TCP connections from Listener share one Max and the
+// per-address counts; Crowded sees only admitted connections.
+func TestConnLimiterSharedWithSlots(t *testing.T) {
+	var mu sync.Mutex
+	refused := map[string]int{}
+	l := NewConnLimiter(ListenerLimits{Max: 3, PerIP: 2, UnauthenticatedPerIP: 1,
+		OnRefused: func(r string) { mu.Lock(); refused[r]++; mu.Unlock() }})
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := l.Listener(raw)
+	t.Cleanup(func() { ln.Close() })
+	conns := acceptLoop(t, ln)
+
+	other := netip.MustParseAddr("192.0.2.7")
+	q1, ok := l.Acquire()
+	if !ok {
+		t.Fatal("the first QUIC slot was refused")
+	}
+	// Before Admit (the handshake), the address counts nothing: a spoofed
+	// source cannot fill a victim's per-address budget.
+	q2, _ := l.Acquire()
+	if r := l.Crowded(other); r != "" {
+		t.Fatalf("Crowded before any admission: %q", r)
+	}
+	if r := q1.Admit(other); r != "" {
+		t.Fatalf("Admit: %q", r)
+	}
+	if r := l.Crowded(other); r != RefusedUnauthenticated {
+		t.Fatalf("Crowded with one unauthenticated connection: %q, want %q", r, RefusedUnauthenticated)
+	}
+	if r := q2.Admit(other); r != RefusedUnauthenticated {
+		t.Fatalf("second unauthenticated admission: %q", r)
+	}
+	q2.Release() // released by Admit already: a second Release frees nothing more
+	MarkAuthenticated(WithSlot(context.Background(), q1))
+	if r := l.Crowded(other); r != "" {
+		t.Fatalf("Crowded after authentication: %q", r)
+	}
+
+	// One TCP connection and one more QUIC slot fill Max=3.
+	c1 := dial(t, ln)
+	served(t, c1, receive(t, conns))
+	q3, ok := l.Acquire()
+	if !ok {
+		t.Fatal("third place refused")
+	}
+	if _, ok := l.Acquire(); ok {
+		t.Fatal("a fourth place was given with Max=3")
+	}
+	c2 := dial(t, ln)
+	shed(t, c2) // TCP is refused too: the cap is shared
+	q3.Release()
+	q1.Release()
+	q4, ok := l.Acquire()
+	if !ok {
+		t.Fatal("released places were not freed")
+	}
+	q4.Release()
+
+	mu.Lock()
+	defer mu.Unlock()
+	if refused[RefusedNode] != 2 || refused[RefusedUnauthenticated] != 1 {
+		t.Fatalf("refusals %v, want 2 max_connections and 1 per_ip_unauthenticated", refused)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if e := l.perIP[other]; e != nil {
+		t.Fatalf("%v still counted after its connections closed: %+v", other, *e)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -32,9 +33,10 @@ type clientCerts struct {
 	caPath, crlPath string
 	log             *slog.Logger
 	trust           atomic.Pointer[auth.ClientTrust]
-	base            *tls.Config                // the listener's config, without client authentication
-	handshake       atomic.Pointer[tls.Config] // base with the current trust
-	applyTrust      func(*auth.ClientTrust)    // tells the token verifier
+	applyTrust      func(*auth.ClientTrust) // tells the token verifier
+	// listeners: the TLS listener's and QUIC's handshake configs.
+	mu        sync.Mutex
+	listeners []*certListener
 
 	results        *prometheus.CounterVec // result: auth.CertResults
 	reloadFailures prometheus.Counter
@@ -86,11 +88,21 @@ func newClientCerts(cfg *config.Config, log *slog.Logger, m *metrics.Metrics, ap
 	return cc
 }
 
-// apply turns client authentication on in the listener's config cfg.
+// certListener is one listener's handshake config (TCP's TLS, QUIC's).
+type certListener struct {
+	base      *tls.Config                // the listener's config, without client authentication
+	handshake atomic.Pointer[tls.Config] // base with the current trust
+}
+
+// apply turns client authentication on in a listener's config cfg (the
+// TLS listener's, QUIC's); reload updates each.
 func (cc *clientCerts) apply(cfg *tls.Config) {
-	cc.base = cfg.Clone()
-	cc.handshake.Store(cc.configFor(cc.trust.Load()))
-	cfg.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) { return cc.handshake.Load(), nil }
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	l := &certListener{base: cfg.Clone()}
+	l.handshake.Store(cc.configFor(l.base, cc.trust.Load()))
+	cc.listeners = append(cc.listeners, l)
+	cfg.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) { return l.handshake.Load(), nil }
 }
 
 // configFor is the handshake config of trust t. Session tickets stay
@@ -98,8 +110,8 @@ func (cc *clientCerts) apply(cfg *tls.Config) {
 // GetConfigForClient the ticket keys of the listener's. A resumption is
 // checked against the current CAs by crypto/tls and against the current
 // CRL by verifyConnection.
-func (cc *clientCerts) configFor(t *auth.ClientTrust) *tls.Config {
-	c := cc.base.Clone()
+func (cc *clientCerts) configFor(base *tls.Config, t *auth.ClientTrust) *tls.Config {
+	c := base.Clone()
 	c.ClientCAs = t.Pool()
 	c.ClientAuth = tls.VerifyClientCertIfGiven
 	if cc.mode == config.ClientCertRequire {
@@ -136,7 +148,7 @@ func (cc *clientCerts) verifyConnection(t *auth.ClientTrust, cs tls.ConnectionSt
 
 // handshakeFailed counts and logs a handshake that failed over a client
 // certificate; other failures (scanners, timeouts) are not its business.
-func (cc *clientCerts) handshakeFailed(c net.Conn, err error) {
+func (cc *clientCerts) handshakeFailed(client net.Addr, err error) {
 	result, why := "", err
 	if r, ok := errors.AsType[*certRefusal](err); ok {
 		result, why = r.result, r.err
@@ -157,7 +169,7 @@ func (cc *clientCerts) handshakeFailed(c net.Conn, err error) {
 			level = slog.LevelWarn
 		}
 	}
-	cc.log.Log(context.Background(), level, "client certificate refused", "client", c.RemoteAddr().String(),
+	cc.log.Log(context.Background(), level, "client certificate refused", "client", client.String(),
 		"result", result, "err", why.Error())
 	cc.results.WithLabelValues(result).Inc()
 }
@@ -174,9 +186,11 @@ func (cc *clientCerts) reload() error {
 	}
 	cc.trust.Store(t)
 	cc.applyTrust(t)
-	if cc.base != nil {
-		cc.handshake.Store(cc.configFor(t))
+	cc.mu.Lock()
+	for _, l := range cc.listeners {
+		l.handshake.Store(cc.configFor(l.base, t))
 	}
+	cc.mu.Unlock()
 	cc.logTrust("client certificate trust reloaded", t)
 	return nil
 }

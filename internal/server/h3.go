@@ -15,10 +15,8 @@ import (
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
-	"golang.org/x/time/rate"
 
 	"github.com/pinaka-proxy/pinaka/internal/httpx"
-	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
 )
 
 // HTTP/3 is quic-go's http3 engine in front of the same proxy handler as
@@ -32,7 +30,7 @@ const (
 	// unvalidated addresses served without a Retry round trip. Beyond it
 	// every new connection must prove its address first (RFC 9000 §8.1.2),
 	// so spoofed Initials cost the node a Retry packet, no handshake and no
-	// state.
+	// state. h3MaxUnvalidated caps the handshakes in progress too.
 	h3RetryRate  = 200
 	h3RetryBurst = 400
 	// h3KeepAlive keeps NAT bindings of idle tunnels open: UDP mappings
@@ -42,13 +40,13 @@ const (
 
 // h3Listener is the QUIC side of the proxy listener.
 type h3Listener struct {
-	udp   net.PacketConn
-	tr    *quic.Transport
-	ln    *quic.Listener
-	srv   *http3.Server
-	conns atomic.Int64  // QUIC connections open, capped at MAX_CONNECTIONS
-	done  chan struct{} // closed when shutdown has seen every connection end
-	once  sync.Once
+	udp  net.PacketConn
+	tr   *quic.Transport
+	ln   *quic.Listener
+	srv  *http3.Server
+	lim  *h3Limits
+	done chan struct{} // closed when shutdown has seen every connection end
+	once sync.Once
 }
 
 // listenH3 opens UDP PROXY_BIND:PROXY_PORT for HTTP/3 (HTTP3_ENABLED).
@@ -58,34 +56,21 @@ func (s *Server) listenH3() error {
 		return fmt.Errorf("listening on UDP %s (PROXY_BIND:PROXY_PORT, HTTP3_ENABLED): %w", s.cfg.ListenAddr(), err)
 	}
 	h := &h3Listener{udp: udp, done: make(chan struct{})}
-	retry := rate.NewLimiter(h3RetryRate, h3RetryBurst)
+	limits := s.newH3Limits()
 	h.tr = &quic.Transport{
 		Conn: udp,
 		// Retry (address validation) once new connections arrive faster
-		// than h3RetryRate: a flood then costs a stateless packet each.
-		VerifySourceAddress: func(net.Addr) bool { return !retry.Allow() },
-		// The connection cap: MAX_CONNECTIONS QUIC connections, counted
-		// apart from the TCP ones.
-		ConnContext: func(ctx context.Context, _ *quic.ClientInfo) (context.Context, error) {
-			if h.conns.Add(1) > int64(s.cfg.MaxConnections) {
-				h.conns.Add(-1)
-				s.metrics.ConnectionsRefused.WithLabelValues(ratelimit.RefusedNode).Inc()
-				return nil, errors.New("too many QUIC connections")
-			}
-			s.metrics.ActiveConnections.Inc()
-			context.AfterFunc(ctx, func() {
-				h.conns.Add(-1)
-				s.metrics.ActiveConnections.Dec()
-			})
-			return ctx, nil
-		},
+		// than h3RetryRate or too many handshakes are unvalidated, and
+		// the node's connection caps: see h3limits.go.
+		VerifySourceAddress: limits.needRetry,
+		ConnContext:         limits.connContext,
 	}
-	ln, err := h.tr.Listen(http3.ConfigureTLSConfig(s.h3TLSConfig()), s.quicConfig())
+	ln, err := h.tr.Listen(http3.ConfigureTLSConfig(s.h3ClientTLS(s.h3TLSConfig())), s.quicConfig())
 	if err != nil {
 		_ = udp.Close()
 		return fmt.Errorf("starting QUIC on UDP %s: %w", s.cfg.ListenAddr(), err)
 	}
-	h.ln = ln
+	h.ln, h.lim = ln, limits
 	h.srv = &http3.Server{
 		Handler:        h3Handler(s.proxy),
 		MaxHeaderBytes: s.cfg.MaxHeaderBytes,
@@ -149,7 +134,7 @@ func (s *Server) quicConfig() *quic.Config {
 // serve runs the HTTP/3 server until Shutdown or Close.
 func (h *h3Listener) serve(log *slog.Logger) {
 	log.Info("HTTP/3 listening", "udp", h.udp.LocalAddr().String())
-	if err := h.srv.ServeListener(h.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	if err := h.srv.ServeListener(h3AdmitListener{Listener: h.ln, limits: h.lim}); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		log.Error("HTTP/3 listener stopped", "err", err)
 	}
 }

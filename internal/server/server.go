@@ -44,6 +44,9 @@ type Server struct {
 	ready    atomic.Bool
 	wg       sync.WaitGroup
 	stalls   *stallGuard
+	// connLimit is MAX_CONNECTIONS and the per-address caps, shared by the
+	// TCP listener and QUIC.
+	connLimit *ratelimit.ConnLimiter
 	// clientCerts, when set, asks clients for certificates
 	// (CLIENT_CERT_MODE optional or require).
 	clientCerts *clientCerts
@@ -147,7 +150,7 @@ func (s *Server) Listen() error {
 	}
 	s.tlsLn = newTLSAcceptor(s.proxyLn, tlsCfg, handshakeTimeout, s.log)
 	if s.clientCerts != nil {
-		s.tlsLn.failed = s.clientCerts.handshakeFailed
+		s.tlsLn.failed = func(c net.Conn, err error) { s.clientCerts.handshakeFailed(c.RemoteAddr(), err) }
 	}
 	s.tlsLn.h2 = func(tc *tls.Conn) {
 		if kernelStallGuard {
@@ -184,7 +187,7 @@ func (s *Server) Listen() error {
 // write-stall guard, then write batching, so that the relay's batched
 // flushes pass the stall guard too. TLS goes on top (tlsAcceptor).
 func (s *Server) stackListener(ln net.Listener) net.Listener {
-	limited := ratelimit.LimitListener(ln, ratelimit.ListenerLimits{
+	s.connLimit = ratelimit.NewConnLimiter(ratelimit.ListenerLimits{
 		Max:                  s.cfg.MaxConnections,
 		PerIP:                s.cfg.MaxConnectionsPerIP,
 		UnauthenticatedPerIP: s.cfg.MaxUnauthenticatedConnectionsPerIP,
@@ -192,6 +195,7 @@ func (s *Server) stackListener(ln net.Listener) net.Listener {
 		OnClose:              s.metrics.ActiveConnections.Dec,
 		OnRefused:            func(reason string) { s.metrics.ConnectionsRefused.WithLabelValues(reason).Inc() },
 	})
+	limited := s.connLimit.Listener(ln)
 	s.stalls = newStallGuard(stallLimit(s.cfg), s.metrics.WriteStalls.Inc)
 	return proxy.BatchListener(s.stalls.listener(limited))
 }
