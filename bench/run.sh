@@ -14,9 +14,14 @@
 # (column "Pinaka+Redis", the setup and forwarding workloads; its CPU is
 # Pinaka's plus redis-server's). Without redis-server it is not measured.
 #
+# CONNECT-UDP (RFC 9298, HTTP/3): a Pinaka run of its own with
+# HTTP3_ENABLED, workload udp (datagrams/s through flows to a UDP echo
+# server, proxy CPU per datagram); no peer offers CONNECT-UDP, so it is
+# Pinaka's alone. Left out when BENCH_WORKLOADS names workloads without udp.
+#
 # Environment: BENCH_DURATION (default 3s per measurement),
 # BENCH_IDLE_TUNNELS (default 1000), BENCH_TUNNELS (16), BENCH_CLIENTS (16),
-# BENCH_SKIP (space-separated: pinaka redis squid nghttpx),
+# BENCH_SKIP (space-separated: pinaka redis udp squid nghttpx),
 # BENCH_WORKLOADS (pinaka-bench -workloads for every run; default all),
 # BENCH_REDIS_WORKLOADS (for the Redis runs; default setup,setup-warm,forward),
 # BENCH_OUT (the table; default bench/results/latest.md: give partial runs
@@ -185,6 +190,21 @@ else
 		fi
 	done
 	stop "$redis_pid"
+	# CONNECT-UDP over HTTP/3 (udp.go in cmd/pinaka-bench), and its direct
+	# baseline (plain UDP to the same echo server) for the direct column.
+	if [[ $skip == *" udp "* ]]; then
+		notes+=("Pinaka CONNECT-UDP: skipped (BENCH_SKIP)")
+	elif [[ $workloads != all && ",$workloads," != *,udp,* ]]; then
+		: # not asked for
+	elif start_pinaka HTTP3_ENABLED=true MAX_UDP_FLOWS_PER_TOKEN=1000000; then
+		run direct-udp -label direct -baseline=false -workloads udp
+		run pinaka-h3-udp -label Pinaka -proxy "https://127.0.0.1:$p_pinaka" -proxy-h3 -insecure \
+			-bearer "$token" -pid "$pinaka_pid" -workloads udp
+		stop "$pinaka_pid"
+		notes+=("CONNECT-UDP (HTTP/3): Pinaka only; Squid and nghttpx offer no CONNECT-UDP")
+	else
+		notes+=("Pinaka CONNECT-UDP: did not start")
+	fi
 	notes+=("HTTP/3 rows: Pinaka only; Squid and nghttpx, as run here, have no HTTP/3 proxy listener")
 fi
 

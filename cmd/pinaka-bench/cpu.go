@@ -70,6 +70,8 @@ func cpuUnit(unit string) string {
 		return "µs/tunnel"
 	case "req/s":
 		return "µs/request"
+	case "datagrams/s":
+		return "µs/datagram"
 	}
 	return ""
 }

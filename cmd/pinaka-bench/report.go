@@ -127,6 +127,7 @@ var tableRows = []row{
 	{protoH2, wForward, "HTTP/2 plain forwarding, %d streams on one connection, 1 KB", target{minRatio, 0.25}},
 	{protoH1, wMemory, "HTTP/1.1 proxy memory per idle tunnel (%d tunnels)", target{maxValue, 24}},
 	{protoH2, wMemory, "HTTP/2 proxy memory per idle tunnel stream (%d streams)", target{maxValue, 12}},
+	{protoH3, wUDP, "HTTP/3 CONNECT-UDP, %d flows on one connection, 1000-byte datagrams echoed (both ways counted)", target{}},
 }
 
 // writeTable renders reports as one markdown table: a row per protocol and

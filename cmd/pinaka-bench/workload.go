@@ -87,13 +87,15 @@ type bench struct {
 // applies reports whether workload w means something for this bench.
 func (b *bench) applies(w string) bool {
 	if b.h3 {
-		return slices.Contains(h3Workloads, w)
+		return slices.Contains(h3Workloads, w) || w == wUDP
 	}
 	switch w {
 	case wSetupWarm:
 		return b.h2
 	case wMemory:
 		return b.proxy != nil
+	case wUDP: // CONNECT-UDP: directly, or over HTTP/3 (-proxy-h3)
+		return b.proxy == nil
 	}
 	return true
 }
@@ -120,6 +122,8 @@ func (b *bench) run(ctx context.Context, w string) Result {
 		r, err = b.forward(ctx)
 	case wMemory:
 		r, err = b.memory(ctx)
+	case wUDP:
+		r, err = b.udpDatagrams(ctx)
 	default:
 		err = fmt.Errorf("unknown workload %q", w)
 	}

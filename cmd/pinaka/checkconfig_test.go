@@ -90,6 +90,8 @@ func TestCheckConfigGood(t *testing.T) {
 		"EGRESS_ALLOW_CIDRS":    "127.0.0.0/8,10.1.2.3/32",
 		"EGRESS_DENY_CIDRS":     "(none)",
 		"ALLOWED_PORTS":         "443,8000-9000",
+		"ALLOWED_UDP_PORTS":     "53,443,1024-65535",
+		"UDP_IDLE_TIMEOUT":      "2m0s",
 		"LOG_LEVEL":             "warn",
 		"ADMIN_ADDR":            "127.0.0.1:9090",
 		"SHUTDOWN_TIMEOUT":      "30s",
@@ -105,7 +107,8 @@ func TestCheckConfigGood(t *testing.T) {
 	}
 	// Every configuration variable with a setting has a row.
 	for _, k := range []string{"HTTP_PROXY_ENABLED", "JWT_LEEWAY", "RATE_LIMIT_REQUESTS_PER_MINUTE", "MAX_CONNECTIONS",
-		"HTTP2_MAX_CONCURRENT_STREAMS", "TUNNEL_IDLE_TIMEOUT", "DNS_SERVERS", "LOG_BATCH_INTERVAL", "LOG_SHIP_TIMEOUT", "LOG_INCLUDE_QUERY"} {
+		"HTTP2_MAX_CONCURRENT_STREAMS", "TUNNEL_IDLE_TIMEOUT", "DNS_SERVERS", "LOG_BATCH_INTERVAL", "LOG_SHIP_TIMEOUT", "LOG_INCLUDE_QUERY",
+		"HTTP3_ENABLED", "ALLOWED_UDP_PORTS", "MAX_UDP_FLOWS_PER_TOKEN", "UDP_IDLE_TIMEOUT"} {
 		if _, ok := s[k]; !ok {
 			t.Errorf("no %s row", k)
 		}

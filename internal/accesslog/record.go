@@ -46,6 +46,14 @@ type Record struct {
 	TTFBMS       Millis `json:"ttfb_ms,omitzero"`        // from the request's start to the origin's first byte
 	UpstreamAddr string `json:"upstream_addr,omitempty"` // IP:port connected to (or last tried)
 	CloseReason  string `json:"close_reason,omitempty"`  // tunnels: who or what ended it
+
+	// CONNECT-UDP flows (RFC 9298) only, and then always present (0 is a
+	// count): UDP datagrams relayed client → target and target → client,
+	// and datagrams dropped either way (docs/RECORDS.md, "UDP flows").
+	// request_size and response_size are the flow's UDP payload bytes.
+	DatagramsUp      *int64 `json:"datagrams_up,omitempty"`
+	DatagramsDown    *int64 `json:"datagrams_down,omitempty"`
+	DatagramsDropped *int64 `json:"datagrams_dropped,omitempty"`
 }
 
 // RequestIDHeader is the response header that gives the client the

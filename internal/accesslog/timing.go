@@ -2,8 +2,8 @@ package accesslog
 
 import "log/slog"
 
-// appendTimingAttrs adds the request id and timing fields that are set,
-// as the wire format does (omitempty, omitzero).
+// appendTimingAttrs adds the request id, timing and UDP flow fields that
+// are set, as the wire format does (omitempty, omitzero).
 func appendTimingAttrs(attrs []slog.Attr, r *Record) []slog.Attr {
 	if r.RequestID != "" {
 		attrs = append(attrs, slog.String("request_id", r.RequestID))
@@ -21,6 +21,14 @@ func appendTimingAttrs(attrs []slog.Attr, r *Record) []slog.Attr {
 	}
 	if r.CloseReason != "" {
 		attrs = append(attrs, slog.String("close_reason", r.CloseReason))
+	}
+	for _, f := range []struct {
+		name string
+		v    *int64
+	}{{"datagrams_up", r.DatagramsUp}, {"datagrams_down", r.DatagramsDown}, {"datagrams_dropped", r.DatagramsDropped}} {
+		if f.v != nil {
+			attrs = append(attrs, slog.Int64(f.name, *f.v))
+		}
 	}
 	return attrs
 }

@@ -90,3 +90,32 @@ func TestShipLagCountsTheSpool(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A CONNECT-UDP flow's counts are always written, 0 included; other
+// records carry none of them, in the JSON and in the log line alike.
+func TestUDPFlowFields(t *testing.T) {
+	up, down, dropped := int64(3), int64(0), int64(1)
+	r := record(1)
+	r.DatagramsUp, r.DatagramsDown, r.DatagramsDropped = &up, &down, &dropped
+	b, err := json.Marshal(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"datagrams_up":3`, `"datagrams_down":0`, `"datagrams_dropped":1`} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("record JSON lacks %s: %s", want, b)
+		}
+	}
+	line := recordLines(t, r)[0]
+	if line["datagrams_up"] != 3.0 || line["datagrams_down"] != 0.0 || line["datagrams_dropped"] != 1.0 {
+		t.Errorf("log line: %v", line)
+	}
+	plain := record(2)
+	b, _ = json.Marshal(plain)
+	if strings.Contains(string(b), "datagrams") {
+		t.Errorf("a record that is not a flow has datagram counts: %s", b)
+	}
+	if _, ok := recordLines(t, plain)[0]["datagrams_up"]; ok {
+		t.Error("log line of a record that is not a flow has datagrams_up")
+	}
+}

@@ -171,7 +171,7 @@ type segment struct {
 // encode is the COPY data of segs, or false if a value is not of a type
 // the plan writes (the caller falls back to pgx).
 func (p *copyPlan) encode(buf []byte, segs []segment) ([]byte, bool) {
-	if len(p.kinds) != len(logColumns)+len(timingColumns) {
+	if len(p.kinds) != len(logColumns)+len(timingColumns)+len(udpColumns) {
 		return nil, false
 	}
 	buf = append(buf[:0], copyHeader...)
@@ -212,6 +212,9 @@ func (p *copyPlan) appendRow(buf []byte, id pgtype.UUID, r *row) ([]byte, bool) 
 	}
 	app(appendOptText(buf, k[24], r.upstreamAddr))
 	app(appendOptText(buf, k[25], r.closeReason))
+	for i, n := range [...]optInt{r.datagramsUp, r.datagramsDown, r.datagramsDropped} {
+		app(appendOptInt(buf, k[26+i], n))
+	}
 	return buf, ok
 }
 

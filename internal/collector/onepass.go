@@ -34,7 +34,7 @@ var (
 	recordFields = foldedNames("timestamp", "token_id", "user_id", "token_type", "region", "probe_node", "client_ip",
 		"protocol", "method", "target_url", "status_code", "request_size", "response_size", "duration_ms", "success",
 		"rate_limited", "error", "suppressed", "request_id", "dns_ms", "connect_ms", "tls_ms", "ttfb_ms",
-		"upstream_addr", "close_reason")
+		"upstream_addr", "close_reason", "datagrams_up", "datagrams_down", "datagrams_dropped")
 	envelopeFields = foldedNames("batch_id", "probe_node", "region", "logs")
 )
 
@@ -287,6 +287,16 @@ func (r *row) set(name, v []byte) bool {
 		*dst = optFloat{f, true}
 		return err == nil
 	}
+	optInteger := func(dst *optInt) bool {
+		if string(v) == "null" {
+			*dst = optInt{}
+			return true
+		}
+		var n int64
+		ok := num(&n)
+		*dst = optInt{n, true}
+		return ok
+	}
 	switch string(name) {
 	case `"timestamp"`:
 		// Exactly validate's parse; null, another kind or the zero time is
@@ -348,6 +358,12 @@ func (r *row) set(name, v []byte) bool {
 		return optNum(&r.tlsMS)
 	case `"ttfb_ms"`:
 		return optNum(&r.ttfbMS)
+	case `"datagrams_up"`:
+		return optInteger(&r.datagramsUp)
+	case `"datagrams_down"`:
+		return optInteger(&r.datagramsDown)
+	case `"datagrams_dropped"`:
+		return optInteger(&r.datagramsDropped)
 	}
 	return !mayMatch(name, recordFields)
 }
@@ -358,6 +374,7 @@ type fieldLimits struct {
 	text   [10]int  // tokenID … targetURL, errText
 	timing [3]int   // requestID, upstreamAddr, closeReason
 	ints   [5]int64 // statusCode, requestSize, responseSize, durationMS, suppressed
+	udp    [3]int64 // datagramsUp, datagramsDown, datagramsDropped
 }
 
 func newFieldLimits(l *columnLimits) fieldLimits {
@@ -377,6 +394,12 @@ func newFieldLimits(l *columnLimits) fieldLimits {
 		f.ints[i] = c.max
 		if col, ok := l.maxInt[c.column]; ok {
 			f.ints[i] = min(c.max, col)
+		}
+	}
+	for i, c := range udpFieldNames {
+		f.udp[i] = math.MaxInt64
+		if col, ok := l.maxInt[c]; ok {
+			f.udp[i] = min(f.udp[i], col)
 		}
 	}
 	return f
@@ -415,6 +438,11 @@ func (f *fieldLimits) valid(r *row, raw []byte) bool {
 	}
 	for _, o := range [...]optFloat{r.dnsMS, r.connectMS, r.tlsMS, r.ttfbMS} {
 		if o.ok && !(o.f >= 0 && o.f <= maxTimingMS) { // NaN fails both
+			return false
+		}
+	}
+	for i, o := range [...]optInt{r.datagramsUp, r.datagramsDown, r.datagramsDropped} {
+		if o.ok && (o.n < 0 || o.n > f.udp[i]) {
 			return false
 		}
 	}

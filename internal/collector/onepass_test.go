@@ -91,6 +91,10 @@ func TestOnePassReadsValidBatch(t *testing.T) {
 			r.DNSMS = accesslog.MillisOf(1500 * time.Microsecond)
 			r.TTFBMS = accesslog.MillisOf(0)
 		}
+		if i%5 == 0 { // a CONNECT-UDP flow's counts, 0 included
+			up, down, dropped := int64(i), int64(0), int64(i%2)
+			r.DatagramsUp, r.DatagramsDown, r.DatagramsDropped = &up, &down, &dropped
+		}
 	}
 	body := mustJSON(b)
 	if n := bothWays(t, body, nil); n != 100 {
@@ -182,6 +186,13 @@ func onePassRecords() []string {
 		{"request_id": 7},
 		{"close_reason": raw("null")},
 		{"upstream_addr": "10.0.0.1:443"},
+		{"datagrams_up": 3, "datagrams_down": 0, "datagrams_dropped": 1},
+		{"datagrams_up": raw("null")},
+		{"datagrams_down": -1},
+		{"datagrams_dropped": 1.5},
+		{"datagrams_up": "3"},
+		{"datagrams_down": raw("1e3")},
+		{"Datagrams_Up": 4},
 		{"Token_ID": "upper"},
 		{"TOKEN-ID": "dashes"},
 		{"tokenid": "no underscore"},

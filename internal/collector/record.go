@@ -41,6 +41,7 @@ type record struct {
 	// client IP that this record stands for (absent: 0).
 	Suppressed int64 `json:"suppressed"`
 	timingFields
+	udpFields
 }
 
 // row is a valid record, ready for COPY: typed fields rather than a
@@ -56,6 +57,8 @@ type row struct {
 	success, rateLimited                  bool
 	requestID, upstreamAddr, closeReason  optString
 	dnsMS, connectMS, tlsMS, ttfbMS       optFloat
+	// CONNECT-UDP flows' counts (udp.go).
+	datagramsUp, datagramsDown, datagramsDropped optInt
 }
 
 // optString and optFloat are the nullable timing columns: ok false is NULL.
@@ -101,7 +104,7 @@ func (r *row) values() []any {
 	return []any{r.ts, r.tokenID, r.userID, r.tokenType, r.region, r.probeNode, r.clientIP, r.protocol, r.method,
 		r.targetURL, r.statusCode, r.requestSize, r.responseSize, r.durationMS, r.success, r.rateLimited, r.errText,
 		r.suppressed, opt(r.requestID), optf(r.dnsMS), optf(r.connectMS), optf(r.tlsMS), optf(r.ttfbMS),
-		opt(r.upstreamAddr), opt(r.closeReason)}
+		opt(r.upstreamAddr), opt(r.closeReason), r.datagramsUp.value(), r.datagramsDown.value(), r.datagramsDropped.value()}
 }
 
 // columnLimits is what the columns of forward_proxy_request_logs can hold,
@@ -225,6 +228,7 @@ func (l *columnLimits) validate(raw json.RawMessage) (row, []string) {
 	}
 
 	r.timingFields.check(l, rule)
+	r.udpFields.check(l, rule)
 
 	if len(why) > 0 {
 		return row{}, why
@@ -235,7 +239,8 @@ func (l *columnLimits) validate(raw json.RawMessage) (row, []string) {
 		errText: r.Error, statusCode: r.StatusCode, requestSize: r.RequestSize, responseSize: r.ResponseSize,
 		durationMS: r.DurationMS, suppressed: r.Suppressed, success: r.Success, rateLimited: r.RateLimited,
 		requestID: optStr(t.RequestID), upstreamAddr: optStr(t.UpstreamAddr), closeReason: optStr(t.CloseReason),
-		dnsMS: optF(t.DNSMS), connectMS: optF(t.ConnectMS), tlsMS: optF(t.TLSMS), ttfbMS: optF(t.TTFBMS)}, nil
+		dnsMS: optF(t.DNSMS), connectMS: optF(t.ConnectMS), tlsMS: optF(t.TLSMS), ttfbMS: optF(t.TTFBMS),
+		datagramsUp: optI(r.DatagramsUp), datagramsDown: optI(r.DatagramsDown), datagramsDropped: optI(r.DatagramsDropped)}, nil
 }
 
 // decodeReason says why a record did not decode into record.

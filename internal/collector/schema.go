@@ -17,8 +17,8 @@ import (
 // forward_proxy_request_logs.suppressed; 3 the revocation tables
 // (revocationSchema); 4 the timing columns of forward_proxy_request_logs
 // (timingSchema); 5 forward_proxy_request_logs partitioned by day
-// (migratePartitioned).
-const SchemaVersion = 5
+// (migratePartitioned); 6 the CONNECT-UDP flow columns (udpSchema).
+const SchemaVersion = 6
 
 // tokenIDType is the token_id column: as long as the longest token_id the
 // proxy accepts (SPEC §5 says VARCHAR(50)).
@@ -136,6 +136,7 @@ func Migrate(ctx context.Context, pool *pgxpool.Pool) error {
 		stmts = append(stmts, indexes...)
 		stmts = append(stmts, revocationSchema...)
 		stmts = append(stmts, timingSchema()...)
+		stmts = append(stmts, udpSchema()...)
 		for _, s := range stmts {
 			if _, err := tx.Exec(ctx, s); err != nil {
 				return fmt.Errorf("running %q: %w", firstLine(s), err)

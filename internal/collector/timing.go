@@ -83,11 +83,14 @@ func (f *timingFields) check(l *columnLimits, rule func(bool, string, ...any)) {
 
 // storedColumns are the columns COPY writes, in row order.
 func storedColumns() []string {
-	cols := make([]string, 0, len(logColumns)+len(timingColumns))
+	cols := make([]string, 0, len(logColumns)+len(timingColumns)+len(udpColumns))
 	for _, c := range logColumns {
 		cols = append(cols, c.name)
 	}
 	for _, c := range timingColumns {
+		cols = append(cols, c.name)
+	}
+	for _, c := range udpColumns {
 		cols = append(cols, c.name)
 	}
 	return cols

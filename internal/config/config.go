@@ -139,6 +139,12 @@ type Config struct {
 	// HTTP/3: a QUIC listener on UDP PROXY_BIND:PROXY_PORT beside the TLS
 	// one (see loadHTTP3).
 	HTTP3Enabled bool
+	// CONNECT-UDP (RFC 9298) over HTTP/3: the UDP ports flows may reach,
+	// the flows a token may hold open at once, and how long a flow may
+	// carry no datagram before it is closed (see loadHTTP3).
+	AllowedUDPPorts     PortSet
+	MaxUDPFlowsPerToken int
+	UDPIdleTimeout      time.Duration
 }
 
 // ListenAddr is the proxy listener's host:port.
@@ -637,6 +643,29 @@ func LoadClientTrust(caPath, crlPath string) (*auth.ClientTrust, error) {
 // loadHTTP3 reads HTTP3_ENABLED. HTTP/3 is off by default: few clients
 // speak HTTP/3 to a proxy yet, and it opens a UDP port that firewalls must
 // allow on purpose.
+//
+// CONNECT-UDP flows are refused unless their port is in ALLOWED_UDP_PORTS
+// (DefaultAllowedUDPPorts: DNS, QUIC on 443, and the unprivileged range
+// where other QUIC and WebRTC media live; the privileged ports below 1024
+// are left out as for TCP, where NTP 123, SNMP 161, syslog 514 and other
+// amplifiable or management services sit). MAX_UDP_FLOWS_PER_TOKEN bounds
+// the sockets a token holds: a browser opens one flow per QUIC origin.
+// UDP_IDLE_TIMEOUT is 2 minutes, the shortest UDP mapping lifetime RFC
+// 4787 (REQ-5) allows a NAT: clients keep UDP state alive at least that
+// often, and a flow costs a socket while it lasts.
 func loadHTTP3(p *parser, c *Config) {
 	c.HTTP3Enabled = p.bool("HTTP3_ENABLED", false)
+	ps, err := ParsePortSet(p.str("ALLOWED_UDP_PORTS", DefaultAllowedUDPPorts))
+	if err != nil {
+		p.fail("ALLOWED_UDP_PORTS", "%v", err)
+	}
+	c.AllowedUDPPorts = ps
+	c.MaxUDPFlowsPerToken = p.int("MAX_UDP_FLOWS_PER_TOKEN", 128, 1, 1<<30)
+	c.UDPIdleTimeout = p.duration("UDP_IDLE_TIMEOUT", 2*time.Minute)
+	if c.UDPIdleTimeout <= 0 {
+		p.fail("UDP_IDLE_TIMEOUT", "must be more than 0")
+	}
 }
+
+// DefaultAllowedUDPPorts is ALLOWED_UDP_PORTS when unset (see loadHTTP3).
+const DefaultAllowedUDPPorts = "53,443,1024-65535"

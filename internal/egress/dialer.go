@@ -98,39 +98,9 @@ func (d *Dialer) dial(ctx context.Context, network string, t Target) (net.Conn, 
 
 func (d *Dialer) resolveAndDial(ctx context.Context, network string, t Target) (net.Conn, error) {
 	tr := timing.FromContext(ctx)
-	addrs := []netip.Addr{t.Addr}
-	if !t.Addr.IsValid() {
-		tr.Begin(timing.DNS)
-		var cached bool
-		var err error
-		addrs, cached, err = d.resolver.lookupHost(ctx, t.Host)
-		tr.EndDNS(cached, err)
-		if err != nil {
-			return nil, err
-		}
-	}
-
-	var allowed []netip.AddrPort
-	var denied *DeniedError
-	for _, a := range addrs {
-		if network == "tcp4" && !a.Unmap().Is4() || network == "tcp6" && !a.Is6() {
-			continue
-		}
-		ap := netip.AddrPortFrom(a, t.Port)
-		if err := d.policy.Check(ap); err != nil {
-			if denied == nil {
-				denied = err.(*DeniedError)
-				denied.Host = t.Host
-			}
-			continue
-		}
-		allowed = append(allowed, ap)
-	}
-	if len(allowed) == 0 {
-		if denied != nil {
-			return nil, denied
-		}
-		return nil, &net.DNSError{Err: "no " + network + " address", Name: t.Host, IsNotFound: true}
+	allowed, err := d.resolveAllowed(ctx, tr, network, t, d.policy.Check)
+	if err != nil {
+		return nil, err
 	}
 
 	tr.Begin(timing.Connect)
@@ -148,6 +118,80 @@ func (d *Dialer) resolveAndDial(ctx context.Context, network string, t Target) (
 		}
 	}
 	return nil, lastErr
+}
+
+// resolveAllowed resolves t (unless it is an IP literal) and returns the
+// addresses check allows, in the resolver's order (IPv4 first): a
+// *DeniedError when it allows none, a *net.DNSError when resolution fails
+// or finds no address of network's family.
+func (d *Dialer) resolveAllowed(ctx context.Context, tr *timing.Trace, network string, t Target, check func(netip.AddrPort) error) ([]netip.AddrPort, error) {
+	addrs := []netip.Addr{t.Addr}
+	if !t.Addr.IsValid() {
+		tr.Begin(timing.DNS)
+		var cached bool
+		var err error
+		addrs, cached, err = d.resolver.lookupHost(ctx, t.Host)
+		tr.EndDNS(cached, err)
+		if err != nil {
+			return nil, err
+		}
+	}
+
+	var allowed []netip.AddrPort
+	var denied *DeniedError
+	for _, a := range addrs {
+		if (network == "tcp4" || network == "udp4") && !a.Unmap().Is4() || (network == "tcp6" || network == "udp6") && !a.Is6() {
+			continue
+		}
+		ap := netip.AddrPortFrom(a, t.Port)
+		if err := check(ap); err != nil {
+			if denied == nil {
+				denied = err.(*DeniedError)
+				denied.Host = t.Host
+			}
+			continue
+		}
+		allowed = append(allowed, ap)
+	}
+	if len(allowed) == 0 {
+		if denied != nil {
+			return nil, denied
+		}
+		return nil, &net.DNSError{Err: "no " + network + " address", Name: t.Host, IsNotFound: true}
+	}
+	return allowed, nil
+}
+
+// DialUDP opens a connected UDP socket to t for a CONNECT-UDP flow, under
+// the same rules as DialTarget with ALLOWED_UDP_PORTS for the port: the
+// port and any IP literal are checked before resolving, every resolved
+// address is checked, and the socket is connected to the first allowed
+// one (IPv4 first; UDP has no handshake that could fail over to the
+// next), with a Control hook that checks that exact address again. A
+// connected socket receives only what that address sends, so no other
+// host can inject datagrams into the flow. Errors are as DialTarget's.
+func (d *Dialer) DialUDP(ctx context.Context, t Target) (*net.UDPConn, error) {
+	if err := d.policy.CheckTargetUDP(t); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, d.timeout)
+	defer cancel()
+	tr := timing.FromContext(ctx)
+	allowed, err := d.resolveAllowed(ctx, tr, "udp", t, d.policy.CheckUDP)
+	if err != nil {
+		return nil, err
+	}
+	ap := allowed[0]
+	tr.Begin(timing.Connect)
+	nd := net.Dialer{Control: d.policy.controlUDP(ap)}
+	conn, err := nd.DialUDP(ctx, "udp", netip.AddrPort{}, ap)
+	if err != nil {
+		err = &dialError{target: t, addr: ap, err: err}
+		tr.EndConnect(ap, nil, err)
+		return nil, err
+	}
+	tr.EndConnect(ap, conn, nil)
+	return conn, nil
 }
 
 // dialAddr connects to one checked address. Only the IP literal is dialed,

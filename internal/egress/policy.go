@@ -109,6 +109,7 @@ var specialRanges = func() []specialRange {
 // covers it (that would be a request loop).
 type Policy struct {
 	ports    config.PortSet
+	udpPorts config.PortSet // CONNECT-UDP (SetUDPPorts); none until set
 	deny     []netip.Prefix
 	guardian *ssrf.Guardian
 
@@ -221,21 +222,36 @@ func (p *Policy) isSelf(ap netip.AddrPort) bool {
 // address and again from the socket's Control hook. It returns nil or a
 // *DeniedError.
 func (p *Policy) Check(ap netip.AddrPort) error {
-	reason := p.denyReason(ap)
+	return p.check(ap, p.ports)
+}
+
+// SetUDPPorts sets the UDP ports CONNECT-UDP flows may reach
+// (ALLOWED_UDP_PORTS). Until it is called no UDP port is allowed. It is
+// called once, while the proxy is wired, before any flow.
+func (p *Policy) SetUDPPorts(ports config.PortSet) { p.udpPorts = ports }
+
+// CheckUDP is Check for a UDP destination: the same address rules, with
+// the UDP ports instead of the TCP ones.
+func (p *Policy) CheckUDP(ap netip.AddrPort) error {
+	return p.check(ap, p.udpPorts)
+}
+
+func (p *Policy) check(ap netip.AddrPort, ports config.PortSet) error {
+	reason := p.denyReason(ap, ports)
 	if reason == "" {
 		return nil
 	}
 	return &DeniedError{Addr: ap, Reason: reason}
 }
 
-func (p *Policy) denyReason(ap netip.AddrPort) string {
+func (p *Policy) denyReason(ap netip.AddrPort, ports config.PortSet) string {
 	a := ap.Addr()
 	switch {
 	case !a.IsValid():
 		return ReasonInvalid
 	case a.Zone() != "":
 		return ReasonZone
-	case !p.ports.Contains(ap.Port()):
+	case !ports.Contains(ap.Port()):
 		return ReasonPort
 	}
 	plain := a.Unmap()
@@ -276,14 +292,23 @@ func rangeReason(a netip.Addr) string {
 // port, and the whole policy when the target is an IP literal. It returns nil
 // or a *DeniedError.
 func (p *Policy) CheckTarget(t Target) error {
+	return p.checkTarget(t, p.ports)
+}
+
+// CheckTargetUDP is CheckTarget for a CONNECT-UDP target.
+func (p *Policy) CheckTargetUDP(t Target) error {
+	return p.checkTarget(t, p.udpPorts)
+}
+
+func (p *Policy) checkTarget(t Target, ports config.PortSet) error {
 	if t.Addr.IsValid() {
-		if err := p.Check(netip.AddrPortFrom(t.Addr, t.Port)); err != nil {
+		if err := p.check(netip.AddrPortFrom(t.Addr, t.Port), ports); err != nil {
 			err.(*DeniedError).Host = t.Host
 			return err
 		}
 		return nil
 	}
-	if !p.ports.Contains(t.Port) {
+	if !ports.Contains(t.Port) {
 		return &DeniedError{Addr: netip.AddrPortFrom(netip.Addr{}, t.Port), Host: t.Host, Reason: ReasonPort}
 	}
 	return nil
@@ -293,8 +318,17 @@ func (p *Policy) CheckTarget(t Target) error {
 // address the kernel is about to connect to, and that it is the address
 // that was checked before dialing.
 func (p *Policy) control(want netip.AddrPort) func(network, address string, _ syscall.RawConn) error {
+	return p.controlFor(want, "tcp4", "tcp6", p.Check)
+}
+
+// controlUDP is control for a CONNECT-UDP flow's connected socket.
+func (p *Policy) controlUDP(want netip.AddrPort) func(network, address string, _ syscall.RawConn) error {
+	return p.controlFor(want, "udp4", "udp6", p.CheckUDP)
+}
+
+func (p *Policy) controlFor(want netip.AddrPort, net4, net6 string, check func(netip.AddrPort) error) func(network, address string, _ syscall.RawConn) error {
 	return func(network, address string, _ syscall.RawConn) error {
-		if network != "tcp4" && network != "tcp6" {
+		if network != net4 && network != net6 {
 			return fmt.Errorf("egress: refusing network %q", network)
 		}
 		ap, err := netip.ParseAddrPort(address)
@@ -304,6 +338,6 @@ func (p *Policy) control(want netip.AddrPort) func(network, address string, _ sy
 		if ap.Addr().Unmap() != want.Addr().Unmap() || ap.Port() != want.Port() {
 			return fmt.Errorf("egress: socket address %s is not the checked address %s", ap, want)
 		}
-		return p.Check(ap)
+		return check(ap)
 	}
 }

@@ -95,3 +95,31 @@ type Sinker interface {
 type Detacher interface {
 	Detach() (Stream, error)
 }
+
+// Datagrams is implemented by Streams whose engine carries HTTP Datagrams
+// (RFC 9297) for their request: HTTP/3 sends them in QUIC DATAGRAM frames,
+// tied to the request stream by its quarter stream id, which the engine
+// adds and strips. The payload is what follows that id; for CONNECT-UDP
+// (RFC 9298) a context id and a UDP payload.
+type Datagrams interface {
+	// SendDatagram sends b, which the caller may reuse when it returns.
+	// It fails when b does not fit in one datagram, or when the stream or
+	// connection is gone.
+	SendDatagram(b []byte) error
+	// ReceiveDatagram returns the next datagram of the request, blocking
+	// until one arrives, the stream's receive side ends, or ctx is done.
+	ReceiveDatagram(ctx context.Context) ([]byte, error)
+}
+
+// DatagramSettings is implemented by ResponseWriters of engines that carry
+// HTTP Datagrams: ClientDatagrams reports whether the client enabled them
+// in its SETTINGS (SETTINGS_H3_DATAGRAM), waiting for those within ctx.
+// A server must not send datagrams to a client that did not.
+type DatagramSettings interface {
+	ClientDatagrams(ctx context.Context) bool
+}
+
+// ErrDatagramTooLarge is wrapped by a SendDatagram error when the datagram
+// does not fit in one QUIC DATAGRAM frame on the connection's path: the
+// datagram is lost, the stream is fine.
+var ErrDatagramTooLarge = errors.New("datagram too large for the connection")

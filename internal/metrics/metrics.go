@@ -31,6 +31,12 @@ type Metrics struct {
 	DialSeconds        prometheus.Histogram
 	CertNotAfter       prometheus.Gauge // unix seconds of the serving certificate's NotAfter
 
+	// CONNECT-UDP flows (RFC 9298, HTTP/3). Bytes are counted in
+	// BytesUpstream and BytesDownstream with the tunnels'.
+	UDPFlows     prometheus.Gauge
+	UDPDatagrams *prometheus.CounterVec // direction: upstream, downstream
+	UDPDropped   *prometheus.CounterVec // reason: UDPDrop* (fixed set)
+
 	// HTTP/2 engine (internal/h2srv). Labels come from fixed sets.
 	HTTP2GoAways      *prometheus.CounterVec // reason: protocol, enhance_your_calm, flow_control, compression, frame_size, stream_closed, other
 	HTTP2StreamErrors *prometheus.CounterVec // reason: malformed, refused, flow_control, stream_closed
@@ -176,6 +182,7 @@ func New() *Metrics {
 		Name: "pinaka_ship_spool_read_errors_total", Help: "Times a spool file could be neither read nor moved aside; it stays in the spool and is retried.",
 	})
 	reg.MustRegister(m.ShipMemoryAge, m.ShipAttemptsTimedOut, m.SpoolFilesSetAside, m.SpoolReadErrors)
+	m.registerUDP()
 	m.registerTiming()
 	return m
 }
@@ -205,4 +212,40 @@ func StatusLabel(code int) string {
 		return strconv.Itoa(code)
 	}
 	return strconv.Itoa(code/100) + "xx"
+}
+
+// Reasons a CONNECT-UDP datagram is dropped (pinaka_udp_datagrams_dropped_total).
+const (
+	UDPDropOversize    = "oversize"    // UDP payload above the proxy's limit, either way
+	UDPDropContextID   = "context_id"  // a context id other than 0 (RFC 9298 §4): no extension is served
+	UDPDropTooLarge    = "too_large"   // did not fit one QUIC datagram to the client
+	UDPDropUnreachable = "unreachable" // the target's host answered ICMP unreachable (ECONNREFUSED)
+	UDPDropMalformed   = "malformed"   // an HTTP datagram without a whole context id
+)
+
+// Directions of pinaka_udp_datagrams_total.
+const (
+	DirectionUpstream   = "upstream"   // client → target
+	DirectionDownstream = "downstream" // target → client
+)
+
+func (m *Metrics) registerUDP() {
+	m.UDPFlows = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "pinaka_udp_flows_active", Help: "CONNECT-UDP flows (RFC 9298, over HTTP/3) open now.",
+	})
+	m.UDPDatagrams = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "pinaka_udp_datagrams_total", Help: "UDP datagrams relayed by CONNECT-UDP flows, by direction: upstream (client to target), downstream.",
+	}, []string{"direction"})
+	m.UDPDropped = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "pinaka_udp_datagrams_dropped_total", Help: "CONNECT-UDP datagrams dropped, by reason: oversize, context_id, too_large, unreachable, malformed.",
+	}, []string{"reason"})
+	// Every series exists from the start, so rates and alerts see 0
+	// rather than nothing.
+	for _, d := range []string{DirectionUpstream, DirectionDownstream} {
+		m.UDPDatagrams.WithLabelValues(d)
+	}
+	for _, r := range []string{UDPDropOversize, UDPDropContextID, UDPDropTooLarge, UDPDropUnreachable, UDPDropMalformed} {
+		m.UDPDropped.WithLabelValues(r)
+	}
+	m.Registry.MustRegister(m.UDPFlows, m.UDPDatagrams, m.UDPDropped)
 }

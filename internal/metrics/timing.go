@@ -12,6 +12,10 @@ const (
 	KindForward   = "forward"   // plain HTTP forwarding (http:// and https:// origins)
 	KindConnect   = "connect"   // CONNECT tunnels, HTTP/1.1 and HTTP/2
 	KindWebSocket = "websocket" // RFC 8441 extended CONNECT, and HTTP/1.1 Upgrade forwarded
+	// KindUDP: CONNECT-UDP flows (RFC 9298). Their "connect" is the UDP
+	// socket's connect(2), which sends nothing; their TTFB is the first
+	// datagram back from the target.
+	KindUDP = "connect_udp"
 
 	OutcomeOK       = "ok"
 	OutcomeCached   = "cached"    // DNS: answered from the resolver's cache
@@ -30,7 +34,7 @@ var timingLabels = []string{"protocol", "kind", "outcome"}
 func (m *Metrics) registerTiming() {
 	m.UpstreamConnect = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    "pinaka_upstream_connect_seconds",
-		Help:    "TCP connect time to origins (every address of the name tried), by client protocol, kind (forward, connect, websocket) and outcome (ok, refused, timeout, canceled, error). Pooled connections are not counted.",
+		Help:    "TCP connect time to origins (every address of the name tried), by client protocol, kind (forward, connect, websocket, connect_udp) and outcome (ok, refused, timeout, canceled, error). Pooled connections are not counted.",
 		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 18), // 100µs .. 13s
 	}, timingLabels)
 	m.UpstreamTTFB = prometheus.NewHistogramVec(prometheus.HistogramOpts{

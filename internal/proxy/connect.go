@@ -215,6 +215,12 @@ func (p *Proxy) countTunnelBytes(up, down int) {
 
 func (p *Proxy) tunnelDone(q *request, res relayResult) {
 	p.opt.Metrics.ActiveTunnels.Dec()
+	p.recordRelayEnd(q, res)
+}
+
+// recordRelayEnd puts what a tunnel or UDP flow moved, and how it ended,
+// into its record.
+func (p *Proxy) recordRelayEnd(q *request, res relayResult) {
 	q.rec.RequestSize += res.up
 	q.rec.ResponseSize += res.down
 	q.rec.CloseReason = res.closeReason()

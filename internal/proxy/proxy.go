@@ -66,6 +66,7 @@ type Options struct {
 	Limiter      RateLimiter
 	Tunnels      SlotLimiter
 	Forwards     SlotLimiter // concurrent forwarded requests per token
+	UDPFlows     SlotLimiter // concurrent CONNECT-UDP flows per token
 	AuthThrottle *ratelimit.AuthThrottle
 	// TunnelAdmission, when set, decides a CONNECT's (and an extended
 	// CONNECT's) rate limit and tunnel slot together, in place of Limiter
@@ -91,6 +92,7 @@ type Options struct {
 	TunnelIdleTimeout     time.Duration // close tunnels idle this long
 	UpstreamHeaderTimeout time.Duration
 	BodyIdleTimeout       time.Duration // end a forwarded request whose client stops sending its body
+	UDPIdleTimeout        time.Duration // close CONNECT-UDP flows without a datagram this long
 	// UpstreamTLS verifies origins reached over TLS; nil means the system
 	// roots. Tests set their own CA here.
 	UpstreamTLS *tls.Config
@@ -106,6 +108,7 @@ type Proxy struct {
 	parker    *parker // idle tunnel directions (see parkAfter)
 	stopSweep func()  // ends the suppressed-refusal summaries
 	revoked   revokedCounts
+	udpm      udpCounters
 }
 
 // New returns a Proxy.
@@ -116,7 +119,7 @@ func New(o Options) *Proxy {
 	if o.Records == nil {
 		o.Records = discard{}
 	}
-	p := &Proxy{opt: o, log: o.Log, parker: newParker(o.Log)}
+	p := &Proxy{opt: o, log: o.Log, parker: newParker(o.Log), udpm: newUDPCounters(o.Metrics)}
 	p.transport = &http.Transport{
 		Proxy:                 nil, // never chain to an environment proxy
 		DialContext:           o.Dialer.DialContext,
@@ -212,6 +215,8 @@ type request struct {
 	admitted bool
 	slotOK   bool
 	release  func()
+	// udp: a CONNECT-UDP request (udp.go).
+	udp bool
 }
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -326,7 +331,9 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 	}
 	q.authenticated = true
 	ratelimit.MarkAuthenticated(r.Context())
-	if p.opt.TunnelAdmission != nil && (q.kind == kindConnect || q.kind == kindExtendedConnect) {
+	// A UDP flow counts against MAX_UDP_FLOWS_PER_TOKEN on this node, not
+	// against the fleet's tunnel leases: only its rate limit is shared.
+	if p.opt.TunnelAdmission != nil && (q.kind == kindConnect || q.kind == kindExtendedConnect && httpx.Protocol(r) != udpProtocol) {
 		ok, wait, release, slotOK := p.opt.TunnelAdmission.AdmitTunnel(id.TokenID)
 		if !ok {
 			q.rec.RateLimited = true
@@ -579,6 +586,11 @@ func (p *Proxy) targetURL(r *http.Request, kind requestKind) string {
 		scheme := "ws"
 		if httpx.Scheme(r) == "https" {
 			scheme = "wss"
+		}
+		if strings.EqualFold(httpx.Protocol(r), udpProtocol) {
+			// CONNECT-UDP asks the proxy itself; serveConnectUDP names
+			// the target once it has parsed it.
+			scheme = "https"
 		}
 		u := *r.URL
 		u.Scheme, u.Host = scheme, r.Host

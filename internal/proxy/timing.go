@@ -132,6 +132,8 @@ func (q *request) ttfbFailure(res timing.Result, connect timing.Span) string {
 // metricKind is the kind label of the timing histograms.
 func (q *request) metricKind() string {
 	switch {
+	case q.udp:
+		return metrics.KindUDP
 	case q.kind == kindConnect:
 		return metrics.KindConnect
 	case q.kind == kindExtendedConnect, q.upgrade:

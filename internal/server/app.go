@@ -79,6 +79,7 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 	if err != nil {
 		return nil, fmt.Errorf("building egress policy: %w", err)
 	}
+	policy.SetUDPPorts(cfg.AllowedUDPPorts)
 	resolver := egress.NewResolver(cfg.DNSServers, cfg.DNSTimeout, cfg.DNSCacheSize)
 	dialer := egress.NewDialer(egress.DialerOptions{
 		Policy: policy, Resolver: resolver, Timeout: cfg.UpstreamDialTimeout, Metrics: m,
@@ -170,6 +171,7 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		Tunnels:               tunnels,
 		TunnelAdmission:       admission,
 		Forwards:              ratelimit.NewTunnelLimiter(cfg.MaxForwardsPerToken),
+		UDPFlows:              ratelimit.NewTunnelLimiter(cfg.MaxUDPFlowsPerToken),
 		AuthThrottle:          ratelimit.NewAuthThrottle(cfg.AuthFailuresPerMinute, 100000),
 		Refusals:              ratelimit.NewRefusalSampler(cfg.UnauthenticatedRecordsPerMinute, 100000),
 		Records:               shipper,
@@ -183,6 +185,7 @@ func NewApp(cfg *config.Config, log *slog.Logger, o AppOptions) (*App, error) {
 		TunnelIdleTimeout:     cfg.TunnelIdleTimeout,
 		UpstreamHeaderTimeout: cfg.UpstreamHeaderTimeout,
 		BodyIdleTimeout:       cfg.RequestBodyIdleTimeout,
+		UDPIdleTimeout:        cfg.UDPIdleTimeout,
 		UpstreamTLS:           o.UpstreamTLS,
 		Revocations:           revocations,
 		Tracer:                ptracer,
@@ -250,7 +253,8 @@ func (a *App) Start() error {
 	if err := a.Server.Listen(); err != nil {
 		return err
 	}
-	for _, addr := range []net.Addr{a.Server.ProxyAddr(), a.Server.AdminAddr()} {
+	// The QUIC listener's too: a CONNECT-UDP flow to it would loop.
+	for _, addr := range []net.Addr{a.Server.ProxyAddr(), a.Server.AdminAddr(), a.Server.H3Addr()} {
 		if addr == nil {
 			continue
 		}

@@ -75,7 +75,10 @@ func (s *Server) listenH3() error {
 		Handler:        h3Handler(s.proxy),
 		MaxHeaderBytes: s.cfg.MaxHeaderBytes,
 		IdleTimeout:    s.cfg.IdleTimeout,
-		Logger:         slog.New(s.log.Handler()).With("listener", "http3"),
+		// HTTP Datagrams (RFC 9297, SETTINGS_H3_DATAGRAM) for CONNECT-UDP
+		// (RFC 9298); quicConfig enables the QUIC DATAGRAM frames under them.
+		EnableDatagrams: true,
+		Logger:          slog.New(s.log.Handler()).With("listener", "http3"),
 	}
 	s.h3 = h
 	return nil
@@ -120,6 +123,11 @@ func (s *Server) quicConfig() *quic.Config {
 		// No 0-RTT: early data can be replayed, and a replayed POST or
 		// CONNECT through a proxy is not harmless.
 		Allow0RTT: false,
+		// QUIC DATAGRAM frames (RFC 9221), which carry CONNECT-UDP's
+		// payloads. A datagram is never larger than a packet, and quic-go
+		// queues at most 32 unread ones per request stream (dropping the
+		// rest), so they add no unbounded buffer.
+		EnableDatagrams: true,
 	}
 }
 
@@ -211,10 +219,16 @@ func h3ForSelf(r *http.Request) bool {
 	return err == nil && lp == port && net.ParseIP(strings.Trim(host, "[]")).Equal(net.ParseIP(lh))
 }
 
-// h3Writer adds httpx.Detacher to quic-go's ResponseWriter, for tunnels.
+// h3Writer adds httpx.Detacher to quic-go's ResponseWriter, for tunnels,
+// and httpx.DatagramSettings, for CONNECT-UDP.
 type h3Writer struct {
 	http.ResponseWriter
 }
+
+var (
+	_ httpx.DatagramSettings = (*h3Writer)(nil)
+	_ httpx.Datagrams        = (*h3Stream)(nil)
+)
 
 // Unwrap lets http.ResponseController reach quic-go's writer.
 func (w *h3Writer) Unwrap() http.ResponseWriter { return w.ResponseWriter }
@@ -223,6 +237,23 @@ func (w *h3Writer) Flush() {
 	if f, ok := w.ResponseWriter.(http.Flusher); ok {
 		f.Flush()
 	}
+}
+
+// ClientDatagrams reports whether the client's SETTINGS enabled HTTP
+// Datagrams (httpx.DatagramSettings). A client sends its SETTINGS first
+// thing on its control stream, so they have almost always arrived before
+// its first request; ctx bounds the wait for the others.
+func (w *h3Writer) ClientDatagrams(ctx context.Context) bool {
+	st, ok := w.ResponseWriter.(http3.Settingser)
+	if !ok {
+		return false
+	}
+	select {
+	case <-st.ReceivedSettings():
+	case <-ctx.Done():
+		return false
+	}
+	return st.Settings().EnableDatagrams
 }
 
 // Detach sends the response header and takes the stream over: quic-go
@@ -276,6 +307,21 @@ func (s *h3Stream) Abort() {
 }
 
 func (s *h3Stream) SetReadDeadline(t time.Time) error { return s.st.SetReadDeadline(t) }
+
+// SendDatagram and ReceiveDatagram make h3Stream an httpx.Datagrams:
+// quic-go adds and strips the quarter stream id (RFC 9297 §2.1), and
+// copies b before it returns.
+func (s *h3Stream) SendDatagram(b []byte) error {
+	err := s.st.SendDatagram(b)
+	if _, ok := errors.AsType[*quic.DatagramTooLargeError](err); ok {
+		return fmt.Errorf("%w: %w", httpx.ErrDatagramTooLarge, err)
+	}
+	return err
+}
+
+func (s *h3Stream) ReceiveDatagram(ctx context.Context) ([]byte, error) {
+	return s.st.ReceiveDatagram(ctx)
+}
 
 func (s *h3Stream) ReadReady(f func()) bool {
 	go func() {
