@@ -20,7 +20,7 @@
 # Pinaka's alone. Left out when BENCH_WORKLOADS names workloads without udp.
 #
 # Environment: BENCH_DURATION (default 3s per measurement),
-# BENCH_IDLE_TUNNELS (default 1000), BENCH_TUNNELS (16), BENCH_CLIENTS (16),
+# BENCH_IDLE_TUNNELS (default 2000, as the idle-memory target), BENCH_TUNNELS (16), BENCH_CLIENTS (16),
 # BENCH_SKIP (space-separated: pinaka redis udp squid nghttpx),
 # BENCH_WORKLOADS (pinaka-bench -workloads for every run; default all),
 # BENCH_REDIS_WORKLOADS (for the Redis runs; default setup,setup-warm,forward),
@@ -33,7 +33,7 @@ export GOTOOLCHAIN=${GOTOOLCHAIN:-go1.27.3}
 cd "$(dirname "$0")/.."
 root=$(pwd)
 duration=${BENCH_DURATION:-3s}
-idle=${BENCH_IDLE_TUNNELS:-1000}
+idle=${BENCH_IDLE_TUNNELS:-2000}
 tunnels=${BENCH_TUNNELS:-16}
 clients=${BENCH_CLIENTS:-16}
 skip=" ${BENCH_SKIP:-} "
