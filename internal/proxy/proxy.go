@@ -333,13 +333,10 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 	ratelimit.MarkAuthenticated(r.Context())
 	// A UDP flow counts against MAX_UDP_FLOWS_PER_TOKEN on this node, not
 	// against the fleet's tunnel leases: only its rate limit is shared.
-	if p.opt.TunnelAdmission != nil && (q.kind == kindConnect || q.kind == kindExtendedConnect && httpx.Protocol(r) != udpProtocol) {
+	if p.opt.TunnelAdmission != nil && (q.kind == kindConnect || q.kind == kindExtendedConnect && !isConnectUDP(r)) {
 		ok, wait, release, slotOK := p.opt.TunnelAdmission.AdmitTunnel(id.TokenID)
 		if !ok {
-			q.rec.RateLimited = true
-			p.opt.Metrics.RateLimited.Inc()
-			w.Header().Set("Retry-After", strconv.Itoa(int((wait+time.Second-1)/time.Second)))
-			p.fail(w, q, http.StatusTooManyRequests, "rate_limited", "rate limit exceeded")
+			p.refuseRateLimited(w, q, wait)
 			return false
 		}
 		q.admitted, q.slotOK, q.release = true, slotOK, release
@@ -347,14 +344,20 @@ func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, q *request) bo
 	}
 	if p.opt.Limiter != nil {
 		if ok, wait := p.opt.Limiter.Allow(id.TokenID); !ok {
-			q.rec.RateLimited = true
-			p.opt.Metrics.RateLimited.Inc()
-			w.Header().Set("Retry-After", strconv.Itoa(int((wait+time.Second-1)/time.Second)))
-			p.fail(w, q, http.StatusTooManyRequests, "rate_limited", "rate limit exceeded")
+			p.refuseRateLimited(w, q, wait)
 			return false
 		}
 	}
 	return true
+}
+
+// refuseRateLimited answers 429 with the wait until the token's bucket
+// admits again.
+func (p *Proxy) refuseRateLimited(w http.ResponseWriter, q *request, wait time.Duration) {
+	q.rec.RateLimited = true
+	p.opt.Metrics.RateLimited.Inc()
+	w.Header().Set("Retry-After", strconv.Itoa(int((wait+time.Second-1)/time.Second)))
+	p.fail(w, q, http.StatusTooManyRequests, "rate_limited", "rate limit exceeded")
 }
 
 // finish completes and emits the record.
@@ -587,7 +590,7 @@ func (p *Proxy) targetURL(r *http.Request, kind requestKind) string {
 		if httpx.Scheme(r) == "https" {
 			scheme = "wss"
 		}
-		if strings.EqualFold(httpx.Protocol(r), udpProtocol) {
+		if isConnectUDP(r) {
 			// CONNECT-UDP asks the proxy itself; serveConnectUDP names
 			// the target once it has parsed it.
 			scheme = "https"

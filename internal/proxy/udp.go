@@ -20,6 +20,11 @@ import (
 // udpProtocol is the :protocol of a CONNECT-UDP request.
 const udpProtocol = "connect-udp"
 
+// isConnectUDP reports whether r is a CONNECT-UDP request (extended
+// CONNECT with :protocol connect-udp, matched without case as the
+// dispatch does).
+func isConnectUDP(r *http.Request) bool { return strings.EqualFold(httpx.Protocol(r), udpProtocol) }
+
 // udpPathPrefix is the default URI template's path up to its variables:
 // https://PROXY/.well-known/masque/udp/{target_host}/{target_port}/
 // (RFC 9298 §3). Pinaka serves that template only.

@@ -32,10 +32,11 @@ const websocketGUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 // client gets 200 once the origin answers 101, then the stream carries the
 // WebSocket bytes both ways.
 func (p *Proxy) serveExtendedConnect(w http.ResponseWriter, r *http.Request, q *request) {
-	if proto := httpx.Protocol(r); strings.EqualFold(proto, udpProtocol) {
+	if isConnectUDP(r) {
 		p.serveConnectUDP(w, r, q)
 		return
-	} else if !strings.EqualFold(proto, "websocket") {
+	}
+	if proto := httpx.Protocol(r); !strings.EqualFold(proto, "websocket") {
 		p.fail(w, q, http.StatusNotImplemented, "unsupported_protocol", "extended CONNECT protocol "+proto+" is not supported")
 		return
 	}
