@@ -302,7 +302,7 @@ func (b *batch) sort(limits *columnLimits, window func(time.Time) string) (good 
 		good = make([]row, 0, len(b.logs))
 	}
 	for i, raw := range b.logs {
-		if b.rows != nil && b.clean[i] && limits.fields.valid(&b.rows[i], raw) &&
+		if b.rows != nil && b.clean[i] && limits.fields.valid(&b.rows[i]) &&
 			(window == nil || window(b.rows[i].ts) == "") {
 			good = append(good, b.rows[i])
 			continue

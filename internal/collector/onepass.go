@@ -31,10 +31,7 @@ import (
 // the batch: an unknown name that encoding/json could still match to one
 // of them (it matches names case-insensitively) is left to it.
 var (
-	recordFields = foldedNames("timestamp", "token_id", "user_id", "token_type", "region", "probe_node", "client_ip",
-		"protocol", "method", "target_url", "status_code", "request_size", "response_size", "duration_ms", "success",
-		"rate_limited", "error", "suppressed", "request_id", "dns_ms", "connect_ms", "tls_ms", "ttfb_ms",
-		"upstream_addr", "close_reason", "datagrams_up", "datagrams_down", "datagrams_dropped")
+	recordFields   = foldedNames(storedColumns()[1:]...) // the columns after id, named as on the wire
 	envelopeFields = foldedNames("batch_id", "probe_node", "region", "logs")
 )
 
@@ -405,12 +402,14 @@ func newFieldLimits(l *columnLimits) fieldLimits {
 	return f
 }
 
-// valid says whether r, read cleanly by onePass from raw, passes every
+// valid says whether r, read cleanly by onePass, passes every
 // rule of validate. It may say false of a record validate accepts (that
 // record then costs validate's time, nothing else), never true of one
 // validate rejects.
-func (f *fieldLimits) valid(r *row, raw []byte) bool {
-	if r.ts.IsZero() || !utf8.Valid(raw) {
+func (f *fieldLimits) valid(r *row) bool {
+	// No UTF-8 check of the record's bytes: onePass's decoder refuses
+	// invalid UTF-8, and such a body goes to the old path whole.
+	if r.ts.IsZero() {
 		return false
 	}
 	textOK := func(s string, limit int) bool {

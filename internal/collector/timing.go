@@ -25,13 +25,17 @@ var timingColumns = []struct{ name, typ string }{
 // timingSchema is schema version 4: the timing columns. ADD COLUMN IF NOT
 // EXISTS, so it applies to any table an earlier version created, and to a
 // partitioned one (PostgreSQL adds the column to every partition).
-func timingSchema() []string {
-	stmts := make([]string, 0, len(timingColumns)+1)
-	for _, c := range timingColumns {
+func timingSchema() []string { return append(addColumns(timingColumns), timingIndex) }
+
+// addColumns adds cols to the records table, to any earlier table of it,
+// partitioned or not.
+func addColumns(cols []struct{ name, typ string }) []string {
+	stmts := make([]string, 0, len(cols))
+	for _, c := range cols {
 		stmts = append(stmts, fmt.Sprintf(`ALTER TABLE forward_proxy_request_logs ADD COLUMN IF NOT EXISTS %s %s`,
 			pgx.Identifier{c.name}.Sanitize(), c.typ))
 	}
-	return append(stmts, timingIndex)
+	return stmts
 }
 
 // timingIndex finds a record from the id a user quotes. migratePartitioned

@@ -1,11 +1,7 @@
 package collector
 
 import (
-	"encoding/binary"
-	"fmt"
 	"math"
-
-	"github.com/jackc/pgx/v5"
 )
 
 // udpColumns are the columns of forward_proxy_request_logs that a
@@ -21,14 +17,7 @@ var udpColumns = []struct{ name, typ string }{
 // udpSchema is schema version 6: the UDP flow columns, added like the
 // timing columns (ADD COLUMN IF NOT EXISTS, to any earlier table,
 // partitioned or not).
-func udpSchema() []string {
-	stmts := make([]string, 0, len(udpColumns))
-	for _, c := range udpColumns {
-		stmts = append(stmts, fmt.Sprintf(`ALTER TABLE forward_proxy_request_logs ADD COLUMN IF NOT EXISTS %s %s`,
-			pgx.Identifier{c.name}.Sanitize(), c.typ))
-	}
-	return stmts
-}
+func udpSchema() []string { return addColumns(udpColumns) }
 
 // udpFields are a flow's counts on the wire: absent or null is NULL.
 type udpFields struct {
@@ -79,7 +68,7 @@ func (o optInt) value() any {
 
 func appendOptInt(buf []byte, k pgKind, o optInt) ([]byte, bool) {
 	if !o.ok {
-		return binary.BigEndian.AppendUint32(buf, 0xffffffff), true
+		return appendNull(buf), true
 	}
 	return appendInt(buf, k, o.n)
 }
