@@ -68,7 +68,10 @@ func newBatcher(client *redis.Client, timeout time.Duration, down func() bool) *
 }
 
 // script is a Lua script known by its SHA1 (EVALSHA).
-type script struct{ src, sha string }
+type script struct {
+	src string
+	sha any // boxed once: it goes into every call's args
+}
 
 func newScript(src string) *script { return &script{src: src, sha: redis.NewScript(src).Hash()} }
 

@@ -56,8 +56,9 @@ type Limiter struct {
 	local  *ratelimit.Limiter
 	script *script
 	prefix string
-	// interval and burst are ARGV of every call.
-	interval, burst string
+	// interval and burst are ARGV of every call, boxed once: a string put
+	// in an []any per call would be copied to the heap each time.
+	interval, burst any
 }
 
 func newLimiter(f *Fleet) *Limiter {

@@ -90,8 +90,8 @@ type Tunnels struct {
 	acquire     *script
 	admit       *script
 	renew       *redis.Script
-	maxArg      string
-	ttlArg      string
+	maxArg      any // boxed once, like Limiter's ARGV
+	ttlArg      any
 
 	// member names: node:instance:sequence. The random instance keeps
 	// two processes with one PROBE_NODE_NAME (or a restart) apart.
