@@ -58,7 +58,6 @@ type udpFlow struct {
 
 	up, down, upBytes, downBytes, dropped atomic.Int64
 
-	sawFirst  atomic.Bool
 	cause     atomic.Pointer[error] // why stop ended it; nil until then
 	idled     atomic.Bool
 	closing   atomic.Bool  // close has begun: later ends are its doing
@@ -229,6 +228,7 @@ func (f *udpFlow) downstream() {
 	// byte beyond udpMaxPayload tells an oversize datagram, which the
 	// kernel truncates to the buffer, from a full one.
 	buf := make([]byte, 1+udpMaxPayload+1)
+	sawFirst := false // only this goroutine sends to the client
 	for {
 		n, err := f.conn.Read(buf[1:])
 		if err != nil {
@@ -254,7 +254,8 @@ func (f *udpFlow) downstream() {
 			f.exit(endClient, err)
 			return
 		}
-		if f.sawFirst.CompareAndSwap(false, true) {
+		if !sawFirst {
+			sawFirst = true
 			f.q.timing.FirstByte()
 		}
 		f.down.Add(1)
@@ -274,6 +275,8 @@ func (f *udpFlow) capsules() {
 }
 
 func (f *udpFlow) readCapsules() (int32, error) {
+	// One buffer for every DATAGRAM capsule: toTarget keeps nothing of it.
+	var buf []byte
 	for {
 		typ, err := readVarint(f.st)
 		if err != nil {
@@ -284,7 +287,10 @@ func (f *udpFlow) readCapsules() (int32, error) {
 			return endClient, unexpected(err)
 		}
 		if typ == capsuleDatagram && length <= maxContextIDLen+udpMaxPayload {
-			b := make([]byte, length)
+			if buf == nil {
+				buf = make([]byte, maxContextIDLen+udpMaxPayload)
+			}
+			b := buf[:length]
 			if _, err := io.ReadFull(f.st, b); err != nil {
 				return endClient, unexpected(err)
 			}
