@@ -16,30 +16,12 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// store writes a batch (see store in handler.go) after making sure a
-// partition holds each day its records fall on.
+// store writes one batch in a transaction of its own, after making sure a
+// partition holds each day its records fall on: the writers' storeMany
+// with a group of one, so that a handler without writers stores as they do.
 func (p *partitions) store(ctx context.Context, b *batch, good []row, bad []rejected) (bool, error) {
-	var days []time.Time
-	seen := map[time.Time]bool{}
-	for _, r := range good {
-		d := dayOf(r.ts)
-		if !seen[d] {
-			seen[d] = true
-			days = append(days, d)
-		}
-	}
-	if err := p.ensure(ctx, days); err != nil {
-		return false, fmt.Errorf("creating partitions for batch %s: %w", b.id, err)
-	}
-	plan, err := p.copyPlan(ctx)
-	if err != nil {
-		return false, err
-	}
-	stored, err := store(ctx, p.pool, b, good, bad, plan)
-	if err != nil {
-		p.forget()
-	}
-	return stored, err
+	stored, err := p.storeMany(ctx, []*job{{b: b, good: good, bad: bad}})
+	return stored[0], err
 }
 
 // copyPlan returns the binary COPY plan of the records table (nil: use
@@ -60,12 +42,6 @@ func (p *partitions) copyPlan(ctx context.Context) (*copyPlan, error) {
 // copyBufs recycles the COPY data of batches (about 25 KiB for 100
 // records).
 var copyBufs = sync.Pool{New: func() any { return new([]byte) }}
-
-// copyRecords writes rows, each prefixed with id, into the records table
-// in tx. It returns the number of rows written.
-func copyRecords(ctx context.Context, tx pgx.Tx, plan *copyPlan, id pgtype.UUID, rows []row) (int64, error) {
-	return copySegments(ctx, tx, plan, []segment{{id: id, rows: rows}})
-}
 
 // copySegments writes segs into the records table in tx, in one COPY:
 // with plan's binary encoding when it applies, else with pgx's CopyFrom.

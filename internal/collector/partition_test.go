@@ -2,6 +2,7 @@ package collector
 
 import (
 	"context"
+	"fmt"
 	"net/http/httptest"
 	"slices"
 	"strings"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pinaka-proxy/pinaka/internal/accesslog"
@@ -480,4 +482,62 @@ func TestParseBound(t *testing.T) {
 	if _, err := parseBound("'tomorrow'"); err == nil {
 		t.Error("parseBound accepted 'tomorrow'")
 	}
+}
+
+// The version 4 code path: one batch per transaction into the plain
+// table, kept here to build the tables the migration starts from.
+
+// store writes a batch in one transaction. The batch row goes first: if its
+// batch_id is already there (a retry, or a concurrent twin that committed
+// first) nothing is written and stored is false. The rejected records are
+// written in the same transaction, so a retried batch stores neither its
+// good nor its rejected records twice.
+//
+// plan (nil: pgx's encoding) writes the records in binary COPY (ingest.go).
+func store(ctx context.Context, pool *pgxpool.Pool, b *batch, good []row, bad []rejected, plan *copyPlan) (stored bool, err error) {
+	pgID := pgtype.UUID{Bytes: b.id, Valid: true}
+	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, `INSERT INTO forward_proxy_batches (batch_id, probe_node, region, record_count, rejected_count)
+			VALUES ($1, $2, $3, $4, $5) ON CONFLICT (batch_id) DO NOTHING`,
+			pgID, b.probeNode, b.region, len(b.logs), len(bad))
+		if err != nil {
+			return fmt.Errorf("inserting batch %s: %w", b.id, err)
+		}
+		if tag.RowsAffected() == 0 {
+			return nil
+		}
+		stored = true
+		n, err := copyRecords(ctx, tx, plan, pgID, good)
+		if err != nil {
+			return fmt.Errorf("copying %d records of batch %s: %w", len(good), b.id, err)
+		}
+		if n != int64(len(good)) {
+			return fmt.Errorf("copying batch %s: %d of %d records written", b.id, n, len(good))
+		}
+		if len(bad) == 0 {
+			return nil
+		}
+		n, err = tx.CopyFrom(ctx, pgx.Identifier{"forward_proxy_rejected_records"},
+			[]string{"batch_id", "probe_node", "position", "reason", "record"},
+			pgx.CopyFromSlice(len(bad), func(i int) ([]any, error) {
+				return []any{pgID, b.probeNode, bad[i].position, bad[i].reason, bad[i].raw}, nil
+			}))
+		if err != nil {
+			return fmt.Errorf("copying %d rejected records of batch %s: %w", len(bad), b.id, err)
+		}
+		if n != int64(len(bad)) {
+			return fmt.Errorf("copying rejected records of batch %s: %d of %d written", b.id, n, len(bad))
+		}
+		return nil
+	})
+	if err != nil {
+		return false, err
+	}
+	return stored, nil
+}
+
+// copyRecords writes rows, each prefixed with id, into the records table
+// in tx. It returns the number of rows written.
+func copyRecords(ctx context.Context, tx pgx.Tx, plan *copyPlan, id pgtype.UUID, rows []row) (int64, error) {
+	return copySegments(ctx, tx, plan, []segment{{id: id, rows: rows}})
 }
