@@ -224,9 +224,11 @@ func (f *Fleet) Close() error {
 // local decisions. Only the first failure of an outage is logged: a dead
 // Redis must not write one line per request.
 func (f *Fleet) failed(op string, err error) {
-	if errors.Is(err, errLocal) {
+	if errors.Is(err, errLocal) || errors.Is(err, errQueueFull) {
 		// Not sent: an earlier call's failure switched the node to local
-		// decisions while this one waited for its turn.
+		// decisions while this one waited for its turn, or the queue was
+		// full. A full queue is a burst, not an outage: this call decides
+		// locally (counted as a fallback), the next ones use Redis again.
 		return
 	}
 	f.m.errors.WithLabelValues(op).Inc()
