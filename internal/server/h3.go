@@ -96,10 +96,7 @@ func (s *Server) h3TLSConfig() *tls.Config {
 // quicConfig sets every QUIC limit explicitly rather than trusting the
 // library's defaults to stay what they are.
 func (s *Server) quicConfig() *quic.Config {
-	handshake := s.cfg.HeaderReadTimeout
-	if handshake <= 0 {
-		handshake = 10 * time.Second
-	}
+	handshake := s.handshakeTimeout()
 	return &quic.Config{
 		HandshakeIdleTimeout: handshake,
 		// A connection that has sent nothing for this long is gone. Idle

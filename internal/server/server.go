@@ -141,10 +141,7 @@ func (s *Server) Listen() error {
 	// (see tlsAcceptor): h2 goes to our engine, http/1.1 to net/http.
 	tlsCfg := s.proxySrv.TLSConfig.Clone()
 	tlsCfg.NextProtos = []string{"h2", "http/1.1"}
-	handshakeTimeout := s.cfg.HeaderReadTimeout
-	if handshakeTimeout <= 0 {
-		handshakeTimeout = 10 * time.Second
-	}
+	handshakeTimeout := s.handshakeTimeout()
 	if s.clientCerts != nil {
 		s.clientCerts.apply(tlsCfg)
 	}
@@ -305,4 +302,13 @@ func shutErrIfNotDeadline(err error) error {
 		return nil // reported by Drain with a count
 	}
 	return err
+}
+
+// handshakeTimeout bounds a TLS handshake, over TCP and QUIC alike:
+// HEADER_READ_TIMEOUT, or 10s when that is off.
+func (s *Server) handshakeTimeout() time.Duration {
+	if t := s.cfg.HeaderReadTimeout; t > 0 {
+		return t
+	}
+	return 10 * time.Second
 }
