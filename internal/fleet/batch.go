@@ -18,6 +18,7 @@ var (
 	errQueueFull = errors.New("more than 512 Redis calls waiting")
 	errLocal     = errors.New("deciding locally: Redis failed during the wait")
 	errPanic     = errors.New("the Redis client panicked")
+	errReply     = errors.New("unexpected reply from a Redis script")
 )
 
 // batcher sends the Redis calls of concurrent requests as one pipeline: the

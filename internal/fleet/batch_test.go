@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -60,6 +61,20 @@ func decide(l *Limiter, tokenID string, n int) <-chan bool {
 	return out
 }
 
+// decideEach runs one Allow call for each of the tokens prefix0 … prefixN-1
+// at once: calls of one token wait for that token's call in flight
+// (Limiter.Allow), so it takes distinct tokens to fill a pipeline.
+func decideEach(l *Limiter, prefix string, n int) <-chan bool {
+	out := make(chan bool, n)
+	for i := range n {
+		go func() {
+			ok, _ := l.Allow(fmt.Sprint(prefix, i))
+			out <- ok
+		}()
+	}
+	return out
+}
+
 func collect(t *testing.T, ch <-chan bool, n int) (admitted int) {
 	t.Helper()
 	timeout := time.After(20 * time.Second)
@@ -88,23 +103,26 @@ func holdFirst(t *testing.T, r *testutil.Redis, n *node, tokenID string) <-chan 
 }
 
 // Calls made while one is in flight leave together in one pipeline, and
-// each is still its own decision: a burst of 10 admits exactly 10 of 21.
+// each is still its own decision: of 20 tokens with a burst of 1, the 10
+// that spent their unit before are refused.
 func TestConcurrentDecisionsShareOnePipeline(t *testing.T) {
 	r := testutil.StartRedis(t)
-	n := newNode(t, r.URL(), Options{Burst: 10, Timeout: 30 * time.Second})
-	if got := allowed(n.Limiter(), "warm", 1); got != 1 { // the script is loaded
-		t.Fatal("refused with Redis up")
+	n := newNode(t, r.URL(), Options{Burst: 1, Timeout: 30 * time.Second})
+	for i := range 10 { // the script is loaded; t0…t9 spend their unit
+		if got := allowed(n.Limiter(), fmt.Sprint("t", i), 1); got != 1 {
+			t.Fatal("refused with Redis up")
+		}
 	}
 	sizes := &pipelineSizes{}
 	n.client.AddHook(sizes)
 
 	first := holdFirst(t, r, n, "tok")
-	rest := decide(n.Limiter(), "tok", 20)
+	rest := decideEach(n.Limiter(), "t", 20)
 	waitFor(t, "20 calls queued", func() bool { _, q := n.batch.state(); return q == 20 })
 	r.Resume()
 	admitted := collect(t, first, 1) + collect(t, rest, 20)
-	if admitted != 10 {
-		t.Errorf("%d of 21 concurrent decisions admitted with a burst of 10, want 10", admitted)
+	if admitted != 11 {
+		t.Errorf("%d of 21 concurrent decisions admitted, want 11 (tok and t10…t19)", admitted)
 	}
 	if s := sizes.largest(); s != 20 {
 		t.Errorf("largest pipeline %d commands, want the 20 queued calls in one", s)
@@ -114,6 +132,29 @@ func TestConcurrentDecisionsShareOnePipeline(t *testing.T) {
 	}
 	if busy, q := n.batch.state(); busy || q != 0 {
 		t.Errorf("after the calls: busy=%v queued=%d, want idle", busy, q)
+	}
+}
+
+// Concurrent requests of one token wait for its call in flight instead of
+// each sending one, and still take exactly the burst.
+func TestOneTokensDecisionsWaitForItsCall(t *testing.T) {
+	r := testutil.StartRedis(t)
+	n := newNode(t, r.URL(), Options{Burst: 10, Timeout: 30 * time.Second})
+	if got := allowed(n.Limiter(), "warm", 1); got != 1 {
+		t.Fatal("refused with Redis up")
+	}
+	first := holdFirst(t, r, n, "tok")
+	rest := decide(n.Limiter(), "tok", 20)
+	time.Sleep(50 * time.Millisecond) // let them reach the wait
+	if _, q := n.batch.state(); q != 0 {
+		t.Errorf("%d calls of one token queued behind its call in flight, want 0", q)
+	}
+	r.Resume()
+	if admitted := collect(t, first, 1) + collect(t, rest, 20); admitted != 10 {
+		t.Errorf("%d of 21 admitted with a burst of 10, want 10", admitted)
+	}
+	if f := n.fallbacks("rate_limit"); f != 0 {
+		t.Errorf("%v fallback decisions with Redis up", f)
 	}
 }
 
@@ -143,14 +184,14 @@ func TestQueuedCallsFallBackWhenRedisHangs(t *testing.T) {
 // wait; the calls beyond decide locally at once.
 func TestQueueIsBounded(t *testing.T) {
 	r := testutil.StartRedis(t)
-	n := newNode(t, r.URL(), Options{Burst: 1000, Timeout: 30 * time.Second, ProbeInterval: time.Hour})
+	n := newNode(t, r.URL(), Options{Burst: 1000, MaxTokens: 2 * maxQueued, Timeout: 30 * time.Second, ProbeInterval: time.Hour})
 	if got := allowed(n.Limiter(), "warm", 1); got != 1 {
 		t.Fatal("refused with Redis up")
 	}
 	first := holdFirst(t, r, n, "tok")
-	queued := decide(n.Limiter(), "tok", maxQueued)
+	queued := decideEach(n.Limiter(), "q", maxQueued)
 	waitFor(t, "the queue full", func() bool { _, q := n.batch.state(); return q == maxQueued })
-	over := decide(n.Limiter(), "tok", 5)
+	over := decideEach(n.Limiter(), "over", 5)
 	// Redis is still paused: these can only return by deciding locally.
 	if got := collect(t, over, 5); got != 5 {
 		t.Errorf("%d of 5 calls beyond the queue admitted locally, want 5", got)
@@ -174,19 +215,21 @@ func TestQueueIsBounded(t *testing.T) {
 // Redis.
 func TestPipelineReloadsScripts(t *testing.T) {
 	r := testutil.StartRedis(t)
-	n := newNode(t, r.URL(), Options{Burst: 4, Timeout: 30 * time.Second})
+	n := newNode(t, r.URL(), Options{Burst: 1, Timeout: 30 * time.Second})
 	c := redis.NewClient(&redis.Options{Addr: r.Addr})
 	defer c.Close()
-	if got := allowed(n.Limiter(), "warm", 1); got != 1 {
-		t.Fatal("refused with Redis up")
+	for _, tok := range []string{"warm", "a0"} { // a0 spends its unit
+		if got := allowed(n.Limiter(), tok, 1); got != 1 {
+			t.Fatal("refused with Redis up")
+		}
 	}
 	c.ScriptFlush(context.Background())
 	first := holdFirst(t, r, n, "tok")
-	rest := decide(n.Limiter(), "tok", 5)
+	rest := decideEach(n.Limiter(), "a", 5)
 	waitFor(t, "5 calls queued", func() bool { _, q := n.batch.state(); return q == 5 })
 	r.Resume()
-	if got := collect(t, first, 1) + collect(t, rest, 5); got != 4 {
-		t.Errorf("%d of 6 admitted with a burst of 4, want 4", got)
+	if got := collect(t, first, 1) + collect(t, rest, 5); got != 5 {
+		t.Errorf("%d of 6 admitted with a burst of 1 (a0 spent), want 5", got)
 	}
 	if f := n.fallbacks("rate_limit"); f != 0 {
 		t.Errorf("%v fallback decisions: NOSCRIPT was not retried as EVAL", f)

@@ -305,8 +305,10 @@ type fleetMetrics struct {
 	seconds  *prometheus.HistogramVec
 	leases   prometheus.Gauge
 	revoked  *prometheus.CounterVec // result: accepted, invalid
+	reserved *prometheus.CounterVec // op: rate_limit, tunnel
 
 	fallbackRate, fallbackTunnel              prometheus.Counter
+	reservedRate, reservedTunnel              prometheus.Counter
 	rateSeconds, acquireSeconds, admitSeconds prometheus.Observer
 	releaseSeconds, renewSeconds              prometheus.Observer
 }
@@ -332,15 +334,21 @@ func newMetrics(reg prometheus.Registerer) *fleetMetrics {
 		revoked: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "pinaka_redis_revocations_received_total", Help: "Token ids received on the revocation channel, by result: accepted, invalid (not a token id; dropped).",
 		}, []string{"result"}),
+		reserved: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pinaka_redis_reserved_total", Help: "Decisions taken without a Redis round trip from what this node reserved in Redis earlier, by op: rate_limit (units of the shared bucket taken ahead), tunnel (the lease of a closed tunnel kept for the token's next one).",
+		}, []string{"op"}),
 	}
 	for _, op := range []string{"rate_limit", "tunnel"} {
 		m.fallback.WithLabelValues(op)
+		m.reserved.WithLabelValues(op)
 	}
 	for _, op := range []string{"rate_limit", "tunnel_admit", "tunnel_acquire", "tunnel_release", "lease_renew", "ping"} {
 		m.errors.WithLabelValues(op)
 	}
 	m.fallbackRate = m.fallback.WithLabelValues("rate_limit")
 	m.fallbackTunnel = m.fallback.WithLabelValues("tunnel")
+	m.reservedRate = m.reserved.WithLabelValues("rate_limit")
+	m.reservedTunnel = m.reserved.WithLabelValues("tunnel")
 	m.rateSeconds = m.seconds.WithLabelValues("rate_limit")
 	m.acquireSeconds = m.seconds.WithLabelValues("tunnel_acquire")
 	m.admitSeconds = m.seconds.WithLabelValues("tunnel_admit")
@@ -349,7 +357,7 @@ func newMetrics(reg prometheus.Registerer) *fleetMetrics {
 	m.revoked.WithLabelValues("accepted")
 	m.revoked.WithLabelValues("invalid")
 	if reg != nil {
-		reg.MustRegister(m.up, m.fallback, m.errors, m.seconds, m.leases, m.revoked)
+		reg.MustRegister(m.up, m.fallback, m.errors, m.seconds, m.leases, m.revoked, m.reserved)
 	}
 	return m
 }

@@ -20,42 +20,49 @@ import (
 // Redis for longer than the TTL) are dropped before counting, so a dead
 // node's tunnels free themselves within one TTL. The key's own TTL is
 // pushed to the latest lease's expiry: a token without live leases leaves
-// nothing behind. At the cap the script returns -1.
+// nothing behind. At the cap the script returns {-1, count}; the local
+// count is the token's leases with the new one.
 //
 // Needs the locals now (microseconds), leases (key), cap, ttl (ms), member.
 const takeLeaseLua = `
 local ms = math.floor(now / 1000)
 redis.call('ZREMRANGEBYSCORE', leases, '-inf', ms)
-if redis.call('ZCARD', leases) >= cap then return -1 end
+local count = redis.call('ZCARD', leases)
+if count >= cap then return {-1, count} end
 redis.call('ZADD', leases, ms + ttl, member)
 redis.call('PEXPIRE', leases, ttl)
+count = count + 1
 `
 
 // acquireScript takes a tunnel lease.
 //
 // KEYS[1] the token's leases; ARGV[1] cap, ARGV[2] TTL ms, ARGV[3] member.
-// Returns 0 when the lease was taken, -1 when the token is at its cap.
+// Returns {0, count} when the lease was taken, {-1, count} when the token
+// is at its cap; count is the token's leases across the fleet.
 const acquireScript = nowLua + `
 local leases, cap, ttl, member = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 ` + takeLeaseLua + `
-return 0
+return {0, count}
 `
 
 // admitScript is a CONNECT's two decisions in one round trip: one unit of
-// the token's bucket (as gcraScript), then, if the unit was granted, a
-// tunnel lease (as acquireScript). A refused unit takes no lease; a lease
-// refused at the cap still consumes the unit, as the two separate calls do.
+// the token's bucket (as reserveScript asking for one), then, if the unit
+// was granted, a tunnel lease (as acquireScript). A refused unit takes no
+// lease; a lease refused at the cap still consumes the unit, as the two
+// separate calls do.
 //
-// KEYS[1] the bucket, KEYS[2] the token's leases; ARGV[1] I, ARGV[2] B (as
-// gcraScript), ARGV[3] cap, ARGV[4] TTL ms, ARGV[5] member.
-// Returns 0 when both were granted, -1 when the token is at its tunnel
-// cap, else the microseconds until one unit of the bucket is free.
+// KEYS[1] the bucket, KEYS[2] the token's leases; ARGV[1] I, ARGV[2] B,
+// ARGV[3] share (as reserveScript), ARGV[4] cap, ARGV[5] TTL ms, ARGV[6]
+// member.
+// Returns {-w} when the bucket refused (w microseconds until one unit is
+// free), else acquireScript's {0, count} or {-1, count}.
 const admitScript = nowLua + `
-local bucket, interval, burst = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-` + takeUnitLua + `
-local leases, cap, ttl, member = KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local bucket, interval, burst, share = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local want, refund = 1, 0
+` + takeUnitsLua + `
+local leases, cap, ttl, member = KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 ` + takeLeaseLua + `
-return 0
+return {0, count}
 `
 
 // renewScript extends a node's leases of one token to now + TTL, adding
@@ -75,11 +82,30 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return #ARGV - 1
 `
 
+const (
+	// spareFor is how long a closed tunnel's lease stays with its node for
+	// the token's next tunnel, and how old the fleet-wide count it was
+	// kept on may be. A client that closes a tunnel and opens the next
+	// (a browser's connection churn, a CONNECT per request) reuses the
+	// lease without a round trip; a lease unused for spareFor goes back.
+	spareFor = time.Second
+	// maxSpares bounds the leases one token keeps spare on one node.
+	maxSpares = 32
+)
+
 // Tunnels is MAX_TUNNELS_PER_TOKEN counted across the fleet, with leases
 // that expire unless their node renews them (every TUNNEL_LEASE_TTL/3).
 // Every tunnel is also counted on this node by a local TunnelLimiter: that
 // bounds the node by the full cap whatever Redis says, and is the state the
 // node decides on, with the cap divided by FLEET_SIZE, while Redis is away.
+//
+// A lease is never taken without the script's check against the cap, so
+// the fleet never holds more than the cap (outages aside). A closed
+// tunnel's lease may stay with its node for a while as a spare, reused by
+// the token's next tunnel there without a round trip, but only while the
+// token is far below its cap: spares of all nodes together stay under a
+// quarter of the free slots the last count showed (see keepSpare), and
+// near the cap every lease is taken and given back by its own call.
 type Tunnels struct {
 	f           *Fleet
 	local       *ratelimit.TunnelLimiter
@@ -98,15 +124,28 @@ type Tunnels struct {
 	memberPrefix string
 	seq          atomic.Uint64
 
-	mu   sync.Mutex
-	live map[*lease]struct{} // tunnels open on this node, renewed
+	mu     sync.Mutex
+	live   map[*lease]struct{}  // leases this node holds (tunnels and spares), renewed
+	spares map[string]*spareSet // by token id, only tokens with spares
+	// stopped is set when renewLoop ends: no lease is kept from then on
+	// (nothing would renew or give it back).
+	stopped atomic.Bool
 
 	renewKick chan struct{}
 }
 
 type lease struct {
 	key, member string
-	released    atomic.Bool
+	released    atomic.Bool // given back: a renewal in flight must not keep it
+}
+
+// spareSet is a token's spare leases on this node and the fleet-wide count
+// of its leases that the last script call returned.
+type spareSet struct {
+	leases  []*lease
+	idle    []time.Time // when each lease became spare
+	known   int
+	knownAt time.Time
 }
 
 func newTunnels(f *Fleet) *Tunnels {
@@ -127,6 +166,7 @@ func newTunnels(f *Fleet) *Tunnels {
 		ttlArg:       strconv.FormatInt(o.LeaseTTL.Milliseconds(), 10),
 		memberPrefix: o.Node + ":" + hex.EncodeToString(inst[:]) + ":",
 		live:         map[*lease]struct{}{},
+		spares:       map[string]*spareSet{},
 		renewKick:    make(chan struct{}, 1),
 	}
 }
@@ -135,28 +175,51 @@ func newTunnels(f *Fleet) *Tunnels {
 // (proxy.SlotLimiter). release is never nil and releases once.
 func (t *Tunnels) Acquire(tokenID string) (release func(), ok bool) {
 	f := t.f
-	l := t.newLease(tokenID)
 	if f.down.Load() {
-		return t.acquireLocal(tokenID, l)
+		return t.acquireLocal(tokenID, t.newLease(tokenID))
 	}
+	if l := t.takeSpare(tokenID); l != nil {
+		return t.granted(tokenID, l, true)
+	}
+	l := t.newLease(tokenID)
 	c := f.batch.script(t.acquire, []any{nil, nil, 1, l.key, t.maxArg, t.ttlArg, l.member})
 	f.batch.do(c)
-	got, err := c.cmd.Int64()
+	v, err := c.cmd.Int64Slice()
 	f.m.acquireSeconds.Observe(time.Since(c.start).Seconds())
 	f.batch.put(c)
+	if err == nil && len(v) != 2 {
+		err = errReply
+	}
 	if err != nil {
 		f.failed("tunnel_acquire", err)
 		return t.acquireLocal(tokenID, l)
 	}
-	return t.granted(tokenID, l, got == 0)
+	t.counted(tokenID, int(v[1]))
+	return t.granted(tokenID, l, v[0] == 0)
 }
 
-// Admit is a CONNECT's rate-limit decision and tunnel slot in one script
-// call (proxy.TunnelAdmitter): Limiter.Allow followed by Acquire, in one
-// round trip instead of two. slotOK is meaningful only when ok; release is
-// never nil and releases once.
+// Admit is a CONNECT's rate-limit decision and tunnel slot
+// (proxy.TunnelAdmitter): Limiter.Allow followed by Acquire. With a spare
+// lease the slot costs no round trip and the unit is Allow's (reserved or
+// not); without one, and without a reserved unit, both go in one script
+// call. slotOK is meaningful only when ok; release is never nil and
+// releases once.
 func (t *Tunnels) Admit(lim *Limiter, tokenID string) (ok bool, retryAfter time.Duration, release func(), slotOK bool) {
 	f := t.f
+	if !f.down.Load() {
+		if l := t.takeSpare(tokenID); l != nil {
+			if ok, retryAfter = lim.Allow(tokenID); !ok {
+				t.putSpare(tokenID, l)
+				return false, retryAfter, noop, false
+			}
+			release, slotOK = t.granted(tokenID, l, true)
+			return true, 0, release, slotOK
+		}
+		if lim.takeReserved(tokenID) {
+			release, slotOK = t.Acquire(tokenID)
+			return true, 0, release, slotOK
+		}
+	}
 	if f.down.Load() {
 		f.m.fallbackRate.Inc()
 		if ok, retryAfter = lim.local.Allow(tokenID); !ok {
@@ -167,11 +230,14 @@ func (t *Tunnels) Admit(lim *Limiter, tokenID string) (ok bool, retryAfter time.
 	}
 	l := t.newLease(tokenID)
 	c := f.batch.script(t.admit, []any{nil, nil, 2, lim.prefix + tokenID, l.key,
-		lim.interval, lim.burst, t.maxArg, t.ttlArg, l.member})
+		lim.interval, lim.burst, lim.share, t.maxArg, t.ttlArg, l.member})
 	f.batch.do(c)
-	got, err := c.cmd.Int64()
+	v, err := c.cmd.Int64Slice()
 	f.m.admitSeconds.Observe(time.Since(c.start).Seconds())
 	f.batch.put(c)
+	if err == nil && (len(v) == 0 || len(v) > 2 || len(v) == 1 && v[0] >= 0) {
+		err = errReply
+	}
 	if err != nil {
 		f.failed("tunnel_admit", err)
 		f.m.fallbackRate.Inc()
@@ -181,10 +247,11 @@ func (t *Tunnels) Admit(lim *Limiter, tokenID string) (ok bool, retryAfter time.
 		release, slotOK = t.acquireLocal(tokenID, l)
 		return true, 0, release, slotOK
 	}
-	if got > 0 {
-		return false, time.Duration(got) * time.Microsecond, noop, false
+	if len(v) == 1 {
+		return false, time.Duration(-v[0]) * time.Microsecond, noop, false
 	}
-	release, slotOK = t.granted(tokenID, l, got == 0)
+	t.counted(tokenID, int(v[1]))
+	release, slotOK = t.granted(tokenID, l, v[0] == 0)
 	return true, 0, release, slotOK
 }
 
@@ -192,8 +259,8 @@ func (t *Tunnels) newLease(tokenID string) *lease {
 	return &lease{key: t.prefix + tokenID, member: t.memberPrefix + strconv.FormatUint(t.seq.Add(1), 10)}
 }
 
-// granted completes a lease Redis answered for: taken, it is also counted
-// on this node and tracked for renewal.
+// granted completes a lease Redis answered for (or a spare): taken, it is
+// also counted on this node and tracked for renewal.
 func (t *Tunnels) granted(tokenID string, l *lease, taken bool) (func(), bool) {
 	if !taken {
 		return noop, false
@@ -202,10 +269,10 @@ func (t *Tunnels) granted(tokenID string, l *lease, taken bool) (func(), bool) {
 	if !ok {
 		// The node alone holds the whole cap: Redis lost some of its
 		// leases (a restart) and they are not renewed yet.
-		t.unlease(l)
+		t.giveBack(l)
 		return noop, false
 	}
-	return t.track(l, localRelease), true
+	return t.track(tokenID, l, localRelease, true), true
 }
 
 // acquireLocal decides on this node's own tunnels, against its share of
@@ -217,30 +284,129 @@ func (t *Tunnels) acquireLocal(tokenID string, l *lease) (func(), bool) {
 	if !ok {
 		return noop, false
 	}
-	return t.track(l, localRelease), true
+	return t.track(tokenID, l, localRelease, false), true
 }
 
-func (t *Tunnels) track(l *lease, localRelease func()) func() {
+// track holds l for a tunnel until the returned release: renewed while it
+// is open, then kept as a spare (shared is true when Redis granted it) or
+// given back.
+func (t *Tunnels) track(tokenID string, l *lease, localRelease func(), shared bool) func() {
 	t.mu.Lock()
 	t.live[l] = struct{}{}
 	n := len(t.live)
 	t.mu.Unlock()
 	t.f.m.leases.Set(float64(n))
+	var done atomic.Bool
 	return func() {
-		if !l.released.CompareAndSwap(false, true) {
+		if !done.CompareAndSwap(false, true) {
 			return
 		}
-		t.mu.Lock()
-		delete(t.live, l)
-		n := len(t.live)
-		t.mu.Unlock()
-		t.f.m.leases.Set(float64(n))
 		localRelease()
-		if !t.f.down.Load() {
-			t.unlease(l)
+		if shared && t.putSpare(tokenID, l) {
+			return
 		}
-		// While Redis is away the lease is left to expire (within the
-		// TTL); no renewal will bring it back, it left t.live above.
+		t.giveBack(l)
+	}
+}
+
+// giveBack ends this node's hold of l: no longer renewed, and removed from
+// Redis (while Redis is away the lease is left to expire within the TTL;
+// no renewal will bring it back).
+func (t *Tunnels) giveBack(l *lease) {
+	l.released.Store(true)
+	t.mu.Lock()
+	delete(t.live, l)
+	n := len(t.live)
+	t.mu.Unlock()
+	t.f.m.leases.Set(float64(n))
+	if !t.f.down.Load() {
+		t.unlease(l)
+	}
+}
+
+// counted notes the fleet-wide count of tokenID's leases a script
+// returned, on which keepSpare decides. Only tokens with spares keep it.
+func (t *Tunnels) counted(tokenID string, count int) {
+	t.mu.Lock()
+	if s := t.spares[tokenID]; s != nil {
+		s.known, s.knownAt = count, time.Now()
+	} else if t.roomFor(count, 1) {
+		t.spares[tokenID] = &spareSet{known: count, knownAt: time.Now()}
+	}
+	t.mu.Unlock()
+}
+
+// roomFor reports whether a node may hold spare spares of a token whose
+// leases numbered count: all nodes together, FLEET_SIZE × spare, stay
+// within a quarter of the slots that count left free, so a spare held here
+// rarely refuses a tunnel on another node.
+func (t *Tunnels) roomFor(count, spare int) bool {
+	return spare <= maxSpares && 4*t.f.o.FleetSize*spare <= t.max-count
+}
+
+// putSpare keeps a closed tunnel's lease for the token's next tunnel, if
+// Redis is up, the token's last count is fresh and far enough below the
+// cap. It reports whether it kept l.
+func (t *Tunnels) putSpare(tokenID string, l *lease) bool {
+	if t.f.down.Load() {
+		return false
+	}
+	now := time.Now()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := t.spares[tokenID]
+	// stopped is read under mu: the final sweep holds mu after setting it.
+	if s == nil || t.stopped.Load() || now.Sub(s.knownAt) >= spareFor || !t.roomFor(s.known, len(s.leases)+1) {
+		return false
+	}
+	s.leases = append(s.leases, l)
+	s.idle = append(s.idle, now)
+	return true
+}
+
+// takeSpare returns one of tokenID's spare leases, or nil.
+func (t *Tunnels) takeSpare(tokenID string) *lease {
+	t.mu.Lock()
+	s := t.spares[tokenID]
+	if s == nil || len(s.leases) == 0 {
+		t.mu.Unlock()
+		return nil
+	}
+	i := len(s.leases) - 1
+	l := s.leases[i]
+	s.leases[i] = nil
+	s.leases, s.idle = s.leases[:i], s.idle[:i]
+	t.mu.Unlock()
+	t.f.m.reservedTunnel.Inc()
+	return l
+}
+
+// sweepSpares gives back the spares idle for spareFor (all of them when
+// all is set: the node stops) and forgets the tokens with no spares and
+// an old count.
+func (t *Tunnels) sweepSpares(all bool) {
+	now := time.Now()
+	var old []*lease
+	t.mu.Lock()
+	for id, s := range t.spares {
+		keep := 0
+		for i, l := range s.leases {
+			if all || now.Sub(s.idle[i]) >= spareFor {
+				old = append(old, l)
+				continue
+			}
+			s.leases[keep], s.idle[keep] = l, s.idle[i]
+			keep++
+		}
+		clear(s.leases[keep:])
+		s.leases, s.idle = s.leases[:keep], s.idle[:keep]
+		if keep == 0 && now.Sub(s.knownAt) >= spareFor {
+			delete(t.spares, id)
+		}
+	}
+	t.mu.Unlock()
+	for _, l := range old {
+		t.giveBack(l)
 	}
 }
 
@@ -274,10 +440,19 @@ func (t *Tunnels) renewSoon() {
 func (t *Tunnels) renewLoop(ctx context.Context) {
 	tick := time.NewTicker(t.ttl / 3)
 	defer tick.Stop()
+	sweep := time.NewTicker(spareFor / 2)
+	defer sweep.Stop()
 	for {
 		select {
 		case <-ctx.Done():
+			// Spares go back now rather than block other nodes for a
+			// lease TTL.
+			t.stopped.Store(true)
+			t.sweepSpares(true)
 			return
+		case <-sweep.C:
+			t.sweepSpares(false)
+			continue
 		case <-tick.C:
 		case <-t.renewKick:
 		}
