@@ -297,7 +297,7 @@ func (a *allowance) grow(now time.Time) {
 func (a *allowance) next(now time.Time) (want, refund int) {
 	if a.units > 0 {
 		refund = a.units
-		a.want = max(1, a.got-a.units)
+		a.want = max(1, min(maxWant, a.got-a.units))
 		a.units = 0
 	}
 	return a.want, refund

@@ -209,7 +209,9 @@ func (t *Tunnels) Admit(lim *Limiter, tokenID string) (ok bool, retryAfter time.
 	if !f.down.Load() {
 		if l := t.takeSpare(tokenID); l != nil {
 			if ok, retryAfter = lim.Allow(tokenID); !ok {
-				t.putSpare(tokenID, l)
+				if !t.putSpare(tokenID, l) {
+					t.giveBack(l)
+				}
 				return false, retryAfter, noop, false
 			}
 			release, slotOK = t.granted(tokenID, l, true)
