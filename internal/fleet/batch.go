@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -87,6 +88,21 @@ func (b *batcher) script(s *script, args []any) *call {
 	c.cmd = redis.NewCmd(context.Background(), args...)
 	c.sc = s
 	return c
+}
+
+// eval runs script s with args (as for script) in the next pipeline and
+// returns its array reply of integers, observing the wait and round trip
+// in took. Every script of this package replies that way.
+func (b *batcher) eval(s *script, args []any, took prometheus.Observer) ([]int64, error) {
+	c := b.script(s, args)
+	b.do(c)
+	v, err := c.cmd.Int64Slice()
+	took.Observe(time.Since(c.start).Seconds())
+	b.put(c)
+	if err == nil && len(v) == 0 {
+		err = errReply
+	}
+	return v, err
 }
 
 // command returns a call of a plain command.

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	lru "github.com/hashicorp/golang-lru/v2"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/pinaka-proxy/pinaka/internal/ratelimit"
 )
@@ -189,12 +188,12 @@ func (l *Limiter) Allow(tokenID string) (ok bool, retryAfter time.Duration) {
 		a.pending = r
 		a.mu.Unlock()
 
-		c := f.batch.script(l.script, []any{nil, nil, 1, l.prefix + tokenID,
-			l.interval, l.burst, l.share, l.wants[want], strconv.Itoa(refund)})
-		f.batch.do(c)
-		got, err := firstInt(c.cmd)
-		f.m.rateSeconds.Observe(time.Since(c.start).Seconds())
-		f.batch.put(c)
+		v, err := f.batch.eval(l.script, []any{nil, nil, 1, l.prefix + tokenID,
+			l.interval, l.burst, l.share, l.wants[want], strconv.Itoa(refund)}, f.m.rateSeconds)
+		var got int64
+		if err == nil {
+			got = v[0]
+		}
 		ok, retryAfter = l.settle(a, r, now, got, err)
 		if err != nil {
 			f.failed("rate_limit", err)
@@ -220,18 +219,6 @@ func (l *Limiter) takeReserved(tokenID string) bool {
 		l.f.m.reservedRate.Inc()
 	}
 	return ok
-}
-
-// firstInt is the first element of a script's array reply.
-func firstInt(cmd *redis.Cmd) (int64, error) {
-	v, err := cmd.Int64Slice()
-	if err == nil && len(v) == 0 {
-		err = errReply
-	}
-	if err != nil {
-		return 0, err
-	}
-	return v[0], nil
 }
 
 // allowance returns tokenID's allowance, made on first use.

@@ -182,11 +182,7 @@ func (t *Tunnels) Acquire(tokenID string) (release func(), ok bool) {
 		return t.granted(tokenID, l, true)
 	}
 	l := t.newLease(tokenID)
-	c := f.batch.script(t.acquire, []any{nil, nil, 1, l.key, t.maxArg, t.ttlArg, l.member})
-	f.batch.do(c)
-	v, err := c.cmd.Int64Slice()
-	f.m.acquireSeconds.Observe(time.Since(c.start).Seconds())
-	f.batch.put(c)
+	v, err := f.batch.eval(t.acquire, []any{nil, nil, 1, l.key, t.maxArg, t.ttlArg, l.member}, f.m.acquireSeconds)
 	if err == nil && len(v) != 2 {
 		err = errReply
 	}
@@ -222,38 +218,35 @@ func (t *Tunnels) Admit(lim *Limiter, tokenID string) (ok bool, retryAfter time.
 			return true, 0, release, slotOK
 		}
 	}
-	if f.down.Load() {
-		f.m.fallbackRate.Inc()
-		if ok, retryAfter = lim.local.Allow(tokenID); !ok {
-			return false, retryAfter, noop, false
-		}
-		release, slotOK = t.acquireLocal(tokenID, t.newLease(tokenID))
-		return true, 0, release, slotOK
-	}
 	l := t.newLease(tokenID)
-	c := f.batch.script(t.admit, []any{nil, nil, 2, lim.prefix + tokenID, l.key,
-		lim.interval, lim.burst, lim.share, t.maxArg, t.ttlArg, l.member})
-	f.batch.do(c)
-	v, err := c.cmd.Int64Slice()
-	f.m.admitSeconds.Observe(time.Since(c.start).Seconds())
-	f.batch.put(c)
-	if err == nil && (len(v) == 0 || len(v) > 2 || len(v) == 1 && v[0] >= 0) {
+	if f.down.Load() {
+		return t.admitLocal(lim, tokenID, l)
+	}
+	v, err := f.batch.eval(t.admit, []any{nil, nil, 2, lim.prefix + tokenID, l.key,
+		lim.interval, lim.burst, lim.share, t.maxArg, t.ttlArg, l.member}, f.m.admitSeconds)
+	if err == nil && (len(v) > 2 || len(v) == 1 && v[0] >= 0) {
 		err = errReply
 	}
 	if err != nil {
 		f.failed("tunnel_admit", err)
-		f.m.fallbackRate.Inc()
-		if ok, retryAfter = lim.local.Allow(tokenID); !ok {
-			return false, retryAfter, noop, false
-		}
-		release, slotOK = t.acquireLocal(tokenID, l)
-		return true, 0, release, slotOK
+		return t.admitLocal(lim, tokenID, l)
 	}
 	if len(v) == 1 {
 		return false, time.Duration(-v[0]) * time.Microsecond, noop, false
 	}
 	t.counted(tokenID, int(v[1]))
 	release, slotOK = t.granted(tokenID, l, v[0] == 0)
+	return true, 0, release, slotOK
+}
+
+// admitLocal is Admit on this node's own state, with the limits divided by
+// FLEET_SIZE, while Redis is away.
+func (t *Tunnels) admitLocal(lim *Limiter, tokenID string, l *lease) (ok bool, retryAfter time.Duration, release func(), slotOK bool) {
+	t.f.m.fallbackRate.Inc()
+	if ok, retryAfter = lim.local.Allow(tokenID); !ok {
+		return false, retryAfter, noop, false
+	}
+	release, slotOK = t.acquireLocal(tokenID, l)
 	return true, 0, release, slotOK
 }
 
