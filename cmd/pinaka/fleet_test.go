@@ -365,6 +365,9 @@ func TestFleetConnectsReuseReservations(t *testing.T) {
 			t.Fatalf("CONNECT %d: %d", i, s)
 		}
 		conn.Close()
+		// The next one starts once this one has ended on the node, so
+		// that its lease is there to be reused.
+		waitFor(t, "the tunnel closed", func() bool { return scrape(t, node.admin)["pinaka_active_tunnels"] == 0 })
 	}
 	// The first asks for one unit, each next one for twice as many while
 	// they are used quickly: 1, 2, 4, 8 units.
