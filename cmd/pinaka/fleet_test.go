@@ -189,6 +189,21 @@ func TestFleetTunnelCapAndDeadNodeLeases(t *testing.T) {
 	}
 }
 
+// redisCalls is how many times Redis ran cmd since its stats were reset.
+func redisCalls(t *testing.T, c *redis.Client, cmd string) int {
+	t.Helper()
+	for _, l := range strings.Split(c.Info(context.Background(), "commandstats").Val(), "\r\n") {
+		if v, ok := strings.CutPrefix(l, "cmdstat_"+cmd+":calls="); ok {
+			n, err := strconv.Atoi(strings.SplitN(v, ",", 2)[0])
+			if err != nil {
+				t.Fatalf("commandstats line %q: %v", l, err)
+			}
+			return n
+		}
+	}
+	return 0
+}
+
 // A CONNECT costs one Redis script call (its rate limit and tunnel lease
 // together) and one ZREM when it ends; a CONNECT refused after that call
 // (a denied target) gives its lease back.
@@ -201,14 +216,7 @@ func TestFleetConnectIsOneRedisCall(t *testing.T) {
 	defer c.Close()
 	ctx := context.Background()
 	leases := func() int64 { return c.ZCard(ctx, "pinaka:tunnels:one").Val() }
-	calls := func(cmd string) string {
-		for _, l := range strings.Split(c.Info(ctx, "commandstats").Val(), "\r\n") {
-			if v, ok := strings.CutPrefix(l, "cmdstat_"+cmd+":calls="); ok {
-				return strings.SplitN(v, ",", 2)[0]
-			}
-		}
-		return "0"
-	}
+	calls := func(cmd string) int { return redisCalls(t, c, cmd) }
 
 	// The first CONNECT loads the script; the figures are the next one's.
 	s, conn := openTunnel(t, node.Addr, echo, tok)
@@ -221,16 +229,16 @@ func TestFleetConnectIsOneRedisCall(t *testing.T) {
 	if s, conn = openTunnel(t, node.Addr, echo, tok); s != 200 {
 		t.Fatalf("CONNECT: %d", s)
 	}
-	if n, e := calls("evalsha"), calls("eval"); n != "1" || e != "0" {
-		t.Errorf("one CONNECT made %s EVALSHA and %s EVAL, want one call", n, e)
+	if n, e := calls("evalsha"), calls("eval"); n != 1 || e != 0 {
+		t.Errorf("one CONNECT made %d EVALSHA and %d EVAL, want one call", n, e)
 	}
 	if leases() != 1 {
 		t.Errorf("%d leases with one tunnel open", leases())
 	}
 	conn.Close()
 	waitFor(t, "the lease released", func() bool { return leases() == 0 })
-	if n := calls("zrem"); n != "1" {
-		t.Errorf("closing the tunnel made %s ZREM, want 1", n)
+	if n := calls("zrem"); n != 1 {
+		t.Errorf("closing the tunnel made %d ZREM, want 1", n)
 	}
 
 	// A denied target is refused after the lease was taken: the lease is
@@ -344,15 +352,7 @@ func TestFleetConnectsReuseReservations(t *testing.T) {
 	defer c.Close()
 	ctx := context.Background()
 	leases := func() int64 { return c.ZCard(ctx, "pinaka:tunnels:warm").Val() }
-	calls := func(cmd string) int {
-		for _, l := range strings.Split(c.Info(ctx, "commandstats").Val(), "\r\n") {
-			if v, ok := strings.CutPrefix(l, "cmdstat_"+cmd+":calls="); ok {
-				n, _ := strconv.Atoi(strings.SplitN(v, ",", 2)[0])
-				return n
-			}
-		}
-		return 0
-	}
+	calls := func(cmd string) int { return redisCalls(t, c, cmd) }
 	s, conn := openTunnel(t, node.Addr, echo, tok)
 	if s != 200 {
 		t.Fatalf("CONNECT: %d", s)
