@@ -248,9 +248,6 @@ func (l *Limiter) settle(a *allowance, r *reservation, now time.Time, got int64,
 	default:
 		a.got, a.granted = int(got), now
 		a.units = int(got) - 1
-		if a.units == 0 {
-			a.grow(now)
-		}
 	}
 	a.mu.Unlock()
 	close(r.done)
@@ -263,29 +260,23 @@ func (a *allowance) take(now time.Time) bool {
 		return false
 	}
 	a.units--
-	if a.units == 0 {
-		a.grow(now)
-	}
 	return true
 }
 
-// grow doubles what the next call asks for when this one's units were
-// used up in the first half of their time: the token is busy enough to
-// use more per round trip.
-func (a *allowance) grow(now time.Time) {
-	if now.Sub(a.granted) < reserveFor/2 {
-		a.want = min(2*a.want, maxWant)
-	}
-}
-
-// next is the next call's ask and refund: units left from the last call
+// next is the next call's ask and refund. Units left from the last call
 // (their time is over, or the caller would have taken one) go back, and
-// the ask shrinks to what the token used of them.
+// the ask shrinks to what the token used of them. A call needed within
+// the first half of the last one's time doubles the ask: the token is
+// busy enough to use more per round trip. A token whose requests are
+// further apart keeps asking for one.
 func (a *allowance) next(now time.Time) (want, refund int) {
-	if a.units > 0 {
+	switch {
+	case a.units > 0:
 		refund = a.units
 		a.want = max(1, min(maxWant, a.got-a.units))
 		a.units = 0
+	case a.got > 0 && now.Sub(a.granted) < reserveFor/2:
+		a.want = min(2*a.want, maxWant)
 	}
 	return a.want, refund
 }

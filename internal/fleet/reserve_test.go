@@ -175,3 +175,25 @@ func TestSpareLeases(t *testing.T) {
 		t.Errorf("%d leases after the node stopped, want 0", got)
 	}
 }
+
+// A token whose requests come further apart than half a reservation's
+// time reserves nothing ahead: one unit per call, none left to refund.
+func TestQuietTokenReservesNothingAhead(t *testing.T) {
+	r := testutil.StartRedis(t)
+	n := newNode(t, r.URL(), Options{Burst: 1000})
+	for i := range 4 {
+		if i > 0 {
+			time.Sleep(reserveFor/2 + 20*time.Millisecond)
+		}
+		if ok, _ := n.Limiter().Allow("quiet"); !ok {
+			t.Fatalf("request %d refused", i)
+		}
+		a, _ := n.limiter.reserved.Peek("quiet")
+		a.mu.Lock()
+		units, want := a.units, a.want
+		a.mu.Unlock()
+		if units != 0 || want != 1 {
+			t.Errorf("request %d: %d units reserved, next ask %d; want 0 and 1", i, units, want)
+		}
+	}
+}
