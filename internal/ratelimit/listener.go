@@ -122,13 +122,26 @@ func (ll *limitListener) Accept() (net.Conn, error) {
 			// net.ErrClosed and temporary errors.
 			return nil, err
 		}
+		// Not a TCP connection (tests with pipes): no per-address cap.
+		ta, isTCP := c.RemoteAddr().(*net.TCPAddr)
+		// An address already at its cap is refused before it takes a
+		// place: a flood from one address neither allocates a slot nor
+		// moves pinaka_active_connections. A full node is still refused
+		// as such first (Acquire), and Admit checks the address again,
+		// under the same lock as the count, for connections racing in.
+		if isTCP && len(l.slots) < cap(l.slots) {
+			if reason := l.Crowded(ta.AddrPort().Addr()); reason != "" {
+				l.onRefused(reason)
+				c.Close()
+				continue
+			}
+		}
 		s, ok := l.Acquire()
 		if !ok {
 			c.Close()
 			continue
 		}
-		if ta, isTCP := c.RemoteAddr().(*net.TCPAddr); isTCP {
-			// Not a TCP connection (tests with pipes): no per-address cap.
+		if isTCP {
 			if reason := s.Admit(ta.AddrPort().Addr()); reason != "" {
 				c.Close()
 				continue
