@@ -111,7 +111,7 @@ func newConn(s *Server, tc *tls.Conn) *conn {
 	c.tlsState = &st
 	c.src.c = c
 	c.fr = http2.NewFramer(nil, &c.src)
-	c.fr.SetMaxReadFrameSize(defaultMaxFrame)
+	c.fr.SetMaxReadFrameSize(maxReadFrame)
 	c.hdec = hpack.NewDecoder(4096, c.emitField)
 	// A single field longer than MaxHeaderBytes is a 431 like any header
 	// list too large (emitField), not a decoding error that ends the
@@ -195,6 +195,7 @@ func (c *conn) queueSettings() {
 		http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: c.cfg.MaxConcurrentStreams},
 		http2.Setting{ID: http2.SettingInitialWindowSize, Val: c.cfg.StreamWindow},
 		http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: uint32(c.cfg.MaxHeaderBytes)},
+		http2.Setting{ID: http2.SettingMaxFrameSize, Val: maxReadFrame},
 		http2.Setting{ID: http2.SettingEnableConnectProtocol, Val: 1},
 		http2.Setting{ID: settingNoRFC7540Priorities, Val: 1},
 	)

@@ -3,8 +3,10 @@ package h2srv
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -13,6 +15,28 @@ import (
 )
 
 func okHandler(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok") }
+
+// A DATA frame as large as the SETTINGS_MAX_FRAME_SIZE we advertise (one
+// TLS record of a tunnelled connection, with its overhead) is taken whole;
+// one byte more is a FRAME_SIZE_ERROR for the connection (RFC 9113 §4.2).
+func TestMaxReadFrame(t *testing.T) {
+	_, addr := newServer(t, Config{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body) // the second stream's fails with the connection
+		_, _ = fmt.Fprint(w, len(b))
+	})})
+	c := dial(t, addr)
+	c.mustHeaders(1, false, post("/")...)
+	c.mustData(1, true, make([]byte, maxReadFrame))
+	if hdr, body, _ := c.response(1); statusOf(hdr) != "200" || string(body) != strconv.Itoa(maxReadFrame) {
+		t.Fatalf("a %d-byte DATA frame: %v %q", maxReadFrame, hdr, body)
+	}
+	c.mustHeaders(3, false, post("/")...)
+	c.mustData(3, true, make([]byte, maxReadFrame+1))
+	f, _ := c.until(isGoAway)
+	if f.Code != http2.ErrCodeFrameSize {
+		t.Fatalf("a DATA frame over the limit: GOAWAY %v, want FRAME_SIZE_ERROR", f.Code)
+	}
+}
 
 // Our SETTINGS come first, with the limits the config sets; the client's
 // SETTINGS are acknowledged and the connection window is opened.
@@ -31,6 +55,7 @@ func TestPrefaceAndSettings(t *testing.T) {
 		http2.SettingMaxConcurrentStreams:  7,
 		http2.SettingInitialWindowSize:     200000,
 		http2.SettingMaxHeaderListSize:     9000,
+		http2.SettingMaxFrameSize:          maxReadFrame,
 		http2.SettingEnableConnectProtocol: 1,
 		settingNoRFC7540Priorities:         1,
 	}

@@ -17,8 +17,16 @@ const (
 	// initialWindow is every window's size before SETTINGS say otherwise.
 	initialWindow = 65535
 	// defaultMaxFrame is the peer's SETTINGS_MAX_FRAME_SIZE until it says
-	// otherwise, and the one we advertise.
+	// otherwise.
 	defaultMaxFrame = 16384
+	// maxReadFrame is the SETTINGS_MAX_FRAME_SIZE we advertise: room for
+	// one whole TLS record of payload (16384 plaintext bytes plus up to 29
+	// of record overhead, TLS 1.2 or 1.3). A client relaying a tunnel's
+	// TLS records as they come (x/net's sends one DATA frame per body
+	// Read, at most this size) then sends one frame per record instead of
+	// a 16384-byte frame and a 22-byte one, which also cost it, and us, a
+	// TLS record each.
+	maxReadFrame = defaultMaxFrame + 1024
 	// dataChunk is the largest DATA payload whose frame fits one 16 KiB
 	// TLS record, so a client decrypts whole frames per record.
 	dataChunk = 16384 - frameHeaderLen
