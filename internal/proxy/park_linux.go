@@ -86,7 +86,7 @@ func (p *parker) park(d *direction) error {
 	}
 	var err error
 	// Control keeps the fd open while it is registered.
-	cerr := d.src.sock.raw.Control(func(fd uintptr) {
+	cerr := d.src().raw.Control(func(fd uintptr) {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		switch {
