@@ -183,12 +183,7 @@ func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, q *request, upstream endpoint
 func (p *Proxy) detachTunnel(q *request, client, upstream endpoint, release func()) {
 	q.detached = true
 	p.opt.Metrics.ActiveTunnels.Inc()
-	t := newTunnel(p.parker, client, upstream, p.opt.TunnelIdleTimeout, p.tunnelBytes(q), func(res relayResult) {
-		p.tunnelDone(q, res)
-		p.finish(q)
-		release()
-		p.active.remove(q.slot)
-	})
+	t := newTunnel(p.parker, client, upstream, p.opt.TunnelIdleTimeout, &detached{p: p, q: q, release: release})
 	// In the drain set as its stop function, not as a context: see
 	// tunnel.cause. The request's entry, and through its cancel func the
 	// request's context chain, must not live as long as the tunnel.

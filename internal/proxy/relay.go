@@ -82,12 +82,6 @@ type endpoint struct {
 	// batch, when set, gathers the TLS records of one large write into
 	// one syscall (see BatchListener).
 	batch *batchConn
-	// canCloseWrite: conn can half-close (the peer reads EOF while we keep
-	// reading).
-	canCloseWrite bool
-	// rawWrite: w is the plain TCP socket raw, which a sink can write
-	// without blocking (sink_linux.go).
-	rawWrite bool
 }
 
 // setReadDeadline sets the quiet-time lease of a direction that can park.
@@ -110,10 +104,18 @@ func (e *endpoint) closeWrite() bool {
 	switch {
 	case e.stream != nil:
 		return e.stream.CloseWrite() == nil
-	case e.canCloseWrite:
-		return e.conn.(interface{ CloseWrite() error }).CloseWrite() == nil
 	}
-	return false
+	// The peer reads EOF while we keep reading.
+	cw, ok := e.conn.(interface{ CloseWrite() error })
+	return ok && cw.CloseWrite() == nil
+}
+
+// rawWrite: writes go to the plain TCP socket raw, which a sink can write
+// without blocking (sink_linux.go); not through TLS or a wrapper that
+// counts.
+func (e *endpoint) rawWrite() bool {
+	_, plain := e.conn.(*net.TCPConn)
+	return plain && e.raw != nil
 }
 
 func (e *endpoint) write(b []byte) (int, error) {
@@ -144,14 +146,10 @@ func connEndpoint(c net.Conn) endpoint {
 		// wrapper's job ended with the request that opened the tunnel.
 		c = tc
 	}
-	e := endpoint{r: c, conn: c}
-	_, e.canCloseWrite = c.(interface{ CloseWrite() error })
+	e := endpoint{r: c, conn: c, raw: RawSocket(c)}
 	if tc, ok := c.(*tls.Conn); ok {
 		e.tls = tc
 		e.batch, _ = under[*batchConn](tc)
-	}
-	if e.raw = RawSocket(c); e.raw != nil {
-		_, e.rawWrite = c.(*net.TCPConn) // not through TLS or a wrapper that counts
 	}
 	return e
 }
@@ -226,24 +224,26 @@ type tunnel struct {
 	client, upstream endpoint
 	up, down         direction
 	parker           *parker
-	released         bool // closing: the parker refuses its directions; guarded by the parker's mutex
 	watch            idleWatch
-	// onBytes is told what each write moved (one of up and down is 0).
-	onBytes func(up, down int)
+	// owner is told what each write moved and how the tunnel ended.
+	owner tunnelOwner
 	// cause is why stop ended the tunnel, nil until then. A tunnel holds
 	// no context: an idle one costs what it holds, and a context with an
 	// AfterFunc cost a fifth of that.
-	cause  atomic.Pointer[error]
-	onDone func(relayResult)
+	cause atomic.Pointer[error]
 
 	running   atomic.Int32 // directions not yet finished
 	closeOnce sync.Once
 	errOnce   sync.Once
-	err       error
-	idled     atomic.Bool
-	firstEnd  atomic.Int32 // endNone until a direction ends; then who ended first
-	endMu     sync.Mutex   // orders abortIdle before the end of the tunnel
-	ended     bool
+	// released: closing, the parker refuses its directions; guarded by
+	// the parker's mutex. ended: guarded by endMu. (Here, they fill
+	// errOnce's padding.)
+	released bool
+	ended    bool
+	err      error
+	idled    atomic.Bool
+	firstEnd atomic.Int32 // endNone until a direction ends; then who ended first
+	endMu    sync.Mutex   // orders abortIdle before the end of the tunnel
 }
 
 // direction is one way through a tunnel.
@@ -265,22 +265,33 @@ type direction struct {
 	sinking bool
 }
 
-// start runs the tunnel in goroutines of its own; onDone is called, from
+// tunnelOwner is what a tunnel reports to: one object with two methods
+// rather than two closures, which an idle tunnel would keep.
+type tunnelOwner interface {
+	// tunnelBytes is told what each write moved (one of up and down is
+	// 0).
+	tunnelBytes(up, down int)
+	// tunnelEnded is called once, from one of the tunnel's goroutines,
+	// when it is over.
+	tunnelEnded(relayResult)
+}
+
+// start runs the tunnel in goroutines of its own; tunnelEnded is called, from
 // one of them, when it is over.
 func (t *tunnel) start() {
 	go t.down.run()
 	go t.up.run()
 }
 
-func newTunnel(pk *parker, client, upstream endpoint, idle time.Duration, onBytes func(up, down int), onDone func(relayResult)) *tunnel {
-	t := &tunnel{client: client, upstream: upstream, parker: pk, onDone: onDone, onBytes: onBytes}
+func newTunnel(pk *parker, client, upstream endpoint, idle time.Duration, owner tunnelOwner) *tunnel {
+	t := &tunnel{client: client, upstream: upstream, parker: pk, owner: owner}
 	t.running.Store(2)
 	t.up = direction{t: t, isUp: true, parkedFD: -1}
 	t.down = direction{t: t, parkedFD: -1}
 	parking := pk.start() == nil
 	t.up.canPark = client.raw != nil && parking || client.stream != nil
 	t.down.canPark = upstream.raw != nil && parking
-	if sinker, ok := client.stream.(httpx.Sinker); ok && upstream.rawWrite && sinkSupported {
+	if sinker, ok := client.stream.(httpx.Sinker); ok && upstream.rawWrite() && sinkSupported {
 		t.up.sinking, t.up.canPark = true, false
 		sinker.SetSink(t.up.sink)
 	}
@@ -322,9 +333,9 @@ func (d *direction) finish(err error) {
 // counted reports n bytes moved in d's direction.
 func (d *direction) counted(n int) {
 	if d.isUp {
-		d.t.onBytes(n, 0)
+		d.t.owner.tunnelBytes(n, 0)
 	} else {
-		d.t.onBytes(0, n)
+		d.t.owner.tunnelBytes(0, n)
 	}
 }
 
@@ -431,7 +442,7 @@ func (t *tunnel) directionDone() {
 	case errors.Is(t.stopCause(), errTokenRevoked):
 		res.end = "token_revoked"
 	}
-	t.onDone(res)
+	t.owner.tunnelEnded(res)
 }
 
 // errParked reports that a direction went quiet and parked.
