@@ -384,10 +384,10 @@ func (t *tunnel) closeBoth() {
 		_ = t.client.close()
 		// In goroutines: finish calls closeBoth, and this is inside its Once.
 		if up {
-			go t.up.finish(net.ErrClosed)
+			t.parker.workers.run(relayJob{d: &t.up, finish: true})
 		}
 		if down {
-			go t.down.finish(net.ErrClosed)
+			t.parker.workers.run(relayJob{d: &t.down, finish: true})
 		}
 	})
 }
@@ -457,7 +457,7 @@ var errSinkParked = errors.New("parked on a sink")
 // reports false, registering nothing, when it is readable now.
 func (d *direction) parkOnStream() bool {
 	d.t.parker.streams.Add(1)
-	if d.src().stream.ReadReady(func() { d.t.parker.streams.Add(-1); go d.run() }) {
+	if d.src().stream.ReadReady(func() { d.t.parker.streams.Add(-1); d.t.parker.workers.run(relayJob{d: d}) }) {
 		return true
 	}
 	d.t.parker.streams.Add(-1)
