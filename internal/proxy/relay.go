@@ -19,8 +19,9 @@ import (
 // holds two 32 KB buffers and two goroutine stacks grown by TLS to ~8 KB
 // each. Here a busy direction reads into a pooled 64 KB buffer; a direction
 // reading a socket that has been quiet for parkAfter returns the buffer,
-// ends its goroutine and is handed to the parker, which starts a new
-// goroutine for it when the socket becomes readable (park_linux.go). A
+// ends its goroutine and is handed to the parker, which runs it again on a
+// waiting or new goroutine (relayWorkers) when the socket becomes readable
+// (park_linux.go). A
 // direction reading a detached HTTP/2 stream parks the same way, on the
 // engine's ReadReady callback.
 const (
@@ -465,8 +466,8 @@ func (d *direction) parkOnStream() bool {
 }
 
 // run copies until the source ends, then finishes the direction. A socket
-// direction that goes quiet parks instead: this goroutine ends, and the
-// parker runs the direction again in a new one, whose stack is small, when
+// direction that goes quiet parks instead: this run returns (its goroutine
+// goes back to relayWorkers), and the parker runs the direction again when
 // the socket is readable.
 func (d *direction) run() {
 	for {
