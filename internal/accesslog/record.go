@@ -65,27 +65,38 @@ const RequestIDHeader = "Pinaka-Request-Id"
 // millisecond, are not all 0. The zero Millis is "not measured" and is
 // left out of the JSON (omitzero); a measured 0 is written as 0.
 type Millis struct {
-	d   time.Duration
-	set bool
+	// v is the duration plus one nanosecond, 0 when not measured: one
+	// word instead of a duration and a flag, since a tunnel's record lives
+	// as long as the tunnel (measured durations are never negative and
+	// are truncated to the microsecond, so the nanosecond is free).
+	v time.Duration
 }
 
 // MillisOf is d as a measured Millis, truncated to the microsecond.
 func MillisOf(d time.Duration) Millis {
-	return Millis{d: max(d, 0).Truncate(time.Microsecond), set: true}
+	return Millis{v: max(d, 0).Truncate(time.Microsecond) + 1}
 }
 
 // IsZero reports whether m was not measured.
-func (m Millis) IsZero() bool { return !m.set }
+func (m Millis) IsZero() bool { return m.v == 0 }
 
 // Duration returns the duration and whether it was measured.
-func (m Millis) Duration() (time.Duration, bool) { return m.d, m.set }
+func (m Millis) Duration() (time.Duration, bool) {
+	if m.v == 0 {
+		return 0, false
+	}
+	return m.v - 1, true
+}
 
 // Float is m in milliseconds (0 when not measured).
-func (m Millis) Float() float64 { return float64(m.d.Microseconds()) / 1000 }
+func (m Millis) Float() float64 {
+	d, _ := m.Duration()
+	return float64(d.Microseconds()) / 1000
+}
 
 // MarshalJSON writes milliseconds with up to three decimals.
 func (m Millis) MarshalJSON() ([]byte, error) {
-	if !m.set {
+	if m.IsZero() {
 		return []byte("null"), nil
 	}
 	return strconv.AppendFloat(nil, m.Float(), 'f', -1, 64), nil

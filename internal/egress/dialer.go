@@ -199,7 +199,11 @@ func (d *Dialer) DialUDP(ctx context.Context, t Target) (*net.UDPConn, error) {
 // kernel is about to connect to exactly that address and the policy still
 // allows it.
 func (d *Dialer) dialAddr(ctx context.Context, ap netip.AddrPort, remaining int) (net.Conn, error) {
-	if deadline, ok := ctx.Deadline(); ok {
+	// The last address gets all the time left, which is ctx's own
+	// deadline (or minAttemptTimeout past it, which a child context cannot
+	// extend): a context of its own would change nothing and cost a timer
+	// and three allocations on every CONNECT.
+	if deadline, ok := ctx.Deadline(); ok && remaining > 1 {
 		share := time.Until(deadline) / time.Duration(remaining)
 		if share < minAttemptTimeout {
 			share = minAttemptTimeout

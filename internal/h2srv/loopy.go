@@ -339,7 +339,10 @@ var commonLower = func() map[string]string {
 	for _, k := range []string{"Accept-Ranges", "Age", "Cache-Control", "Content-Encoding", "Content-Length",
 		"Content-Type", "Date", "Etag", "Expires", "Last-Modified", "Location", "Proxy-Authenticate",
 		"Proxy-Status", "Retry-After", "Server", "Set-Cookie", "Vary", "Via", "Alt-Svc", "Sec-Websocket-Protocol",
-		"Sec-Websocket-Extensions", "Trailer", "X-Content-Type-Options", "Strict-Transport-Security"} {
+		"Sec-Websocket-Extensions", "Trailer", "X-Content-Type-Options", "Strict-Transport-Security",
+		// The proxy's request id, on every answer it gives (a lowercase
+		// copy per response otherwise).
+		"Pinaka-Request-Id"} {
 		m[k] = strings.ToLower(k)
 	}
 	return m

@@ -183,20 +183,12 @@ func (p *Proxy) tunnelHTTP2(w http.ResponseWriter, q *request, upstream endpoint
 func (p *Proxy) detachTunnel(q *request, client, upstream endpoint, release func()) {
 	q.detached = true
 	p.opt.Metrics.ActiveTunnels.Inc()
-	var done func()
-	t := newTunnel(p.parker, client, upstream, p.opt.TunnelIdleTimeout, p.tunnelBytes(q), func(res relayResult) {
-		p.tunnelDone(q, res)
-		p.finish(q)
-		release()
-		done()
-	})
+	t := newTunnel(p.parker, client, upstream, p.opt.TunnelIdleTimeout, &detached{p: p, q: q, release: release})
 	// In the drain set as its stop function, not as a context: see
-	// tunnel.cause.
-	slot, done := p.active.addFunc(t.stop, true)
-	// The request's entry, and through its cancel func the request's
-	// context chain, must not live as long as the tunnel.
-	q.slot = slot
-	if p.watchToken(slot, q.rec.TokenID) {
+	// tunnel.cause. The request's entry, and through its cancel func the
+	// request's context chain, must not live as long as the tunnel.
+	q.slot = p.active.addFunc(t.stop, true)
+	if p.watchToken(q.slot, q.rec.TokenID) {
 		// Revoked while the tunnel was being set up: it starts cut.
 		p.revoked.tunnels.Add(1)
 		t.stop(errTokenRevoked)

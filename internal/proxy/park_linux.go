@@ -43,9 +43,12 @@ type parker struct {
 	// streams counts directions parked on an HTTP/2 stream (the engine
 	// holds them, not epoll), for len.
 	streams atomic.Int64
+
+	// workers run the directions that wake.
+	workers relayWorkers
 }
 
-func newParker(log *slog.Logger) *parker { return &parker{log: log} }
+func newParker(log *slog.Logger) *parker { return &parker{log: log, workers: newRelayWorkers()} }
 
 // start sets up epoll and the poll loop on first use.
 func (p *parker) start() error {
@@ -86,7 +89,7 @@ func (p *parker) park(d *direction) error {
 	}
 	var err error
 	// Control keeps the fd open while it is registered.
-	cerr := d.src.sock.raw.Control(func(fd uintptr) {
+	cerr := d.src().raw.Control(func(fd uintptr) {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		switch {
@@ -170,7 +173,7 @@ func (p *parker) loop() {
 		}
 		p.mu.Unlock()
 		for i, d := range wake {
-			go d.run()
+			p.workers.run(relayJob{d: d})
 			wake[i] = nil
 		}
 		wake = wake[:0]
@@ -191,7 +194,7 @@ func (p *parker) shutdown() {
 	unix.Close(p.epfd)
 	p.mu.Unlock()
 	for _, d := range wake {
-		go d.run()
+		p.workers.run(relayJob{d: d})
 	}
 }
 

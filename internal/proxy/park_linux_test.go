@@ -19,8 +19,7 @@ func TestParkerWakesAndReleases(t *testing.T) {
 	defer pk.close()
 	client, clientPeer := testutil.TCPPair(t)
 	upstream, upstreamPeer := testutil.TCPPair(t)
-	tn := newTunnel(pk, connEndpoint(client), connEndpoint(upstream), 0,
-		func(int, int) {}, func(relayResult) {})
+	tn := newTunnel(pk, connEndpoint(client), connEndpoint(upstream), 0, nopOwner{})
 
 	// Parked, the upload wakes for the client's bytes and relays them.
 	if err := pk.park(&tn.up); err != nil {
@@ -56,3 +55,9 @@ func TestParkerWakesAndReleases(t *testing.T) {
 		t.Fatalf("%d parked after release, want 0", n)
 	}
 }
+
+// nopOwner owns a tunnel whose bytes and end nobody records.
+type nopOwner struct{}
+
+func (nopOwner) tunnelBytes(int, int)    {}
+func (nopOwner) tunnelEnded(relayResult) {}

@@ -12,9 +12,10 @@ import (
 // block in Read.
 type parker struct {
 	streams atomic.Int64 // directions parked on an HTTP/2 stream
+	workers relayWorkers // run the directions that wake
 }
 
-func newParker(*slog.Logger) *parker            { return &parker{} }
+func newParker(*slog.Logger) *parker            { return &parker{workers: newRelayWorkers()} }
 func (*parker) start() error                    { return errors.ErrUnsupported }
 func (*parker) park(*direction) error           { return errors.ErrUnsupported }
 func (*parker) release(*tunnel) (up, down bool) { return false, false }

@@ -183,45 +183,49 @@ func (p *Proxy) Drain(ctx context.Context, atDeadline func()) error {
 	return fmt.Errorf("closed %d requests and tunnels at the shutdown deadline", n)
 }
 
-// request carries one request's state from ServeHTTP to the record.
+// request carries one request's state from ServeHTTP to the record. A
+// tunnel keeps it as long as it is open, so its flags are packed together
+// and the tracer's auth span is a pointer: the struct fits the 480-byte
+// size class instead of 640 (docs/PERFORMANCE.md, "Idle memory").
 type request struct {
 	rec         accesslog.Record
 	start       time.Time
-	proxyStatus string // RFC 9209 Proxy-Status error type, "" on success
-	// detached: a goroutine outlives the handler (a hijacked tunnel) and
-	// finishes the record itself.
-	detached bool
-	req      *http.Request // as the handler sees it
-	body     *requestBody  // a forwarded body, nil otherwise
-	// upstreamBroke: reading the origin's response body failed.
-	upstreamBroke bool
-	// authenticated: the request carried valid credentials.
-	authenticated bool
+	proxyStatus string        // RFC 9209 Proxy-Status error type, "" on success
+	req         *http.Request // as the handler sees it
+	body        *requestBody  // a forwarded body, nil otherwise
 	// slot is the request's place in the active set.
 	slot *activeEntry
 	// timing collects the upstream phases (timing.go); kind and upgrade
 	// say what the request was, for the histograms' kind label.
-	timing  *timing.Trace
-	kind    requestKind
-	upgrade bool // a forwarded HTTP/1.1 Upgrade
+	timing *timing.Trace
 	// span is the request's trace span, nil without a tracer; auth is the
 	// authorization step's time, taken only for it.
 	span RequestSpan
-	auth timing.Span
+	auth *timing.Span
+	// release, until acquireTunnel takes it, frees the tunnel's slot when
+	// the request ends before its tunnel (a refused target); see admitted.
+	release func()
+
+	kind    requestKind
+	upgrade bool // a forwarded HTTP/1.1 Upgrade
+	// detached: a goroutine outlives the handler (a hijacked tunnel) and
+	// finishes the record itself.
+	detached bool
+	// upstreamBroke: reading the origin's response body failed.
+	upstreamBroke bool
+	// authenticated: the request carried valid credentials.
+	authenticated bool
 	// admitted: the tunnel's slot was decided with its rate limit
-	// (Options.TunnelAdmission): slotOK says whether it was granted, and
-	// release, until acquireTunnel takes it, frees it when the request ends
-	// before its tunnel (a refused target).
+	// (Options.TunnelAdmission): slotOK says whether it was granted.
 	admitted bool
 	slotOK   bool
-	release  func()
 	// udp: a CONNECT-UDP request (udp.go).
 	udp bool
 }
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	ctx, slot, done := p.active.add(r.Context(), false)
-	defer done()
+	ctx, slot := p.active.add(r.Context(), false)
+	defer p.active.remove(slot)
 	q := &request{start: time.Now(), slot: slot}
 	ctx = p.startTiming(ctx, w, q)
 	ctx = p.startSpan(ctx, r, q)
@@ -256,7 +260,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if q.span != nil {
-		q.auth.Start = time.Now()
+		q.auth = &timing.Span{Start: time.Now()}
 	}
 	ok := p.authorize(w, r, q)
 	if q.span != nil {
@@ -544,7 +548,7 @@ func (p *Proxy) serveSelf(w http.ResponseWriter, r *http.Request, q *request) {
 		"this is Pinaka, a forward proxy: configure it as your HTTPS proxy instead of browsing to it")
 }
 
-type requestKind int
+type requestKind uint8
 
 const (
 	kindSelf requestKind = iota
@@ -654,17 +658,16 @@ type activeEntry struct {
 	tunnel bool   // a detached tunnel rather than a handler
 }
 
-// add puts a request or a detached tunnel in the set; done takes it out.
-// Its token is set once known (setToken).
-func (a *activeSet) add(parent context.Context, tunnel bool) (context.Context, *activeEntry, func()) {
+// add puts a request or a detached tunnel in the set; remove takes it
+// out. Its token is set once known (setToken).
+func (a *activeSet) add(parent context.Context, tunnel bool) (context.Context, *activeEntry) {
 	ctx, cancel := context.WithCancelCause(parent)
-	e, done := a.addFunc(cancel, tunnel)
-	return ctx, e, done
+	return ctx, a.addFunc(cancel, tunnel)
 }
 
 // addFunc is add for what is stopped by calling cancel rather than through
 // a context.
-func (a *activeSet) addFunc(cancel context.CancelCauseFunc, tunnel bool) (*activeEntry, func()) {
+func (a *activeSet) addFunc(cancel context.CancelCauseFunc, tunnel bool) *activeEntry {
 	e := &activeEntry{cancel: cancel, tunnel: tunnel}
 	a.mu.Lock()
 	if a.cancels == nil {
@@ -672,17 +675,22 @@ func (a *activeSet) addFunc(cancel context.CancelCauseFunc, tunnel bool) (*activ
 	}
 	a.cancels[e] = struct{}{}
 	a.mu.Unlock()
-	return e, func() {
-		cancel(nil)
-		a.mu.Lock()
-		delete(a.cancels, e)
-		a.unindex(e)
-		if a.changed != nil {
-			close(a.changed)
-			a.changed = nil
-		}
-		a.mu.Unlock()
+	return e
+}
+
+// remove takes e out of the set, once its request or tunnel is over (a
+// method, not a closure per entry: a tunnel would keep that as long as it
+// is open).
+func (a *activeSet) remove(e *activeEntry) {
+	e.cancel(nil)
+	a.mu.Lock()
+	delete(a.cancels, e)
+	a.unindex(e)
+	if a.changed != nil {
+		close(a.changed)
+		a.changed = nil
 	}
+	a.mu.Unlock()
 }
 
 func (a *activeSet) len() int {

@@ -19,8 +19,9 @@ import (
 // holds two 32 KB buffers and two goroutine stacks grown by TLS to ~8 KB
 // each. Here a busy direction reads into a pooled 64 KB buffer; a direction
 // reading a socket that has been quiet for parkAfter returns the buffer,
-// ends its goroutine and is handed to the parker, which starts a new
-// goroutine for it when the socket becomes readable (park_linux.go). A
+// ends its goroutine and is handed to the parker, which runs it again on a
+// waiting or new goroutine (relayWorkers) when the socket becomes readable
+// (park_linux.go). A
 // direction reading a detached HTTP/2 stream parks the same way, on the
 // engine's ReadReady callback.
 const (
@@ -54,36 +55,34 @@ var (
 	hugeBufs  = bufPool{size: hugeBufSize, limit: 64 << 20 / hugeBufSize}
 )
 
-// endpoint is one side of a tunnel.
+// endpoint is one side of a tunnel: a connection (conn) or a detached
+// HTTP/2 stream (stream). It holds them rather than method values and
+// closures of them, which were a dozen small allocations that every idle
+// tunnel kept.
 type endpoint struct {
+	// r is what the side's bytes are read from: conn or stream, unless
+	// bytes buffered before the tunnel come first. Writes go to conn or
+	// stream.
 	r io.Reader
-	w io.Writer
-	// closeWrite half-closes: the peer reads EOF while we keep reading.
-	// nil when the transport cannot half-close.
-	closeWrite func() error
-	close      func() error
-	// abort, when set, ends the side at once when the tunnel is cut (idle
-	// timeout, shutdown): an HTTP/2 stream's close does not wake a write
-	// blocked on a client's flow-control window, a stream reset does.
-	abort func()
-	// drain, when set, reads whatever the source has already buffered
-	// into b without blocking and returns how much it read; it leaves the
-	// read deadline at restore.
-	drain func(b []byte, restore time.Time) int
-	// sock is set when r reads a socket, which lets an idle direction
-	// park (see parkAfter).
-	sock *readSocket
-	// stream is set when r reads a detached HTTP/2 stream, which lets an
-	// idle direction park too: the engine calls back when it is readable.
+	// conn is the side's connection, nil for a stream: close, half-close
+	// and read deadlines go to it.
+	conn net.Conn
+	// stream is set when the side is a detached HTTP/2 stream: close,
+	// half-close and read deadlines go to it, and an idle direction parks
+	// on it too (the engine calls back when it is readable). Its abort ends
+	// it at once when the tunnel is cut (idle timeout, shutdown): a
+	// stream's close does not wake a write blocked on a client's
+	// flow-control window, a stream reset does.
 	stream httpx.Stream
+	// tls, when set, is the TLS connection r reads: a busy direction
+	// drains what it has already buffered (see drainTLS).
+	tls *tls.Conn
+	// raw is set when r reads a socket, which lets an idle direction park
+	// (see parkAfter).
+	raw syscall.RawConn
 	// batch, when set, gathers the TLS records of one large write into
 	// one syscall (see BatchListener).
 	batch *batchConn
-	// sinker is set when r is a stream that can hand its DATA straight to
-	// a sink (httpx.Sinker); rawWrite when w is a plain TCP socket that a
-	// sink can write without blocking (sink_linux.go).
-	sinker   httpx.Sinker
-	rawWrite syscall.RawConn
 }
 
 // setReadDeadline sets the quiet-time lease of a direction that can park.
@@ -91,22 +90,54 @@ func (e *endpoint) setReadDeadline(t time.Time) error {
 	if e.stream != nil {
 		return e.stream.SetReadDeadline(t)
 	}
-	return e.sock.setReadDeadline(t)
+	return e.conn.SetReadDeadline(t)
 }
 
-// readSocket is what the relay needs of a socket to park on it.
-type readSocket struct {
-	setReadDeadline func(time.Time) error
-	raw             syscall.RawConn
+func (e *endpoint) close() error {
+	if e.stream != nil {
+		return e.stream.Close()
+	}
+	return e.conn.Close()
+}
+
+// closeWrite half-closes the side; false when it cannot or failed to.
+func (e *endpoint) closeWrite() bool {
+	switch {
+	case e.stream != nil:
+		return e.stream.CloseWrite() == nil
+	}
+	// The peer reads EOF while we keep reading.
+	cw, ok := e.conn.(interface{ CloseWrite() error })
+	return ok && cw.CloseWrite() == nil
+}
+
+// rawWrite: writes go to the plain TCP socket raw, which a sink can write
+// without blocking (sink_linux.go); not through TLS or a wrapper that
+// counts.
+func (e *endpoint) rawWrite() bool {
+	_, plain := e.conn.(*net.TCPConn)
+	return plain && e.raw != nil
+}
+
+func (e *endpoint) write(b []byte) (int, error) {
+	if e.stream != nil {
+		return e.stream.Write(b)
+	}
+	return e.conn.Write(b)
+}
+
+// abort resets a stream side; a connection has nothing to abort.
+func (e *endpoint) abort() {
+	if e.stream != nil {
+		e.stream.Abort()
+	}
 }
 
 // streamEndpoint is a detached stream as a tunnel's client side. Its
 // writes need no flush (the engine's writer sends as soon as it can) and
 // are not cut to record size (the writer sizes its frames).
 func streamEndpoint(st httpx.Stream) endpoint {
-	e := endpoint{r: st, w: st, closeWrite: st.CloseWrite, close: st.Close, abort: st.Abort, stream: st}
-	e.sinker, _ = st.(httpx.Sinker)
-	return e
+	return endpoint{r: st, stream: st}
 }
 
 func connEndpoint(c net.Conn) endpoint {
@@ -116,19 +147,10 @@ func connEndpoint(c net.Conn) endpoint {
 		// wrapper's job ended with the request that opened the tunnel.
 		c = tc
 	}
-	e := endpoint{r: c, w: c, close: c.Close}
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		e.closeWrite = cw.CloseWrite
-	}
+	e := endpoint{r: c, conn: c, raw: RawSocket(c)}
 	if tc, ok := c.(*tls.Conn); ok {
-		e.drain = drainTLS(tc)
+		e.tls = tc
 		e.batch, _ = under[*batchConn](tc)
-	}
-	if raw := RawSocket(c); raw != nil {
-		e.sock = &readSocket{setReadDeadline: c.SetReadDeadline, raw: raw}
-		if _, plain := c.(*net.TCPConn); plain {
-			e.rawWrite = raw // not through TLS or a wrapper that counts
-		}
 	}
 	return e
 }
@@ -147,26 +169,26 @@ func RawSocket(c net.Conn) syscall.RawConn {
 	return raw
 }
 
-// drainTLS returns a drain for a TLS connection. A TLS Read returns one
-// record (at most 16 KiB) even when more have arrived, so an upload would
-// cost one write(2) upstream per 16 KiB. With a read deadline already in
-// the past, further Reads return records TLS has buffered and fail at once,
-// without a syscall, when it would have to wait. crypto/tls treats the
-// timeout as temporary: a partial record stays buffered for the next Read.
-func drainTLS(c *tls.Conn) func([]byte, time.Time) int {
-	return func(b []byte, restore time.Time) int {
-		n := 0
-		_ = c.SetReadDeadline(aLongTimeAgo)
-		for len(b)-n >= minDrain {
-			m, err := c.Read(b[n:])
-			n += m
-			if err != nil {
-				break // a real error is sticky: the next blocking Read returns it
-			}
+// drainTLS reads whatever c has already buffered into b without blocking
+// and returns how much it read; it leaves the read deadline at restore. A
+// TLS Read returns one record (at most 16 KiB) even when more have
+// arrived, so an upload would cost one write(2) upstream per 16 KiB. With
+// a read deadline already in the past, further Reads return records TLS
+// has buffered and fail at once, without a syscall, when it would have to
+// wait. crypto/tls treats the timeout as temporary: a partial record stays
+// buffered for the next Read.
+func drainTLS(c *tls.Conn, b []byte, restore time.Time) int {
+	n := 0
+	_ = c.SetReadDeadline(aLongTimeAgo)
+	for len(b)-n >= minDrain {
+		m, err := c.Read(b[n:])
+		n += m
+		if err != nil {
+			break // a real error is sticky: the next blocking Read returns it
 		}
-		_ = c.SetReadDeadline(restore)
-		return n
 	}
+	_ = c.SetReadDeadline(restore)
+	return n
 }
 
 var aLongTimeAgo = time.Unix(1, 0)
@@ -203,31 +225,36 @@ type tunnel struct {
 	client, upstream endpoint
 	up, down         direction
 	parker           *parker
-	released         bool // closing: the parker refuses its directions; guarded by the parker's mutex
-	watch            *idleWatch
+	watch            idleWatch
+	// owner is told what each write moved and how the tunnel ended.
+	owner tunnelOwner
 	// cause is why stop ended the tunnel, nil until then. A tunnel holds
 	// no context: an idle one costs what it holds, and a context with an
 	// AfterFunc cost a fifth of that.
-	cause  atomic.Pointer[error]
-	onDone func(relayResult)
+	cause atomic.Pointer[error]
 
 	running   atomic.Int32 // directions not yet finished
 	closeOnce sync.Once
 	errOnce   sync.Once
-	err       error
-	idled     atomic.Bool
-	firstEnd  atomic.Int32 // endNone until a direction ends; then who ended first
-	endMu     sync.Mutex   // orders abortIdle before the end of the tunnel
-	ended     bool
+	// released: closing, the parker refuses its directions; guarded by
+	// the parker's mutex. ended: guarded by endMu. (Here, they fill
+	// errOnce's padding.)
+	released bool
+	ended    bool
+	err      error
+	idled    atomic.Bool
+	firstEnd atomic.Int32 // endNone until a direction ends; then who ended first
+	endMu    sync.Mutex   // orders abortIdle before the end of the tunnel
 }
 
 // direction is one way through a tunnel.
 type direction struct {
-	t        *tunnel
-	src, dst *endpoint
-	moved    atomic.Int64
-	onBytes  func(n int)
-	finish   func(err error) // called once, when src is done or failed
+	t     *tunnel
+	moved atomic.Int64
+	// isUp: client → upstream. It decides which sides src and dst are and
+	// what finish and counted call (not fields and closures: an idle
+	// tunnel keeps what it holds).
+	isUp bool
 	// canPark: src is a socket and the parker works. Only the goroutine
 	// running the direction touches it.
 	canPark bool
@@ -239,27 +266,78 @@ type direction struct {
 	sinking bool
 }
 
-// start runs the tunnel in goroutines of its own; onDone is called, from
+// tunnelOwner is what a tunnel reports to: one object with two methods
+// rather than two closures, which an idle tunnel would keep.
+type tunnelOwner interface {
+	// tunnelBytes is told what each write moved (one of up and down is
+	// 0).
+	tunnelBytes(up, down int)
+	// tunnelEnded is called once, from one of the tunnel's goroutines,
+	// when it is over.
+	tunnelEnded(relayResult)
+}
+
+// start runs the tunnel in goroutines of its own; tunnelEnded is called, from
 // one of them, when it is over.
 func (t *tunnel) start() {
 	go t.down.run()
 	go t.up.run()
 }
 
-func newTunnel(pk *parker, client, upstream endpoint, idle time.Duration, onBytes func(up, down int), onDone func(relayResult)) *tunnel {
-	t := &tunnel{client: client, upstream: upstream, parker: pk, onDone: onDone}
+func newTunnel(pk *parker, client, upstream endpoint, idle time.Duration, owner tunnelOwner) *tunnel {
+	t := &tunnel{client: client, upstream: upstream, parker: pk, owner: owner}
 	t.running.Store(2)
-	t.up = direction{t: t, src: &t.client, dst: &t.upstream, onBytes: func(n int) { onBytes(n, 0) }, finish: t.upFinished, parkedFD: -1}
-	t.down = direction{t: t, src: &t.upstream, dst: &t.client, onBytes: func(n int) { onBytes(0, n) }, finish: t.downFinished, parkedFD: -1}
+	t.up = direction{t: t, isUp: true, parkedFD: -1}
+	t.down = direction{t: t, parkedFD: -1}
 	parking := pk.start() == nil
-	t.up.canPark = client.sock != nil && parking || client.stream != nil
-	t.down.canPark = upstream.sock != nil && parking
-	if client.sinker != nil && upstream.rawWrite != nil && sinkSupported {
+	t.up.canPark = client.raw != nil && parking || client.stream != nil
+	t.down.canPark = upstream.raw != nil && parking
+	if sinker, ok := client.stream.(httpx.Sinker); ok && upstream.rawWrite() && sinkSupported {
 		t.up.sinking, t.up.canPark = true, false
-		client.sinker.SetSink(t.up.sink)
+		sinker.SetSink(t.up.sink)
 	}
-	t.watch = newIdleWatch(idle, func() { t.idled.Store(true); t.abortIdle() })
+	t.watch.init(idle, t.idleTimeout)
 	return t
+}
+
+// idleTimeout ends a tunnel that carried nothing for TUNNEL_IDLE_TIMEOUT.
+func (t *tunnel) idleTimeout() {
+	t.idled.Store(true)
+	t.abortIdle()
+}
+
+// src is the side d reads, dst the side it writes (fields would make
+// every idle tunnel larger).
+func (d *direction) src() *endpoint {
+	if d.isUp {
+		return &d.t.client
+	}
+	return &d.t.upstream
+}
+
+func (d *direction) dst() *endpoint {
+	if d.isUp {
+		return &d.t.upstream
+	}
+	return &d.t.client
+}
+
+// finish is called once, when d's source is done or failed.
+func (d *direction) finish(err error) {
+	if d.isUp {
+		d.t.upFinished(err)
+	} else {
+		d.t.downFinished(err)
+	}
+}
+
+// counted reports n bytes moved in d's direction.
+func (d *direction) counted(n int) {
+	if d.isUp {
+		d.t.owner.tunnelBytes(n, 0)
+	} else {
+		d.t.owner.tunnelBytes(0, n)
+	}
 }
 
 // stop ends the tunnel from outside, with cause (errShutdownDeadline,
@@ -289,7 +367,7 @@ func (t *tunnel) stopCause() error {
 // and its ResponseWriter must not be used after that).
 func (t *tunnel) abortIdle() {
 	t.endMu.Lock()
-	if !t.ended && t.client.abort != nil {
+	if !t.ended {
 		t.client.abort()
 	}
 	t.endMu.Unlock()
@@ -307,10 +385,10 @@ func (t *tunnel) closeBoth() {
 		_ = t.client.close()
 		// In goroutines: finish calls closeBoth, and this is inside its Once.
 		if up {
-			go t.up.finish(net.ErrClosed)
+			t.parker.workers.run(relayJob{d: &t.up, finish: true})
 		}
 		if down {
-			go t.down.finish(net.ErrClosed)
+			t.parker.workers.run(relayJob{d: &t.down, finish: true})
 		}
 	})
 }
@@ -328,7 +406,7 @@ func (t *tunnel) upFinished(err error) {
 	case err != nil:
 		t.setErr(err)
 		t.closeBoth()
-	case t.upstream.closeWrite == nil, t.upstream.closeWrite() != nil:
+	case !t.upstream.closeWrite():
 		t.closeBoth()
 	}
 	t.directionDone()
@@ -341,7 +419,7 @@ func (t *tunnel) downFinished(err error) {
 	case err != nil:
 		t.setErr(err)
 		t.closeBoth()
-	case t.client.closeWrite == nil, t.client.closeWrite() != nil:
+	case !t.client.closeWrite():
 		t.closeBoth()
 	}
 	t.directionDone()
@@ -365,7 +443,7 @@ func (t *tunnel) directionDone() {
 	case errors.Is(t.stopCause(), errTokenRevoked):
 		res.end = "token_revoked"
 	}
-	t.onDone(res)
+	t.owner.tunnelEnded(res)
 }
 
 // errParked reports that a direction went quiet and parked.
@@ -380,7 +458,7 @@ var errSinkParked = errors.New("parked on a sink")
 // reports false, registering nothing, when it is readable now.
 func (d *direction) parkOnStream() bool {
 	d.t.parker.streams.Add(1)
-	if d.src.stream.ReadReady(func() { d.t.parker.streams.Add(-1); go d.run() }) {
+	if d.src().stream.ReadReady(func() { d.t.parker.streams.Add(-1); d.t.parker.workers.run(relayJob{d: d}) }) {
 		return true
 	}
 	d.t.parker.streams.Add(-1)
@@ -388,8 +466,8 @@ func (d *direction) parkOnStream() bool {
 }
 
 // run copies until the source ends, then finishes the direction. A socket
-// direction that goes quiet parks instead: this goroutine ends, and the
-// parker runs the direction again in a new one, whose stack is small, when
+// direction that goes quiet parks instead: this run returns (its goroutine
+// goes back to relayWorkers), and the parker runs the direction again when
 // the socket is readable.
 func (d *direction) run() {
 	for {
@@ -401,7 +479,7 @@ func (d *direction) run() {
 			d.finish(err)
 			return
 		}
-		if d.src.stream != nil {
+		if d.src().stream != nil {
 			if d.parkOnStream() {
 				return
 			}
@@ -439,14 +517,14 @@ func (d *direction) copy() error {
 		if d.canPark {
 			if now := time.Now(); lease.Sub(now) < parkAfter/2 {
 				lease = now.Add(parkAfter)
-				if err := d.src.setReadDeadline(lease); err != nil {
+				if err := d.src().setReadDeadline(lease); err != nil {
 					return err
 				}
 			}
 		}
-		nr, rerr := d.src.r.Read(buf)
-		if large != nil && rerr == nil && d.src.drain != nil {
-			nr += d.src.drain(buf[nr:], lease) // busy: send what has arrived in one write
+		nr, rerr := d.src().r.Read(buf)
+		if large != nil && rerr == nil && d.src().tls != nil {
+			nr += drainTLS(d.src().tls, buf[nr:], lease) // busy: send what has arrived in one write
 		}
 		if err := d.write(buf[:nr]); err != nil {
 			return &writeError{err}
@@ -460,7 +538,7 @@ func (d *direction) copy() error {
 			// the next Read and has no complete one buffered, or this Read
 			// would have returned it: the socket alone says when there is
 			// more.
-			if err := d.src.setReadDeadline(time.Time{}); err != nil {
+			if err := d.src().setReadDeadline(time.Time{}); err != nil {
 				return err
 			}
 			return errParked
@@ -471,7 +549,7 @@ func (d *direction) copy() error {
 		case large == nil && nr == len(buf):
 			large, pool = largeBufs.get(), &largeBufs
 			buf = *large
-		case large != nil && pool == &largeBufs && nr == len(buf) && d.dst.stream != nil:
+		case large != nil && pool == &largeBufs && nr == len(buf) && d.dst().stream != nil:
 			// A bulk download into an HTTP/2 stream: each Write is a
 			// hand-off to the engine's writer and back, so fewer, larger
 			// ones cost less CPU per byte (~15% on a GB).
@@ -522,19 +600,19 @@ func (d *direction) write(b []byte) error {
 	}
 	d.t.watch.touch()
 	// More than one TLS record's worth: gather the records.
-	batch := d.dst.batch != nil && len(b) > maxRecordPlaintext
+	batch := d.dst().batch != nil && len(b) > maxRecordPlaintext
 	if batch {
-		d.dst.batch.startBatch()
+		d.dst().batch.startBatch()
 	}
-	nw, err := d.dst.w.Write(b)
+	nw, err := d.dst().write(b)
 	if batch {
-		if ferr := d.dst.batch.flushBatch(); err == nil {
+		if ferr := d.dst().batch.flushBatch(); err == nil {
 			err = ferr
 		}
 	}
 	if nw > 0 {
 		d.moved.Add(int64(nw))
-		d.onBytes(nw)
+		d.counted(nw)
 	}
 	if err == nil && nw < len(b) {
 		err = io.ErrShortWrite
@@ -554,12 +632,18 @@ type idleWatch struct {
 }
 
 func newIdleWatch(idle time.Duration, onIdle func()) *idleWatch {
-	w := &idleWatch{idle: idle, onIdle: onIdle, base: time.Now()}
+	w := &idleWatch{}
+	w.init(idle, onIdle)
+	return w
+}
+
+// init starts a zero idleWatch in place (a tunnel holds its own).
+func (w *idleWatch) init(idle time.Duration, onIdle func()) {
+	w.idle, w.onIdle, w.base = idle, onIdle, time.Now()
 	w.touch()
 	if idle > 0 {
 		w.timer = time.AfterFunc(idle, w.check)
 	}
-	return w
 }
 
 func (w *idleWatch) touch() { w.last.Store(int64(time.Since(w.base))) }

@@ -17,7 +17,7 @@ const sinkSupported = true
 func (d *direction) sink(bufs [][]byte) (int, error) {
 	var n int
 	var werr error
-	err := d.dst.rawWrite.Write(func(fd uintptr) bool {
+	err := d.dst().raw.Write(func(fd uintptr) bool {
 		n, werr = unix.Writev(int(fd), bufs)
 		return true // never wait for the socket: that is the relay's job
 	})
@@ -30,7 +30,7 @@ func (d *direction) sink(bufs [][]byte) (int, error) {
 	if n > 0 {
 		d.t.watch.touch()
 		d.moved.Add(int64(n))
-		d.onBytes(n)
+		d.counted(n)
 	}
 	if err == nil {
 		err = werr

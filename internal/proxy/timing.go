@@ -62,17 +62,30 @@ func stampRequestID(h http.Header, q *request) {
 	h.Set(accesslog.RequestIDHeader, q.rec.RequestID)
 }
 
-// tunnelBytes counts a tunnel's bytes and notes the first byte back from
-// the origin (its ttfb_ms).
-func (p *Proxy) tunnelBytes(q *request) func(up, down int) {
-	var seen atomic.Bool
-	return func(up, down int) {
-		p.countTunnelBytes(up, down)
-		if down > 0 && !seen.Load() {
-			seen.Store(true)
-			q.timing.FirstByte()
-		}
+// detached is a detached tunnel's owner (tunnelOwner): it counts the
+// tunnel's bytes, notes the first byte back from the origin (its
+// ttfb_ms), and writes the record and frees the tunnel's slots at the end.
+type detached struct {
+	p       *Proxy
+	q       *request
+	release func() // the tunnel-limit slot
+	seen    atomic.Bool
+}
+
+func (d *detached) tunnelBytes(up, down int) {
+	d.p.countTunnelBytes(up, down)
+	if down > 0 && !d.seen.Load() {
+		d.seen.Store(true)
+		d.q.timing.FirstByte()
 	}
+}
+
+func (d *detached) tunnelEnded(res relayResult) {
+	p, q := d.p, d.q
+	p.tunnelDone(q, res)
+	p.finish(q)
+	d.release()
+	p.active.remove(q.slot)
 }
 
 // finishTiming ends the request's trace and writes its timings into the

@@ -64,10 +64,18 @@ func (p *Proxy) endSpan(q *request) {
 	q.span.End(SpanEnd{
 		Record: &q.rec,
 		Kind:   q.metricKind(),
-		Auth:   q.auth,
+		Auth:   authSpan(q.auth),
 		Timing: q.timing.Finish(), // Finish again returns the same result
 		End:    time.Now(),
 	})
+}
+
+// authSpan is the authorization step's span, zero when it was not taken.
+func authSpan(s *timing.Span) timing.Span {
+	if s == nil {
+		return timing.Span{}
+	}
+	return *s
 }
 
 // injectSpan gives a request to the origin the span's traceparent.

@@ -49,7 +49,6 @@ type udpFlow struct {
 	dg      httpx.Datagrams
 	conn    *net.UDPConn
 	release func() // the token's UDP flow slot
-	done    func() // leaves the drain set
 
 	// ctx ends ReceiveDatagram when the flow closes.
 	ctx    context.Context
@@ -96,10 +95,8 @@ func (p *Proxy) startFlow(q *request, st httpx.Stream, dg httpx.Datagrams, conn 
 	f.ctx, f.cancel = context.WithCancel(context.Background())
 	f.running.Store(3)
 	f.watch = newIdleWatch(p.opt.UDPIdleTimeout, func() { f.idled.Store(true); f.close() })
-	slot, done := p.active.addFunc(f.stop, true)
-	f.done = done
-	q.slot = slot
-	if p.watchToken(slot, q.rec.TokenID) {
+	q.slot = p.active.addFunc(f.stop, true)
+	if p.watchToken(q.slot, q.rec.TokenID) {
 		p.revoked.tunnels.Add(1)
 		f.stop(errTokenRevoked)
 	}
@@ -163,7 +160,7 @@ func (f *udpFlow) finish() {
 	p.recordRelayEnd(q, res)
 	p.finish(q)
 	f.release()
-	f.done()
+	p.active.remove(q.slot)
 }
 
 func (f *udpFlow) drop(c prometheus.Counter) {

@@ -67,6 +67,11 @@ func (s Span) Duration() time.Duration {
 // the dial gave up, and may hand a request a connection another request
 // dialed: phases arriving after Finish are dropped, and GotConn forgets the
 // phases of a dial whose connection the request did not get.
+//
+// A tunnel keeps its request's Trace as long as it is open (its first
+// byte may come late), so the Trace keeps its times as offsets from start
+// (phase), not as time.Time values: 224 bytes instead of 336 (352 with
+// the allocator's rounding).
 type Trace struct {
 	start time.Time
 	// OnPhase, when set, is called as each phase ends, on the goroutine
@@ -76,14 +81,41 @@ type Trace struct {
 	mu        sync.Mutex
 	finished  bool
 	foreign   bool // the request's connection was not dialed for it: dial phases are not on its path
-	spans     [numPhases]Span
-	firstByte time.Time
+	gotFirst  bool // firstByte is set
+	spans     [numPhases]phase
+	firstByte time.Duration // after start
 	addr      netip.AddrPort
 	conn      net.Conn // the connection the dialer made for this request
 }
 
-// New starts a trace for a request that started at start. onPhase may be
-// nil.
+// phase is a Span as a Trace keeps it.
+type phase struct {
+	start, end   time.Duration // after the trace's start
+	err          error
+	begun, ended bool
+	cached       bool
+}
+
+// at is the time d after the trace's start. The start carries the
+// monotonic clock reading (time.Now), so durations between the times a
+// trace returns are those measured.
+func (t *Trace) at(d time.Duration) time.Time { return t.start.Add(d) }
+
+// span is phase p as a Span.
+func (t *Trace) span(p Phase) Span {
+	ph := &t.spans[p]
+	s := Span{Err: ph.err, Cached: ph.cached}
+	if ph.begun {
+		s.Start = t.at(ph.start)
+	}
+	if ph.ended {
+		s.End = t.at(ph.end)
+	}
+	return s
+}
+
+// New starts a trace for a request that started at start, a clock reading
+// (time.Now). onPhase may be nil.
 func New(start time.Time, onPhase func(Phase, Span)) *Trace {
 	return &Trace{start: start, onPhase: onPhase}
 }
@@ -110,7 +142,7 @@ func (t *Trace) Begin(p Phase) {
 	now := time.Now()
 	t.mu.Lock()
 	if !t.finished && !t.foreign {
-		t.spans[p] = Span{Start: now}
+		t.spans[p] = phase{start: now.Sub(t.start), begun: true}
 	}
 	t.mu.Unlock()
 }
@@ -134,18 +166,19 @@ func (t *Trace) end(p Phase, err error, cached bool, addr netip.AddrPort, conn n
 	}
 	now := time.Now()
 	t.mu.Lock()
-	if t.finished || t.foreign || t.spans[p].Start.IsZero() {
+	ph := &t.spans[p]
+	if t.finished || t.foreign || !ph.begun {
 		t.mu.Unlock()
 		return
 	}
-	t.spans[p].End, t.spans[p].Err, t.spans[p].Cached = now, err, cached
+	ph.end, ph.ended, ph.err, ph.cached = now.Sub(t.start), true, err, cached
 	if addr.IsValid() {
 		t.addr = addr
 	}
 	if conn != nil {
 		t.conn = conn
 	}
-	s := t.spans[p]
+	s := t.span(p)
 	t.mu.Unlock()
 	if t.onPhase != nil {
 		t.onPhase(p, s)
@@ -160,8 +193,8 @@ func (t *Trace) FirstByte() {
 	}
 	now := time.Now()
 	t.mu.Lock()
-	if !t.finished && t.firstByte.IsZero() {
-		t.firstByte = now
+	if !t.finished && !t.gotFirst {
+		t.firstByte, t.gotFirst = now.Sub(t.start), true
 	}
 	t.mu.Unlock()
 }
@@ -185,7 +218,7 @@ func (t *Trace) GotConn(c net.Conn) {
 		return
 	}
 	if t.conn == nil || under != t.conn {
-		t.spans = [numPhases]Span{}
+		t.spans = [numPhases]phase{}
 		t.foreign = true
 	}
 	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
@@ -237,10 +270,13 @@ func (t *Trace) Finish() Result {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.finished = true
-	r := Result{Start: t.start, FirstByte: t.firstByte, Addr: t.addr}
-	for p, s := range t.spans {
-		if s.Done() {
-			r.Spans[p] = s
+	r := Result{Start: t.start, Addr: t.addr}
+	if t.gotFirst {
+		r.FirstByte = t.at(t.firstByte)
+	}
+	for p := range t.spans {
+		if t.spans[p].ended {
+			r.Spans[p] = t.span(Phase(p))
 		}
 	}
 	return r
