@@ -27,7 +27,13 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 // microseconds holds room = (now - TAT)/I + B units (at most B: TAT is
 // never below now). A call first gives back the units a node reserved
 // earlier and did not use (refund: TAT moves back, never below now, so a
-// refund never fills the bucket past B), then takes n = min(want,
+// refund never fills the bucket past B), but only if the bucket still
+// holds what that node's grant wrote (mine): no other call came since.
+// Otherwise time may have paid for those units already (the bucket
+// refilled while they sat unused) and another node spent the refilled
+// room: giving them back would admit units the bucket never had. Any
+// write after a grant moves TAT forward, so an equal value means no
+// write. Then the call takes n = min(want,
 // room/share) units, at least one: while the bucket is full, a node may
 // reserve a few units ahead (share = 2 × FLEET_SIZE keeps every node's
 // reservation a small part of what is left), and near empty every call
@@ -37,9 +43,12 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 // when the bucket is full again and the key says nothing.
 //
 // Needs the locals now, bucket (key), interval (I), burst (B), want,
-// refund, share; leaves the local granted (n >= 1) when it did not return.
+// refund, mine, share; leaves the locals granted (n >= 1) and written (the
+// bucket's new value) when it did not return.
 const takeUnitsLua = `
-local tat = tonumber(redis.call('GET', bucket)) or now
+local cur = redis.call('GET', bucket)
+local tat = tonumber(cur) or now
+if cur ~= mine then refund = 0 end
 if refund > 0 then tat = tat - refund * interval end
 if tat < now then tat = now end
 local room = math.floor((now - tat) / interval + burst + 1e-6)
@@ -49,20 +58,22 @@ if room < 1 then
 end
 local granted = math.max(1, math.min(want, math.floor(room / share)))
 local new_tat = tat + granted * interval
-redis.call('SET', bucket, string.format('%.3f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
+local written = string.format('%.3f', new_tat)
+redis.call('SET', bucket, written, 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
 `
 
 // reserveScript takes units of a token's shared bucket.
 //
 // KEYS[1] the bucket; ARGV[1] I (microseconds per unit); ARGV[2] B;
-// ARGV[3] share; ARGV[4] want; ARGV[5] refund.
-// Returns {n}: n >= 1 units granted, or n < 0, minus the microseconds
-// until one unit is free.
+// ARGV[3] share; ARGV[4] want; ARGV[5] refund; ARGV[6] the bucket's value
+// the refunded units' grant wrote.
+// Returns {n, value}: n >= 1 units granted and the bucket's value now, or
+// {n} with n < 0, minus the microseconds until one unit is free.
 const reserveScript = nowLua + `
 local bucket, interval, burst, share = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local want, refund = tonumber(ARGV[4]), tonumber(ARGV[5])
+local want, refund, mine = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 ` + takeUnitsLua + `
-return {granted}
+return {granted, written}
 `
 
 const (
@@ -108,6 +119,7 @@ type allowance struct {
 	got     int       // units the last call granted
 	granted time.Time // when it granted them
 	want    int       // units the next call asks for
+	written string    // the bucket's value after that grant: see takeUnitsLua
 	pending *reservation
 	// refusedUntil is when the bucket said its next unit is free: until
 	// then the token's requests are refused here, without a call (a
@@ -183,18 +195,12 @@ func (l *Limiter) Allow(tokenID string) (ok bool, retryAfter time.Duration) {
 			}
 			continue // units may be left for this request
 		}
-		want, refund := a.next(now)
+		want, refund, written := a.next(now)
 		r := &reservation{done: make(chan struct{})}
 		a.pending = r
 		a.mu.Unlock()
 
-		v, err := f.batch.eval(l.script, []any{nil, nil, 1, l.prefix + tokenID,
-			l.interval, l.burst, l.share, l.wants[want], strconv.Itoa(refund)}, f.m.rateSeconds)
-		var got int64
-		if err == nil {
-			got = v[0]
-		}
-		ok, retryAfter = l.settle(a, r, now, got, err)
+		ok, retryAfter, err := l.reserve(a, r, now, tokenID, want, refund, written)
 		if err != nil {
 			f.failed("rate_limit", err)
 			f.m.fallbackRate.Inc()
@@ -202,6 +208,40 @@ func (l *Limiter) Allow(tokenID string) (ok bool, retryAfter time.Duration) {
 		}
 		return ok, retryAfter
 	}
+}
+
+// reserve makes reservation r's script call and settles r with its
+// answer. r is settled even if the call panics (the panic goes on): the
+// token's requests waiting for r, and all its later ones, would wait
+// forever.
+func (l *Limiter) reserve(a *allowance, r *reservation, now time.Time, tokenID string, want, refund int, written string) (ok bool, retryAfter time.Duration, err error) {
+	settled := false
+	defer func() {
+		if !settled {
+			l.settle(a, r, now, 0, "", errPanic)
+		}
+	}()
+	v, err := l.f.batch.evalAny(l.script, []any{nil, nil, 1, l.prefix + tokenID,
+		l.interval, l.burst, l.share, l.wants[want], strconv.Itoa(refund), written}, l.f.m.rateSeconds)
+	var got int64
+	if err == nil {
+		got, written, err = reserveReply(v)
+	}
+	settled = true
+	ok, retryAfter = l.settle(a, r, now, got, written, err)
+	return ok, retryAfter, err
+}
+
+// reserveReply reads reserveScript's reply: {n, value} or {-wait}.
+func reserveReply(v []any) (got int64, written string, err error) {
+	got, _ = v[0].(int64)
+	if got > 0 && len(v) == 2 {
+		written, _ = v[1].(string)
+	}
+	if got == 0 || got > 0 && written == "" || got < 0 && len(v) != 1 {
+		return 0, "", errReply
+	}
+	return got, written, nil
 }
 
 // takeReserved admits one request of tokenID from its reserved units, if
@@ -236,7 +276,7 @@ func (l *Limiter) allowance(tokenID string) *allowance {
 // settle ends reservation r of allowance a with a script's answer got
 // (units granted, or minus the microseconds to wait), taking the caller's
 // unit, and wakes the requests that waited for it.
-func (l *Limiter) settle(a *allowance, r *reservation, now time.Time, got int64, err error) (bool, time.Duration) {
+func (l *Limiter) settle(a *allowance, r *reservation, now time.Time, got int64, written string, err error) (bool, time.Duration) {
 	a.mu.Lock()
 	a.pending = nil
 	switch {
@@ -246,7 +286,7 @@ func (l *Limiter) settle(a *allowance, r *reservation, now time.Time, got int64,
 		r.wait = time.Duration(-got) * time.Microsecond
 		a.refusedUntil = now.Add(r.wait)
 	default:
-		a.got, a.granted = int(got), now
+		a.got, a.granted, a.written = int(got), now, written
 		a.units = int(got) - 1
 	}
 	a.mu.Unlock()
@@ -263,20 +303,23 @@ func (a *allowance) take(now time.Time) bool {
 	return true
 }
 
-// next is the next call's ask and refund. Units left from the last call
-// (their time is over, or the caller would have taken one) go back, and
-// the ask shrinks to what the token used of them. A call needed within
-// the first half of the last one's time doubles the ask: the token is
-// busy enough to use more per round trip. A token whose requests are
-// further apart keeps asking for one.
-func (a *allowance) next(now time.Time) (want, refund int) {
+// next is the next call's ask and refund, with the bucket's value the
+// refunded units' grant wrote. Units left from the last call (their time
+// is over, or the caller would have taken one) go back, if no other call
+// changed the bucket since (takeUnitsLua), and the ask shrinks to what the
+// token used of them. A call needed within the first half of the last
+// one's time doubles the ask: the token is busy enough to use more per
+// round trip. A token whose requests are further apart keeps asking for
+// one.
+func (a *allowance) next(now time.Time) (want, refund int, written string) {
 	switch {
 	case a.units > 0:
-		refund = a.units
+		refund, written = a.units, a.written
 		a.want = max(1, min(maxWant, a.got-a.units))
 		a.units = 0
 	case a.got > 0 && now.Sub(a.granted) < reserveFor/2:
 		a.want = min(2*a.want, maxWant)
 	}
-	return a.want, refund
+	a.written = ""
+	return a.want, refund, written
 }

@@ -27,9 +27,10 @@ func scriptCalls(t *testing.T, c *redis.Client) int {
 }
 
 // Busy tokens take their units several at a time, and the fleet still
-// admits exactly the bucket: never more (every unit comes from the shared
-// bucket), and no fewer once the units a node reserved and did not use go
-// back with its next call.
+// admits the bucket: never more (every unit comes from the shared
+// bucket), and no fewer than the bucket less the units nodes reserved and
+// did not use (those go back only to a bucket no other call changed
+// since: TestRefunds).
 func TestReservedUnitsAdmitExactlyTheBucket(t *testing.T) {
 	r := testutil.StartRedis(t)
 	c := redis.NewClient(&redis.Options{Addr: r.Addr})
@@ -76,9 +77,8 @@ func TestReservedUnitsAdmitExactlyTheBucket(t *testing.T) {
 	}
 	t.Logf("phase 1: %d script calls for 450 requests, %v decisions from reserved units, %d units left reserved", calls, reserved, left)
 
-	// Phase 2: once the reservations' time is over, their units go back
-	// with each node's next call: requests go on until every node is
-	// refused in turn (none holds a unit then).
+	// Phase 2: once the reservations' time is over, requests go on until
+	// every node is refused in turn (none holds a unit then).
 	time.Sleep(reserveFor + 50*time.Millisecond)
 	refusedInARow := 0
 	for i := 0; refusedInARow < 3 && i < 2000; i++ {
@@ -89,8 +89,8 @@ func TestReservedUnitsAdmitExactlyTheBucket(t *testing.T) {
 			refusedInARow++
 		}
 	}
-	if admitted != burst {
-		t.Errorf("admitted %d in all, want exactly the shared burst %d", admitted, burst)
+	if admitted > burst || admitted < burst-left {
+		t.Errorf("admitted %d in all, want the shared burst %d less at most the %d units left reserved", admitted, burst, left)
 	}
 	// A refusal holds on its node until the bucket's next unit (a minute
 	// here): a client hammering while limited costs no round trips.

@@ -58,7 +58,7 @@ return {0, count}
 // free), else acquireScript's {0, count} or {-1, count}.
 const admitScript = nowLua + `
 local bucket, interval, burst, share = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local want, refund = 1, 0
+local want, refund, mine = 1, 0, ''
 ` + takeUnitsLua + `
 local leases, cap, ttl, member = KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 ` + takeLeaseLua + `
@@ -204,7 +204,7 @@ func (t *Tunnels) Admit(lim *Limiter, tokenID string) (ok bool, retryAfter time.
 	f := t.f
 	if !f.down.Load() {
 		if l := t.takeSpare(tokenID); l != nil {
-			if ok, retryAfter = lim.Allow(tokenID); !ok {
+			if ok, retryAfter = t.allowHolding(lim, tokenID, l); !ok {
 				if !t.putSpare(tokenID, l) {
 					t.giveBack(l)
 				}
@@ -237,6 +237,20 @@ func (t *Tunnels) Admit(lim *Limiter, tokenID string) (ok bool, retryAfter time.
 	t.counted(tokenID, int(v[1]))
 	release, slotOK = t.granted(tokenID, l, v[0] == 0)
 	return true, 0, release, slotOK
+}
+
+// allowHolding is lim.Allow for a CONNECT holding spare lease l, which
+// goes back if Allow panics rather than stay renewed with no tunnel.
+func (t *Tunnels) allowHolding(lim *Limiter, tokenID string, l *lease) (ok bool, retryAfter time.Duration) {
+	done := false
+	defer func() {
+		if !done {
+			t.giveBack(l)
+		}
+	}()
+	ok, retryAfter = lim.Allow(tokenID)
+	done = true
+	return ok, retryAfter
 }
 
 // admitLocal is Admit on this node's own state, with the limits divided by
