@@ -90,32 +90,16 @@ func (b *batcher) script(s *script, args []any) *call {
 	return c
 }
 
-// eval runs script s with args (as for script) in the next pipeline and
-// returns its array reply of integers, observing the wait and round trip
-// in took.
-func (b *batcher) eval(s *script, args []any, took prometheus.Observer) ([]int64, error) {
+// eval runs script s with args (as for script) in the next pipeline,
+// observing the wait and round trip in took, and returns the command with
+// its reply (read it with Int64Slice or Slice) or its error.
+func (b *batcher) eval(s *script, args []any, took prometheus.Observer) *redis.Cmd {
 	c := b.script(s, args)
 	b.do(c)
-	v, err := c.cmd.Int64Slice()
+	cmd := c.cmd
 	took.Observe(time.Since(c.start).Seconds())
 	b.put(c)
-	if err == nil && len(v) == 0 {
-		err = errReply
-	}
-	return v, err
-}
-
-// evalAny is eval for a script whose array reply holds strings too.
-func (b *batcher) evalAny(s *script, args []any, took prometheus.Observer) ([]any, error) {
-	c := b.script(s, args)
-	b.do(c)
-	v, err := c.cmd.Slice()
-	took.Observe(time.Since(c.start).Seconds())
-	b.put(c)
-	if err == nil && len(v) == 0 {
-		err = errReply
-	}
-	return v, err
+	return cmd
 }
 
 // command returns a call of a plain command.

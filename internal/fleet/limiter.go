@@ -221,8 +221,8 @@ func (l *Limiter) reserve(a *allowance, r *reservation, now time.Time, tokenID s
 			l.settle(a, r, now, 0, "", errPanic)
 		}
 	}()
-	v, err := l.f.batch.evalAny(l.script, []any{nil, nil, 1, l.prefix + tokenID,
-		l.interval, l.burst, l.share, l.wants[want], strconv.Itoa(refund), written}, l.f.m.rateSeconds)
+	v, err := l.f.batch.eval(l.script, []any{nil, nil, 1, l.prefix + tokenID,
+		l.interval, l.burst, l.share, l.wants[want], strconv.Itoa(refund), written}, l.f.m.rateSeconds).Slice()
 	var got int64
 	if err == nil {
 		got, written, err = reserveReply(v)
@@ -234,6 +234,9 @@ func (l *Limiter) reserve(a *allowance, r *reservation, now time.Time, tokenID s
 
 // reserveReply reads reserveScript's reply: {n, value} or {-wait}.
 func reserveReply(v []any) (got int64, written string, err error) {
+	if len(v) == 0 {
+		return 0, "", errReply
+	}
 	got, _ = v[0].(int64)
 	if got > 0 && len(v) == 2 {
 		written, _ = v[1].(string)

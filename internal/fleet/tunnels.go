@@ -182,7 +182,7 @@ func (t *Tunnels) Acquire(tokenID string) (release func(), ok bool) {
 		return t.granted(tokenID, l, true)
 	}
 	l := t.newLease(tokenID)
-	v, err := f.batch.eval(t.acquire, []any{nil, nil, 1, l.key, t.maxArg, t.ttlArg, l.member}, f.m.acquireSeconds)
+	v, err := f.batch.eval(t.acquire, []any{nil, nil, 1, l.key, t.maxArg, t.ttlArg, l.member}, f.m.acquireSeconds).Int64Slice()
 	if err == nil && len(v) != 2 {
 		err = errReply
 	}
@@ -223,8 +223,8 @@ func (t *Tunnels) Admit(lim *Limiter, tokenID string) (ok bool, retryAfter time.
 		return t.admitLocal(lim, tokenID, l)
 	}
 	v, err := f.batch.eval(t.admit, []any{nil, nil, 2, lim.prefix + tokenID, l.key,
-		lim.interval, lim.burst, lim.share, t.maxArg, t.ttlArg, l.member}, f.m.admitSeconds)
-	if err == nil && (len(v) > 2 || len(v) == 1 && v[0] >= 0) {
+		lim.interval, lim.burst, lim.share, t.maxArg, t.ttlArg, l.member}, f.m.admitSeconds).Int64Slice()
+	if err == nil && (len(v) == 0 || len(v) > 2 || len(v) == 1 && v[0] >= 0) {
 		err = errReply
 	}
 	if err != nil {
