@@ -169,17 +169,18 @@ func (p *Proxy) ActiveRequests() int { return p.active.len() }
 // does not read) and waits for them to unwind. http.Server's Shutdown does
 // not see hijacked HTTP/1.1 tunnels, so the server calls this alongside it.
 func (p *Proxy) Drain(ctx context.Context, atDeadline func()) error {
-	if err := p.active.wait(ctx); err == nil {
+	open, err := p.active.wait(ctx)
+	if err == nil {
 		return nil
 	}
-	n := p.active.cancelAll()
+	n := max(open, p.active.cancelAll())
 	if atDeadline != nil {
 		atDeadline()
 	}
 	p.log.Warn("shutdown timeout: closing requests and tunnels still open", "count", n)
 	wctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	_ = p.active.wait(wctx)
+	_, _ = p.active.wait(wctx)
 	return fmt.Errorf("closed %d requests and tunnels at the shutdown deadline", n)
 }
 
@@ -699,12 +700,17 @@ func (a *activeSet) len() int {
 	return len(a.cancels)
 }
 
-func (a *activeSet) wait(ctx context.Context) error {
+// wait returns when the set is empty, or when ctx is done with how many
+// were still open then: the count as of the set's last change, since what
+// the server closes at the same deadline (its HTTP/3 connections) may end
+// them before the caller counts again.
+func (a *activeSet) wait(ctx context.Context) (open int, err error) {
 	for {
 		a.mu.Lock()
-		if len(a.cancels) == 0 {
+		open = len(a.cancels)
+		if open == 0 {
 			a.mu.Unlock()
-			return nil
+			return 0, nil
 		}
 		if a.changed == nil {
 			a.changed = make(chan struct{})
@@ -714,7 +720,7 @@ func (a *activeSet) wait(ctx context.Context) error {
 		select {
 		case <-ch:
 		case <-ctx.Done():
-			return ctx.Err()
+			return open, ctx.Err()
 		}
 	}
 }
